@@ -1,0 +1,3 @@
+"""Orchard: a distributed image lake (MinIO + Elasticsearch + Spark/Elephas)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,7 @@
+"""`python -m orchard` entry point."""
+
+import sys
+
+from orchard.cli import main
+
+sys.exit(main())

@@ -1,0 +1,39 @@
+"""Clients of the stack's services, built from settings (the same in native and compose)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from orchard.settings import Settings
+
+
+def s3_client(s: Settings):
+    """A MinIO SDK client for the S3 endpoint (requires the S3 credentials)."""
+    from minio import Minio
+
+    s.require("s3_access_key", "s3_secret_key")
+    url = urlparse(s.s3_url)
+    return Minio(
+        url.netloc,
+        access_key=s.s3_access_key.get_secret_value(),
+        secret_key=s.s3_secret_key.get_secret_value(),
+        secure=url.scheme == "https",
+        region=s.s3_region,
+    )
+
+
+def es_client(s: Settings, **kwargs):
+    """An Elasticsearch client over every configured node (it fails over between them)."""
+    from elasticsearch import Elasticsearch
+
+    options = {
+        "request_timeout": 30,
+        "retry_on_timeout": True,
+        "max_retries": 5,
+    }
+    if s.es_username and s.es_password:
+        options["basic_auth"] = (s.es_username, s.es_password.get_secret_value())
+    if s.es_ca_cert:
+        options["ca_certs"] = str(s.es_ca_cert)
+    options.update(kwargs)
+    return Elasticsearch(s.es_urls, **options)

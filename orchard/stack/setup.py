@@ -1,0 +1,91 @@
+"""One-shot, re-runnable setup of a running stack: buckets, index templates, indices.
+
+Shared by `orchard stack up` and the compose setup service: both call `setup_stack(settings)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from orchard.clients import es_client, s3_client
+from orchard.errors import ServiceUnavailable
+from orchard.settings import Settings
+from orchard.toolchain import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+MAPPINGS_DIR = REPO_ROOT / "es_mappings"
+# mapping file -> the settings field naming the index it templates
+TEMPLATES = {"images.json": "images_index", "models.json": "models_index"}
+
+
+def load_mapping(path: Path) -> dict[str, Any]:
+    """A mapping file without its documentation keys (those starting with `_`)."""
+    body = json.loads(path.read_text())
+    return {k: v for k, v in body.items() if not k.startswith("_")}
+
+
+def template_bodies(s: Settings, mappings_dir: Path = MAPPINGS_DIR) -> dict[str, dict[str, Any]]:
+    """Index template name -> put_index_template body, one per file in es_mappings/."""
+    bodies = {}
+    for filename, field in TEMPLATES.items():
+        index = getattr(s, field)
+        bodies[index] = {
+            "index_patterns": [index],
+            "priority": 500,
+            "template": load_mapping(mappings_dir / filename),
+            "_meta": {"managed_by": "orchard", "source": f"es_mappings/{filename}"},
+        }
+    return bodies
+
+
+_retrying = retry(
+    reraise=True, stop=stop_after_delay(120), wait=wait_exponential(multiplier=0.5, max=10),
+    retry=retry_if_exception_type((ConnectionError, OSError)),
+)
+
+
+@_retrying
+def ensure_bucket(client, bucket: str) -> bool:
+    """Create `bucket` unless it exists; True if it was created."""
+    if client.bucket_exists(bucket):
+        return False
+    client.make_bucket(bucket)
+    return True
+
+
+def ensure_buckets(s: Settings) -> None:
+    """The images, features and models buckets exist."""
+    client = s3_client(s)
+    for bucket in (s.images_bucket, s.features_bucket, s.models_bucket):
+        if ensure_bucket(client, bucket):
+            log.info("created bucket %s", bucket)
+
+
+def apply_templates(s: Settings) -> None:
+    """Put every index template from es_mappings/ and create the indices (idempotent)."""
+    es = es_client(s)
+    for name, body in template_bodies(s).items():
+        es.indices.put_index_template(name=name, **body)
+        if not es.indices.exists(index=name):
+            es.indices.create(index=name)
+            log.info("created index %s", name)
+    es.cluster.health(wait_for_status="green", timeout="60s")
+
+
+def setup_stack(s: Settings) -> None:
+    """Buckets and index templates; raises ServiceUnavailable naming what failed."""
+    s.require("s3_access_key", "s3_secret_key")
+    try:
+        ensure_buckets(s)
+    except Exception as exc:  # noqa: BLE001 - reported as a one-line reason
+        raise ServiceUnavailable(f"minio setup at {s.s3_url} failed: {exc}") from exc
+    try:
+        apply_templates(s)
+    except Exception as exc:  # noqa: BLE001
+        raise ServiceUnavailable(f"elasticsearch setup at {s.es_urls[0]} failed: {exc}") from exc
