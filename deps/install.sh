@@ -127,6 +127,8 @@ main() {
   go_install mc "$MC_MODULE" "$MC_VERSION"
   install_elasticsearch
   install_jars
+  # Static validators of the compose deployment (compose CLI, hadolint, shellcheck).
+  bash "$ROOT/deps/install-static-tools.sh"
   log "ready in $((SECONDS - start))s (cache: $CACHE)"
 }
 

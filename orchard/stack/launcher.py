@@ -8,8 +8,11 @@ import secrets
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from pydantic import SecretStr
 
 from orchard.errors import ConfigError, ServiceUnavailable
 from orchard.settings import Settings
@@ -34,6 +37,7 @@ class ServiceStatus:
     pid: int | None
     port: int
     health: str  # healthy | unhealthy | down
+    rss_mb: float = 0.0  # resident memory of the process and its children
     detail: str = ""
 
 
@@ -53,6 +57,17 @@ def ensure_credentials(s: Settings) -> dict[str, str]:
             fh.writelines(f"{k}={v}\n" for k, v in creds.items())
         log.info("generated MinIO root credentials in %s (mode 0600)", path)
     return read_env_file(path)
+
+
+def with_credentials(s: Settings) -> Settings:
+    """`s`, with the generated MinIO credentials filled in where the environment set none."""
+    if s.s3_access_key and s.s3_secret_key:
+        return s
+    creds = read_env_file(s.credentials_file)
+    return s.model_copy(update={
+        "s3_access_key": SecretStr(creds["ORCHARD_S3_ACCESS_KEY"]),
+        "s3_secret_key": SecretStr(creds["ORCHARD_S3_SECRET_KEY"]),
+    })
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -132,6 +147,7 @@ def up(s: Settings) -> list[ServiceStatus]:
     began = time.monotonic()
     tools, layout, services = stack_services(s)
     tools.check()
+    s = with_credentials(s)
     for service in services:
         start(service, layout, tools, s.bind_host)
     wait_for_stack(s, layout, services, deadline=began + s.health_timeout)
@@ -174,22 +190,34 @@ def _first_failure(s: Settings, layout: Layout, pending: dict[str, Service],
 
 
 def down(s: Settings, purge: bool = False) -> list[str]:
-    """Stop the processes `up` started (by pid file); with purge, delete data. Returns stopped names."""
+    """Stop the processes `up` started (by pid file); with purge, delete data. Returns stopped names.
+
+    Spark and the load balancer stop first and the storage last, so nothing writes into a
+    stopping store; services of one tier stop in parallel.
+    """
     layout = Layout(s.home)
-    stopped = []
     pid_files = sorted(layout.run.glob("*.pid")) if layout.run.exists() else []
-    # Spark and the load balancer first, the storage last, so nothing writes into a stopping store.
-    order = {"spark": 0, "minio-lb": 1, "es": 2, "minio": 3}
-    pid_files.sort(key=lambda p: next((v for k, v in order.items() if p.stem.startswith(k)), 9))
-    for pid_file in pid_files:
-        if process.stop(pid_file):
-            stopped.append(pid_file.stem)
-            log.info("stopped %s", pid_file.stem)
+    tiers = [[p for p in pid_files if tier_of(p.stem) == tier] for tier in range(4)]
+    stopped = []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for tier in tiers:
+            for pid_file, was_running in zip(tier, pool.map(process.stop, tier)):
+                if was_running:
+                    stopped.append(pid_file.stem)
+                    log.info("stopped %s", pid_file.stem)
     if purge:
         for sub in (layout.data, layout.logs, layout.tmp, layout.conf):
             shutil.rmtree(sub, ignore_errors=True)
         log.info("purged data, logs and config under %s", s.home)
     return stopped
+
+
+def tier_of(name: str) -> int:
+    """Stop order of a service: compute, load balancer, search, storage."""
+    for tier, prefix in enumerate(("spark", "minio-lb", "es", "minio")):
+        if name.startswith(prefix):
+            return tier
+    return 0
 
 
 def status(s: Settings) -> list[ServiceStatus]:
@@ -203,7 +231,8 @@ def status(s: Settings) -> list[ServiceStatus]:
             continue
         probe = probe_url(svc.health_url)
         rows.append(ServiceStatus(svc.name, svc.kind, pid, svc.port,
-                                  "healthy" if probe.ok else "unhealthy", probe.detail))
+                                  "healthy" if probe.ok else "unhealthy",
+                                  process.rss_mb(pid), probe.detail))
     return rows
 
 

@@ -88,6 +88,16 @@ def stop(pid_file: Path, grace: float = 30.0) -> bool:
     return True
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of `pid` and all its descendants, in MiB (0 if it is gone)."""
+    try:
+        proc = psutil.Process(pid)
+        family = [proc, *proc.children(recursive=True)]
+        return round(sum(p.memory_info().rss for p in family) / 2**20, 1)
+    except psutil.Error:
+        return 0.0
+
+
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     """Signal the process group the launcher created (pgid == pid, thanks to start_new_session)."""
     try:

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# minio-setup: the buckets, one least-privilege policy per service and one access key per service.
+# Re-runnable: `mc mb --ignore-existing`, `policy create` replaces the policy, `user add` resets the
+# secret to the one in .env, and an already attached policy is not attached twice.
+#
+# Environment (from compose/.env): MINIO_ROOT_USER/PASSWORD, UPLOADER_S3_ACCESS_KEY/SECRET_KEY,
+# SPARK_S3_ACCESS_KEY/SECRET_KEY, ORCHARD_IMAGES_BUCKET, ORCHARD_FEATURES_BUCKET,
+# ORCHARD_MODELS_BUCKET; MINIO_SETUP_ENDPOINT (default http://minio-lb:9000).
+set -euo pipefail
+
+ENDPOINT=${MINIO_SETUP_ENDPOINT:-http://minio-lb:9000}
+IMAGES=${ORCHARD_IMAGES_BUCKET:-images}
+FEATURES=${ORCHARD_FEATURES_BUCKET:-features}
+MODELS=${ORCHARD_MODELS_BUCKET:-models}
+ALIAS=orchard
+
+log() { printf '[minio-setup] %s\n' "$*" >&2; }
+
+require_env() {
+  local name
+  for name in "$@"; do
+    [ -n "${!name:-}" ] || { log "$name is empty: run 'make secrets' to write compose/.env"; exit 2; }
+  done
+}
+
+# Why retries: the load balancer can be up a moment before the erasure set has quorum.
+connect() {
+  local i
+  for i in $(seq 1 60); do
+    if mc alias set "$ALIAS" "$ENDPOINT" "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" >/dev/null 2>&1 \
+       && mc ready "$ALIAS" >/dev/null 2>&1; then
+      log "connected to $ENDPOINT"
+      return 0
+    fi
+    log "waiting for $ENDPOINT ($i/60)"
+    sleep 2
+  done
+  log "MinIO at $ENDPOINT did not become ready"
+  return 1
+}
+
+# Statement helpers: bucket-level and object-level resources of one bucket.
+bucket_arn() { printf '"arn:aws:s3:::%s"' "$1"; }
+objects_arn() { printf '"arn:aws:s3:::%s/*"' "$1"; }
+
+# uploader: list and write objects of the images bucket (multipart included); HEAD of an object
+# (s3:GetObject) lets it skip images already uploaded, so a re-run uploads nothing twice.
+uploader_policy() {
+  cat <<EOF
+{
+  "Version": "2012-10-17",
+  "Statement": [
+    {"Effect": "Allow",
+     "Action": ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"],
+     "Resource": [$(bucket_arn "$IMAGES")]},
+    {"Effect": "Allow",
+     "Action": ["s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
+     "Resource": [$(objects_arn "$IMAGES")]}
+  ]
+}
+EOF
+}
+
+# spark: read the images; read and write (s3a commits delete temporary objects) features and models.
+spark_policy() {
+  cat <<EOF
+{
+  "Version": "2012-10-17",
+  "Statement": [
+    {"Effect": "Allow",
+     "Action": ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"],
+     "Resource": [$(bucket_arn "$IMAGES"), $(bucket_arn "$FEATURES"), $(bucket_arn "$MODELS")]},
+    {"Effect": "Allow",
+     "Action": ["s3:GetObject"],
+     "Resource": [$(objects_arn "$IMAGES")]},
+    {"Effect": "Allow",
+     "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject",
+                "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
+     "Resource": [$(objects_arn "$FEATURES"), $(objects_arn "$MODELS")]}
+  ]
+}
+EOF
+}
+
+make_buckets() {
+  local bucket
+  for bucket in "$IMAGES" "$FEATURES" "$MODELS"; do
+    mc mb --ignore-existing "$ALIAS/$bucket" >/dev/null
+    log "bucket $bucket ok"
+  done
+}
+
+# policy name, policy function, access key, secret key
+grant() {
+  local name=$1 policy_fn=$2 key=$3 secret=$4 file
+  file=$(mktemp)
+  "$policy_fn" > "$file"
+  mc admin policy create "$ALIAS" "$name" "$file" >/dev/null
+  rm -f "$file"
+  mc admin user add "$ALIAS" "$key" "$secret" >/dev/null
+  if mc admin user info "$ALIAS" "$key" --json | grep -q "\"policyName\": *\"[^\"]*$name"; then
+    log "user $key already has policy $name"
+  else
+    mc admin policy attach "$ALIAS" "$name" --user "$key" >/dev/null
+    log "user $key got policy $name"
+  fi
+}
+
+main() {
+  require_env MINIO_ROOT_USER MINIO_ROOT_PASSWORD UPLOADER_S3_ACCESS_KEY UPLOADER_S3_SECRET_KEY \
+    SPARK_S3_ACCESS_KEY SPARK_S3_SECRET_KEY
+  MC_CONFIG_DIR=$(mktemp -d)
+  export MC_CONFIG_DIR
+  trap 'rm -rf "$MC_CONFIG_DIR"' EXIT
+  connect
+  make_buckets
+  grant orchard-uploader uploader_policy "$UPLOADER_S3_ACCESS_KEY" "$UPLOADER_S3_SECRET_KEY"
+  grant orchard-spark spark_policy "$SPARK_S3_ACCESS_KEY" "$SPARK_S3_SECRET_KEY"
+  log "done"
+}
+
+main "$@"

@@ -1,0 +1,100 @@
+"""Generated configuration of the native topology (pure functions, no processes)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+import pytest
+
+from orchard.settings import Settings
+from orchard.stack import process
+from orchard.stack.services import Layout, es_config, lb_service, minio_services, spark_services
+from orchard.stack.setup import template_bodies
+from orchard.toolchain import Toolchain, read_versions
+
+
+@pytest.fixture()
+def env(tmp_path):
+    s = Settings(home=tmp_path / "home", cache_dir=tmp_path / "cache")
+    tools = Toolchain(cache_dir=s.cache_dir, versions=read_versions())
+    return s, tools, Layout(s.home)
+
+
+def test_versions_are_pinned():
+    pins = read_versions()
+    for key in ("MINIO_VERSION", "MC_VERSION", "ES_VERSION", "ES_ZIP_SHA256", "HADOOP_VERSION",
+                "AWS_SDK_BUNDLE_VERSION", "HADOOP_AWS_SHA256", "AWS_SDK_BUNDLE_SHA256"):
+        assert pins.get(key), key
+    assert pins["ES_VERSION"].split(".")[0] == "8"
+
+
+def test_minio_nodes_share_one_endpoint_list(env):
+    s, tools, layout = env
+    creds = {"ORCHARD_S3_ACCESS_KEY": "k", "ORCHARD_S3_SECRET_KEY": "secret"}
+    nodes = minio_services(s, tools, layout, creds)
+    assert [n.port for n in nodes] == [9001, 9002, 9003, 9004]
+    endpoint_lists = {tuple(a for a in n.argv if a.startswith("http://")) for n in nodes}
+    assert len(endpoint_lists) == 1 and len(next(iter(endpoint_lists))) == 4
+    assert all(n.env["_MINIO_SERVER_LOCAL"] == f"127.0.0.1:{n.port}" for n in nodes)
+    assert all("secret" not in " ".join(n.argv) for n in nodes)  # credentials only in the env
+
+
+def test_load_balancer_lists_every_node(env):
+    s, tools, layout = env
+    lb = lb_service(s, tools, layout)
+    conf = next(iter(lb.files.values()))
+    assert conf.count("max_fails=1") == 4
+    assert f"listen 127.0.0.1:{s.minio_port};" in conf
+
+
+def test_es_nodes_discover_each_other(env):
+    s, _, layout = env
+    configs = [es_config(s, layout, i) for i in range(3)]
+    assert all("discovery.seed_hosts: ['127.0.0.1:9300', '127.0.0.1:9301', '127.0.0.1:9302']" in c for c in configs)
+    assert all("cluster.initial_master_nodes: ['es01', 'es02', 'es03']" in c for c in configs)
+    assert [c.count("http.port: 920") for c in configs] == [1, 1, 1]
+
+
+def test_es_write_queue_size_is_optional(env):
+    s, _, layout = env
+    assert "thread_pool.write.queue_size" not in es_config(s, layout, 0)
+    tiny = s.model_copy(update={"es_write_queue_size": 2})
+    assert "thread_pool.write.queue_size: 2" in es_config(tiny, layout, 0)
+
+
+def test_spark_workers_register_with_the_master(env):
+    s, tools, layout = env
+    services = spark_services(s.model_copy(update={"spark_workers": 3}), tools, layout)
+    master, workers = services[0], services[1:]
+    assert master.name == "spark-master" and len(workers) == 3
+    assert all(w.argv[-1] == "spark://127.0.0.1:7077" for w in workers)
+    assert [w.port for w in workers] == [8081, 8082, 8083]
+
+
+def test_templates_target_the_configured_indices(env):
+    s, _, _ = env
+    bodies = template_bodies(s.model_copy(update={"images_index": "fruit-images"}))
+    assert set(bodies) == {"fruit-images", "orchard-models"}
+    assert bodies["fruit-images"]["index_patterns"] == ["fruit-images"]
+    assert all(not k.startswith("_") for b in bodies.values() for k in b["template"])
+    assert bodies["fruit-images"]["template"]["mappings"]["dynamic"] == "strict"
+
+
+def test_spawn_and_stop_a_real_process(tmp_path):
+    pid_file, log_file = tmp_path / "sleeper.pid", tmp_path / "sleeper.log"
+    pid = process.spawn([sys.executable, "-c", "print('hello', flush=True); import time; time.sleep(60)"],
+                        {}, log_file, pid_file)
+    assert process.running_pid(pid_file) == pid
+    assert process.wait_until(lambda: process.last_line(log_file) == "hello", 10, 0.1)
+    assert process.stop(pid_file, grace=5)
+    assert process.running_pid(pid_file) is None and not pid_file.exists()
+
+
+def test_a_recycled_pid_is_not_ours(tmp_path):
+    pid_file = tmp_path / "x.pid"
+    pid_file.write_text(json.dumps({"pid": 1, "create_time": time.time() - 12345}))
+    assert process.running_pid(pid_file) is None
+    assert process.stop(pid_file) is False  # never signals a process we did not start
