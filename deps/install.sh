@@ -93,8 +93,9 @@ mvn_fetch() { # group artifact version type dest sha256
   local g=$1 a=$2 v=$3 t=$4 dest=$5 sha=$6
   if [ -f "$dest" ]; then check_sha256 "$dest" "$sha"; return 0; fi
   log "maven: $g:$a:$v:$t"
-  mvn -q -C -B -Dmaven.repo.local="$M2" dependency:get -Dtransitive=false \
-    -Dartifact="$g:$a:$v:$t" >/dev/null
+  local out="$CACHE/dl/mvn-$a-$v.log"
+  mvn -C -B -Dstyle.color=never -Dmaven.repo.local="$M2" dependency:get -Dtransitive=false \
+    -Dartifact="$g:$a:$v:$t" >"$out" 2>&1 || { tail -20 "$out" >&2; die "maven could not fetch $g:$a:$v:$t"; }
   local src="$M2/${g//.//}/$a/$v/$a-$v.$t"
   check_sha256 "$src" "$sha"
   cp "$src" "$dest.tmp" && mv "$dest.tmp" "$dest"
