@@ -20,7 +20,7 @@ test: deps ## the whole test suite: unit + integration on the real native stack
 	@bash tests/run.sh
 
 chaos: deps ## fault, load and bad-input suite (kills real processes)
-	@bash tests/run.sh tests/chaos
+	@bash tests/run.sh --no-stack tests/chaos
 
 demo: deps ## the main job end to end; KEEP=1 leaves the stack running
 	$(ORCHARD) demo $(if $(KEEP),--keep,)

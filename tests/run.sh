@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # `make test` / `make chaos`: start the native stack if it is not running, run pytest on it, and stop it
 # again afterwards if this script started it. Extra arguments go to pytest (default: tests/ minus chaos).
+# --no-stack: do not touch the default stack (the chaos suite runs its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${ORCHARD_CACHE_DIR:-$HOME/.cache/orchard}
 PY="$CACHE/venv/bin/python"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+use_stack=1
+if [ "${1:-}" = "--no-stack" ]; then use_stack=0; shift; fi
 started=0
-if ! bin/orchard -q stack status >/dev/null 2>&1; then
+if [ "$use_stack" = 1 ] && ! bin/orchard -q stack status >/dev/null 2>&1; then
   started=1
   bin/orchard stack up
 fi

@@ -160,13 +160,19 @@ def wait_for_stack(s: Settings, layout: Layout, services: list[Service], deadlin
     """Poll process and cluster health until all pass; raise ServiceUnavailable at the deadline."""
     pending = {svc.name: svc for svc in services}
     clusters = set(CLUSTER_PROBES)
+    next_report = time.monotonic() + 15
     while True:
         failure = _first_failure(s, layout, pending, clusters)
         if failure is None:
             return
         name, reason = failure
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             raise ServiceUnavailable(f"{name} not healthy after {s.health_timeout:.0f}s: {reason}")
+        if now >= next_report:  # progress on a long wait, without flooding the log
+            log.info("waiting for %s (%d left, %.0fs to deadline): %s", name,
+                     len(pending) + len(clusters), deadline - now, reason[:160])
+            next_report = now + 15
         time.sleep(2)
 
 
