@@ -7,8 +7,8 @@ from urllib.parse import urlparse
 from orchard.settings import Settings
 
 
-def s3_client(s: Settings):
-    """A MinIO SDK client for the S3 endpoint (requires the S3 credentials)."""
+def s3_client(s: Settings, **kwargs):
+    """A MinIO SDK client for the S3 endpoint (requires the S3 credentials); kwargs go to Minio()."""
     from minio import Minio
 
     s.require("s3_access_key", "s3_secret_key")
@@ -19,6 +19,7 @@ def s3_client(s: Settings):
         secret_key=s.s3_secret_key.get_secret_value(),
         secure=url.scheme == "https",
         region=s.s3_region,
+        **kwargs,
     )
 
 

@@ -1,0 +1,51 @@
+"""Which S3 and Elasticsearch errors the uploader retries (pure classification, no services)."""
+
+from __future__ import annotations
+
+import urllib3
+from elastic_transport import ApiResponseMeta, ConnectionError as EsConnectionError, HttpHeaders, NodeConfig
+from elasticsearch import ApiError
+from minio.error import S3Error, ServerError
+
+from uploader import index, transfer
+
+
+def s3_error(code: str) -> S3Error:
+    return S3Error(None, code, "message", "resource", "request-id", "host-id")
+
+
+def es_error(status: int) -> ApiError:
+    meta = ApiResponseMeta(status=status, http_version="1.1", headers=HttpHeaders(), duration=0.0,
+                           node=NodeConfig("http", "localhost", 9200))
+    return ApiError(message="error", meta=meta, body={})
+
+
+def test_s3_throttling_and_server_errors_are_retried() -> None:
+    for code in ("SlowDown", "InternalError", "ServiceUnavailable", "XMinioServerNotInitialized"):
+        assert transfer.is_transient(s3_error(code)), code
+    assert transfer.is_transient(ServerError("502 from proxy", 502))
+    assert transfer.is_transient(urllib3.exceptions.ProtocolError("connection reset"))
+    assert transfer.is_transient(ConnectionResetError())
+
+
+def test_s3_client_errors_are_not_retried() -> None:
+    for code in ("AccessDenied", "NoSuchBucket", "InvalidObjectName"):
+        assert not transfer.is_transient(s3_error(code)), code
+    assert not transfer.is_transient(FileNotFoundError("gone"))
+    assert not transfer.is_transient(ValueError("bad"))
+
+
+def test_elasticsearch_429_5xx_and_connection_errors_are_retried() -> None:
+    for status in (429, 502, 503, 504):
+        assert index.is_transient(es_error(status)), status
+    assert index.is_transient(EsConnectionError("refused"))
+    assert index.is_transient(index.StillThrottled("3 documents still rejected"))
+    for status in (400, 404, 409):
+        assert not index.is_transient(es_error(status)), status
+
+
+def test_sha256_metadata_is_found_whatever_the_header_case() -> None:
+    assert transfer._meta_sha({"X-Amz-Meta-Sha256": "ab"}) == "ab"  # noqa: SLF001 - the parsing rule itself
+    assert transfer._meta_sha({"x-amz-meta-sha256": "cd", "content-type": "image/jpeg"}) == "cd"  # noqa: SLF001
+    assert transfer._meta_sha({"content-type": "image/jpeg"}) is None  # noqa: SLF001
+    assert transfer._meta_sha(None) is None  # noqa: SLF001

@@ -1,0 +1,44 @@
+"""The run report and the document shape (pure logic, no services)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from orchard.stack.setup import MAPPINGS_DIR, load_mapping
+from uploader.discovery import WorkItem
+from uploader.index import build_document
+from uploader.inspection import Inspected
+from uploader.report import Outcome, Problem, Report, write_report
+
+
+def test_counts_summary_and_json_report(tmp_path: Path) -> None:
+    report = Report("fruits", "/data/fruits", "images", "orchard-images")
+    report.record(Outcome.UPLOADED)
+    report.record(Outcome.UPLOADED)
+    report.record(Outcome.PRESENT)
+    report.record(Outcome.FAILED, Problem("/data/z.jpg", "empty", "empty file (0 bytes)"))
+    report.record(Outcome.FAILED, Problem("/data/a.jpg", "truncated", "truncated image: x"))
+    report.record(Outcome.SKIPPED, Problem("/data/l.jpg", "symlink", "symlink, not followed", Outcome.SKIPPED))
+    report.ignored = 3
+    assert report.summary() == ("fruits: uploaded 2, already present 1, skipped 1, failed 2 "
+                                "(ignored 3 non-image files)")
+    body = json.loads(write_report(report, tmp_path / "r" / "report.json").read_text())
+    assert body["counts"] == {"uploaded": 2, "present": 1, "skipped": 1, "failed": 2, "ignored": 3}
+    assert [(f["path"], f["code"]) for f in body["failures"]] == [("/data/a.jpg", "truncated"), ("/data/z.jpg", "empty")]
+    assert body["skipped"] == [{"path": "/data/l.jpg", "code": "symlink", "reason": "symlink, not followed",
+                                "outcome": "skipped", "key": None}]
+
+
+def test_documents_fit_the_strict_mapping() -> None:
+    """Every field the uploader writes is mapped; every mapped field but the Spark ones is written."""
+    item = WorkItem(Path("/d/Training/Apple Red/0_100.jpg"), "f/train/apple_red/0_100.jpg", "f", "train",
+                    "apple_red", "Apple Red")
+    info = Inspected(item, "ab" * 32, 1234, "jpeg", 100, 100, 3, "RGB")
+    doc = build_document(info, "images", "etag1", "2026-01-01T00:00:00.000Z")
+    mapped = set(load_mapping(MAPPINGS_DIR / "images.json")["mappings"]["properties"])
+    spark_fields = {"prediction", "embedding", "embedding_model", "pca"}
+    assert set(doc) == mapped - spark_fields
+    assert doc["id"] == doc["sha256"] == "ab" * 32
+    assert doc["uri"] == "s3a://images/f/train/apple_red/0_100.jpg"
+    assert doc["source_path"] == "/d/Training/Apple Red/0_100.jpg"

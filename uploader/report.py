@@ -1,0 +1,140 @@
+"""Accounting of an upload run: every discovered file ends in exactly one outcome.
+
+Outcomes:
+  uploaded  something was written for it (the object, its document, or both)
+  present   object and document were already there with the same sha256: nothing written
+  skipped   deliberately not uploaded, with a reason (duplicate content, symlink, not a split folder)
+  failed    bad input or a write that failed after retries, with a one-line reason
+
+`ignored` counts files that are not candidates at all (no image/.npy suffix, hidden files).
+The exit status is non-zero iff something failed; the JSON report lists every failed and
+skipped item with a machine-readable `code` and a human `reason`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import threading
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(str, enum.Enum):
+    """What happened to one discovered item."""
+
+    UPLOADED = "uploaded"
+    PRESENT = "present"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why an item was skipped or failed: `code` for programs, `reason` (one line) for people."""
+
+    path: str
+    code: str
+    reason: str
+    outcome: Outcome = Outcome.FAILED
+    key: str | None = None
+
+    def line(self) -> str:
+        """The one-line message naming the file."""
+        return f"{self.path}: {self.reason}"
+
+
+def utc_now() -> str:
+    """Current UTC time in the ISO-8601 form stored in documents and reports."""
+    return format_time(datetime.now(timezone.utc))
+
+
+def format_time(moment: datetime) -> str:
+    """ISO-8601 UTC with milliseconds and a Z suffix."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@dataclass
+class Report:
+    """Counts and problems of one run, serialisable to the JSON failure report."""
+
+    dataset: str
+    source: str
+    bucket: str
+    index: str
+    started_at: str = field(default_factory=utc_now)
+    finished_at: str | None = None
+    counts: Counter = field(default_factory=Counter)
+    bytes_uploaded: int = 0
+    ignored: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    stopped_early: bool = False
+    interrupted: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record(self, outcome: Outcome, problem: Problem | None = None) -> None:
+        """Count one item's outcome; log and keep its problem (skipped/failed). Thread-safe."""
+        with self._lock:
+            self.counts[outcome.value] += 1
+            if problem is not None:
+                self.problems.append(problem)
+        if problem is not None:  # skips are logged as loudly as failures: both name a file not uploaded
+            log.warning("%s %s", outcome.value, problem.line())
+
+    @property
+    def failed(self) -> int:
+        return self.counts[Outcome.FAILED.value]
+
+    def failures(self) -> list[Problem]:
+        """Failed items, sorted by path (workers record them in completion order)."""
+        return sorted((p for p in self.problems if p.outcome is Outcome.FAILED), key=lambda p: p.path)
+
+    def skips(self) -> list[Problem]:
+        """Skipped items, sorted by path."""
+        return sorted((p for p in self.problems if p.outcome is Outcome.SKIPPED), key=lambda p: p.path)
+
+    def summary(self) -> str:
+        """The final one-line summary printed by `orchard upload`."""
+        c = self.counts
+        text = (f"{self.dataset}: uploaded {c['uploaded']}, already present {c['present']}, "
+                f"skipped {c['skipped']}, failed {c['failed']}")
+        if self.ignored:
+            text += f" (ignored {self.ignored} non-image files)"
+        if self.stopped_early:
+            text += " - stopped at the first failure (--strict)"
+        if self.interrupted:
+            text += " - interrupted"
+        return text
+
+    def to_dict(self) -> dict:
+        """The JSON report: counts plus every failure and skip with its reason."""
+        return {
+            "dataset": self.dataset, "source": self.source, "bucket": self.bucket, "index": self.index,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+            "counts": {o.value: self.counts[o.value] for o in Outcome} | {"ignored": self.ignored},
+            "bytes_uploaded": self.bytes_uploaded, "stopped_early": self.stopped_early,
+            "interrupted": self.interrupted,
+            "failures": [_problem_dict(p) for p in self.failures()],
+            "skipped": [_problem_dict(p) for p in self.skips()],
+        }
+
+
+def _problem_dict(problem: Problem) -> dict:
+    row = asdict(problem)
+    row["outcome"] = problem.outcome.value
+    return row
+
+
+def write_report(report: Report, path: Path) -> Path:
+    """Write the JSON report atomically; returns its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
