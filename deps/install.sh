@@ -42,6 +42,7 @@ install_apt_packages() {
   local want=()
   have nginx || want+=(nginx-light)           # the load balancer in front of MinIO
   if [ "$(id -u)" = 0 ]; then have setfacl || want+=(acl); fi  # see ensure_service_user
+  have chromium || want+=(chromium)           # headless browser: the report test renders the demo report
   [ ${#want[@]} = 0 ] && return 0
   [ "$(id -u)" = 0 ] || die "missing packages: run 'sudo apt-get install ${want[*]}' once"
   log "apt-get install ${want[*]}"
