@@ -1,0 +1,8 @@
+"""Orchard's Spark app: Elephas-wrapped Keras training, inference, features and search over s3a images.
+
+Modules: session (SparkSession from settings), images (s3a read, key parsing, decode), preprocess
+(numpy preprocessing by name, top-k), model (ALL TensorFlow/Keras/Elephas code), context (what
+executors get: settings as a picklable dict, cached clients), sink (bulk updates from executors),
+registry (model versions in the models bucket and index), train, infer, features, search, cli.
+Nothing here imports TensorFlow or pyspark at import time except model.py and session.py.
+"""

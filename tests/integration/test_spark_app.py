@@ -1,0 +1,405 @@
+"""The Spark app on the real native stack: train, infer (with a killed worker), a user model file,
+features + PCA, and search, on a small synthetic dataset uploaded with the real uploader.
+
+Every command runs as `bin/orchard ...` in a subprocess, as a user would run it (exit status, --json).
+Data: 5 classes x 30 train + 10 test images (100x100 JPEGs, a random synth seed per run so no other
+test's identical content collides with ours) plus one undecodable test image put directly.
+Accuracy threshold asserted: test accuracy >= 3 x chance (0.60 with 5 classes); the default CNN
+reaches 0.9-1.0 on this data in 4 Elephas epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchard.clients import es_client, s3_client
+from orchard.settings import Settings
+from spark_app.preprocess import choose_k
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+ORCHARD = REPO / "bin" / "orchard"
+CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 5, 30, 10
+IMAGES = CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + 1  # + the undecodable one
+ACCURACY_FACTOR = 3.0  # x chance
+EPOCHS = 4
+
+
+@dataclass
+class Dataset:
+    """The uploaded test dataset and what the tests created for it (cleaned up afterwards)."""
+
+    name: str
+    settings: Settings
+    corrupt_key: str
+    versions: list[str] = field(default_factory=list)
+
+
+def orchard(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    """Run the CLI like a user; stdout/stderr captured."""
+    return subprocess.run([str(ORCHARD), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Assert exit 0, showing the end of stderr otherwise."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def last_json(proc: subprocess.CompletedProcess):
+    """The JSON document on the last line of stdout."""
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def put_undecodable(s: Settings, dataset: str) -> str:
+    """An object that is not an image plus its document, as the uploader would have written them."""
+    data = b"\xff\xd8\xff\xe0 this is not really a JPEG " + secrets.token_bytes(64)
+    sha = hashlib.sha256(data).hexdigest()
+    key = f"{dataset}/test/lime/broken.jpg"
+    s3_client(s).put_object(s.images_bucket, key, io.BytesIO(data), len(data), content_type="image/jpeg")
+    doc = {"id": sha, "dataset": dataset, "split": "test", "label": "lime", "label_text": "Lime",
+           "bucket": s.images_bucket, "key": key, "uri": f"s3a://{s.images_bucket}/{key}", "bytes": len(data),
+           "format": "JPEG", "sha256": sha, "uploaded_at": datetime.now(timezone.utc).isoformat(),
+           "source_path": "test_spark_app.py"}
+    es_client(s).index(index=s.images_index, id=sha, document=doc, op_type="create", refresh="wait_for")
+    return key
+
+
+def remove_prefix(s: Settings, bucket: str, prefix: str) -> None:
+    """Delete every object under a prefix."""
+    from minio.deleteobjects import DeleteObject
+
+    client = s3_client(s)
+    names = [DeleteObject(o.object_name) for o in client.list_objects(bucket, prefix=prefix, recursive=True)]
+    for error in client.remove_objects(bucket, names):
+        print("cleanup:", error, file=sys.stderr)
+
+
+def delete_documents(s: Settings, dataset: str) -> None:
+    """Delete the dataset's image documents (by id: the native distribution has no delete-by-query)."""
+    from elasticsearch.helpers import bulk, scan
+
+    es = es_client(s)
+    hits = scan(es, index=s.images_index, query={"query": {"term": {"dataset": dataset}}}, _source=False)
+    bulk(es, ({"_op_type": "delete", "_index": s.images_index, "_id": h["_id"]} for h in hits),
+         raise_on_error=False, refresh=True)
+
+
+def clean_up(ds: Dataset) -> None:
+    """Objects, documents, features and model versions of the test dataset."""
+    s = ds.settings
+    es = es_client(s)
+    remove_prefix(s, s.images_bucket, f"{ds.name}/")
+    remove_prefix(s, s.features_bucket, f"{ds.name}/")
+    delete_documents(s, ds.name)
+    hits = es.search(index=s.models_index, query={"term": {"dataset": ds.name}}, size=100, source=False)["hits"]["hits"]
+    for version in {h["_id"] for h in hits} | set(ds.versions):
+        remove_prefix(s, s.models_bucket, f"{version}/")
+        es.options(ignore_status=404).delete(index=s.models_index, id=version, refresh=True)
+
+
+@pytest.fixture(scope="module")
+def dataset(stack: Settings, tmp_path_factory) -> Dataset:
+    token = secrets.token_hex(3)
+    name, seed = f"it-spark-{token}", int(token, 16) % 100_000
+    root = tmp_path_factory.mktemp("synth") / "fruits"
+    ok(orchard("dataset", "synth", str(root), "--classes", str(CLASSES), "--per-class", str(TRAIN_PER_CLASS),
+               "--test-per-class", str(TEST_PER_CLASS), "--seed", str(seed)))
+    ds = Dataset(name, stack, corrupt_key="")
+    try:
+        ok(orchard("upload", str(root), "--dataset", name))
+        ds.corrupt_key = put_undecodable(stack, name)
+        yield ds
+    finally:
+        clean_up(ds)
+
+
+def docs_of(ds: Dataset, **terms) -> list[dict]:
+    """Every document of the dataset (optionally filtered by term), with _seq_no."""
+    es = es_client(ds.settings)
+    query = {"bool": {"filter": [{"term": {"dataset": ds.name}}] + [{"term": {k: v}} for k, v in terms.items()]}}
+    response = es.search(index=ds.settings.images_index, query=query, size=1000, seq_no_primary_term=True,
+                         source_excludes=["embedding"])
+    return response["hits"]["hits"]
+
+
+def count(ds: Dataset, *clauses: dict) -> int:
+    es = es_client(ds.settings)
+    query = {"bool": {"filter": [{"term": {"dataset": ds.name}}, *clauses]}}
+    return es.count(index=ds.settings.images_index, query=query)["count"]
+
+
+def object_count(ds: Dataset) -> int:
+    client = s3_client(ds.settings)
+    return sum(1 for _ in client.list_objects(ds.settings.images_bucket, prefix=f"{ds.name}/", recursive=True))
+
+
+# --- training ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(dataset: Dataset) -> dict:
+    proc = ok(orchard("train", "--dataset", dataset.name, "--epochs", str(EPOCHS), "--batch-size", "8", "--json"))
+    summary = last_json(proc)
+    dataset.versions.append(summary["version"])
+    doc = es_client(dataset.settings).get(index=dataset.settings.models_index, id=summary["version"])["_source"]
+    return {"summary": summary, "doc": doc, "log": proc.stderr}
+
+
+def test_training_reaches_accuracy_well_above_chance(dataset: Dataset, trained: dict):
+    doc, summary = trained["doc"], trained["summary"]
+    chance = 1 / CLASSES
+    print(f"test accuracy {doc['metrics']['test_accuracy']:.3f} (chance {chance:.2f}, "
+          f"threshold {ACCURACY_FACTOR * chance:.2f})")
+    assert doc["metrics"]["test_accuracy"] >= ACCURACY_FACTOR * chance
+    assert doc["num_classes"] == CLASSES and len(doc["classes"]) == CLASSES
+    assert doc["train_images"] == CLASSES * TRAIN_PER_CLASS
+    assert doc["test_images"] == CLASSES * TEST_PER_CLASS  # the undecodable one is skipped
+    assert (doc["dataset"], doc["train_split"], doc["test_split"], doc["epochs"]) == (dataset.name, "train", "test", EPOCHS)
+    assert 100_000 <= doc["params"] <= 1_000_000
+    assert re.fullmatch(r"cnn-\d{14}-[0-9a-f]{8}", summary["version"])
+    # progress per epoch in the log, and the history kept in the registry
+    for epoch in range(1, EPOCHS + 1):
+        assert f"epoch {epoch}/{EPOCHS}: loss" in trained["log"]
+    assert [h["epoch"] for h in doc["history"]] == list(range(1, EPOCHS + 1))
+    # the artefacts are in the models bucket
+    client = s3_client(dataset.settings)
+    names = {o.object_name for o in client.list_objects(dataset.settings.models_bucket, prefix=f"{summary['version']}/")}
+    assert {f"{summary['version']}/{n}" for n in ("model.keras", "labels.json", "metrics.json")} <= names
+    card = json.loads(client.get_object(dataset.settings.models_bucket, f"{summary['version']}/labels.json").read())
+    assert card["classes"] == sorted(card["classes"]) == doc["classes"] and card["preprocessing"] == "scale01"
+
+
+# --- inference -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def first_inference(dataset: Dataset, trained: dict) -> dict:
+    return last_json(ok(orchard("infer", "--dataset", dataset.name, "--model", trained["summary"]["version"],
+                                "--json")))
+
+
+def test_inference_updates_every_document_exactly_once(dataset: Dataset, trained: dict, first_inference: dict):
+    version = trained["summary"]["version"]
+    summary = first_inference
+    assert object_count(dataset) == IMAGES
+    assert summary["images"] == IMAGES and summary["failed"] == 0 and summary["errors"] == 1
+    assert summary["updated"] + summary["unchanged"] == IMAGES
+    assert 1 <= summary["model_loads"] <= 2  # once per executor Python worker, not per partition
+    assert count(dataset, {"term": {"prediction.model_version": version}}) == IMAGES
+    broken = docs_of(dataset, key=dataset.corrupt_key)[0]["_source"]["prediction"]
+    assert broken["error"].startswith("undecodable image") and broken["label"] is None
+    good = [h["_source"]["prediction"] for h in docs_of(dataset) if h["_source"]["key"] != dataset.corrupt_key]
+    assert all(p["label"] and len(p["top5"]) == CLASSES and p["error"] is None for p in good)
+    assert all(p["top5"][0]["label"] == p["label"] and p["confidence"] == p["top5"][0]["confidence"] for p in good)
+
+    before = {h["_id"]: (h["_seq_no"], h["_source"]["prediction"]) for h in docs_of(dataset)}
+    again = last_json(ok(orchard("infer", "--dataset", dataset.name, "--model", version, "--json")))
+    after = {h["_id"]: (h["_seq_no"], h["_source"]["prediction"]) for h in docs_of(dataset)}
+    assert again["updated"] == 0 and again["unchanged"] == IMAGES and again["failed"] == 0
+    assert after == before  # no prediction changed, no document was even rewritten
+
+
+def cmdline(proc) -> str:
+    """A process's command line, or "" if it is gone or inaccessible."""
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def spark_daemon_running(worker_pid: int, app_id: str) -> bool:
+    """True once the worker runs an executor of `app_id` with a Python worker (a task is running)."""
+    for executor in descendants(worker_pid):
+        if app_id in cmdline(executor) and any("pyspark" in cmdline(c) for c in descendants(executor.pid)):
+            return True
+    return False
+
+
+def wait_for(condition, timeout: float, what: str, diagnose=lambda: ""):
+    """Poll `condition` until truthy (returns it); AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} {diagnose()}")
+
+
+def worker_pids(s: Settings) -> dict[str, int]:
+    """Spark worker name -> pid, from the launcher's pid files."""
+    return {p.stem: json.loads(p.read_text())["pid"] for p in sorted((s.home / "run").glob("spark-worker-*.pid"))}
+
+
+def test_a_worker_killed_during_inference_still_updates_every_document(dataset: Dataset, trained: dict,
+                                                                      first_inference: dict):
+    from orchard.stack import launcher
+
+    s = dataset.settings
+    args = [str(ORCHARD), "infer", "--dataset", dataset.name, "--model", trained["summary"]["version"], "--force",
+            "--images-per-partition", "8", "--batch-size", "8", "--json"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_lines: list[str] = []
+    reader = threading.Thread(target=lambda: err_lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        app_id = wait_for(lambda: next((m.group(1) for line in list(err_lines)
+                                        if (m := re.search(r"app id (app-[\w-]+)", line))), None), 300, "the app id")
+        # The first worker found running one of the job's tasks (spark-worker-1 when the cluster is idle).
+        victim, pid = wait_for(lambda: next(((name, pid) for name, pid in worker_pids(s).items()
+                                             if spark_daemon_running(pid, app_id)), None), 300,
+                               f"a task of {app_id} on a Spark worker",
+                               lambda: f"(worker processes: {[cmdline(p)[-150:] for w in worker_pids(s).values() for p in descendants(w)]})")
+        os.kill(pid, signal.SIGKILL)
+        print(f"killed {victim} (pid {pid}) while it ran a task of {app_id}")
+        time.sleep(5)
+        launcher.up(s)  # restart it now: the job must not depend on it coming back, but it may use it
+        out = proc.stdout.read()
+        rc = proc.wait(timeout=1200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        launcher.up(s)  # idempotent: later tests get both workers
+    reader.join(timeout=10)
+    assert rc == 0, "".join(err_lines)[-5000:]
+    assert worker_pids(s)[victim] != pid  # it really was killed and restarted
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["images"] == IMAGES and summary["failed"] == 0
+    assert summary["updated"] == IMAGES  # --force: every document rewritten, whichever executor did it
+    assert count(dataset, {"term": {"prediction.predicted_at": summary["predicted_at"]}}) == IMAGES
+
+
+# --- a user-supplied model file ----------------------------------------------------------------------
+
+def tiny_model_file(directory: Path) -> Path:
+    """A tiny randomly initialised Keras model (64x64 input, 3 classes, 128-d penultimate layer)."""
+    import spark_app.model  # noqa: F401  (quiet TensorFlow: no CUDA probing) before keras
+    import keras
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((64, 64, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(128, name="features")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    path = directory / "tiny.keras"
+    model.save(path)
+    return path
+
+
+def test_a_user_model_file_replaces_the_default_cnn(dataset: Dataset, first_inference: dict, tmp_path: Path):
+    path = tiny_model_file(tmp_path)
+    (tmp_path / "labels.txt").write_text("red\ngreen\nblue\n")
+    common = ["--dataset", dataset.name, "--split", "test", "--model-file", str(path),
+              "--preprocessing", "mobilenet_v2", "--labels", str(tmp_path / "labels.txt"), "--json"]
+    summary = last_json(ok(orchard("infer", *common)))
+    version = summary["model_version"]
+    dataset.versions.append(version)
+    assert version.startswith("user-tiny-")
+    test_images = CLASSES * TEST_PER_CLASS + 1
+    assert summary["images"] == test_images and summary["errors"] == 1 and summary["failed"] == 0
+    predictions = [h["_source"]["prediction"] for h in docs_of(dataset, split="test")]
+    assert sum(p["model_version"] == version for p in predictions) == test_images
+    assert {p["label"] for p in predictions if p["label"]} <= {"red", "green", "blue"}
+    registered = es_client(dataset.settings).get(index=dataset.settings.models_index, id=version)["_source"]
+    assert registered["architecture"] == "user:tiny.keras" and registered["classes"] == ["red", "green", "blue"]
+
+    features = last_json(ok(orchard("features", *common)))
+    assert features["dims"] == 128 and features["images"] == test_images - 1 and features["failed"] == 0
+    assert count(dataset, {"term": {"embedding_model": version}}) == test_images - 1
+
+
+# --- features, PCA and search ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def features(dataset: Dataset, trained: dict) -> dict:
+    return last_json(ok(orchard("features", "--dataset", dataset.name, "--model", trained["summary"]["version"],
+                                "--json")))
+
+
+def read_parquet(s: Settings, uri: str):
+    """A Parquet directory on s3a as one pyarrow table (downloaded with the MinIO client)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bucket, _, prefix = uri.removeprefix("s3a://").partition("/")
+    client = s3_client(s)
+    tables = []
+    for obj in client.list_objects(bucket, prefix=prefix, recursive=True):
+        if obj.object_name.endswith(".parquet"):
+            tables.append(pq.read_table(io.BytesIO(client.get_object(bucket, obj.object_name).read())))
+    return pa.concat_tables(tables)
+
+
+def test_pca_has_the_expected_shape_and_explained_variance(dataset: Dataset, trained: dict, features: dict):
+    decodable = IMAGES - 1
+    assert features["images"] == decodable and features["skipped_undecodable"] == 1 and features["failed"] == 0
+    assert features["dims"] == 128 and features["threshold"] == 0.95
+    k = features["k"]
+    embeddings = read_parquet(dataset.settings, features["embeddings_uri"]).to_pydict()
+    projected = read_parquet(dataset.settings, features["pca_uri"]).to_pydict()
+    assert len(embeddings["id"]) == len(projected["id"]) == decodable
+    assert all(len(v) == 128 for v in embeddings["embedding"]) and all(len(v) == k for v in projected["pca"])
+    assert all(row[0] == pytest.approx(x) for row, x in zip(projected["pca"], projected["x"]))
+    # explained variance of the kept components, recomputed with numpy from the Parquet embeddings
+    x = np.asarray(embeddings["embedding"], dtype=np.float64)
+    eigen = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
+    ratios = eigen / eigen.sum()
+    np.testing.assert_allclose(features["explained_variance"], ratios[:k], atol=2e-3)
+    assert k == choose_k(ratios, 0.95)
+    assert np.cumsum(ratios)[k - 1] >= 0.95 and (k == 1 or np.cumsum(ratios)[k - 2] < 0.95)
+    # ...and both the embedding and the 2-D coordinates are in every decodable image's document
+    version = trained["summary"]["version"]
+    assert count(dataset, {"term": {"embedding_model": version}}, {"exists": {"field": "embedding"}},
+                 {"exists": {"field": "pca.x"}}) == decodable
+
+
+def search_json(*args: str) -> list[dict]:
+    return last_json(ok(orchard("search", *args, "--json")))
+
+
+def test_knn_of_an_image_returns_that_image_first(dataset: Dataset, features: dict):
+    keys = sorted(h["_source"]["key"] for h in docs_of(dataset) if h["_source"]["key"] != dataset.corrupt_key)
+    for key in keys[:: len(keys) // 4][:4]:  # four images spread over the classes
+        rows = search_json("--similar", key, "-k", "5", "--dataset", dataset.name)
+        assert len(rows) == 5 and rows[0]["key"] == key
+        assert rows[0]["score"] >= rows[1]["score"]
+
+
+def test_search_filters_by_label_prediction_and_confidence(dataset: Dataset, trained: dict, features: dict):
+    label = trained["doc"]["classes"][0]
+    rows = search_json("--dataset", dataset.name, "--label", label, "--limit", "500")
+    assert len(rows) == TRAIN_PER_CLASS + TEST_PER_CLASS and {r["label"] for r in rows} == {label}
+    rows = search_json("--dataset", dataset.name, "--predicted", label, "--min-confidence", "0.5", "--limit", "500")
+    assert rows and all(r["predicted"] == label and r["confidence"] >= 0.5 for r in rows)
+    confidences = [r["confidence"] for r in rows]
+    assert confidences == sorted(confidences, reverse=True)
+    table = ok(orchard("search", "--dataset", dataset.name, "--label", label, "--limit", "3")).stdout
+    assert table.splitlines()[0].split()[:3] == ["score", "key", "label"] and len(table.splitlines()) == 4

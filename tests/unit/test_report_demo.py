@@ -1,0 +1,103 @@
+"""Pure pieces of `orchard demo`: stage failures, log reading, the terminal summary, the seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchard.demo import DemoOptions, StageFailed, dataset_dir, last_error, stderr_to, summary_lines
+from orchard.errors import ExitStatus
+from orchard.report import ReportData, Stage
+from orchard.settings import load_settings
+
+
+def test_stage_failure_names_the_stage_and_keeps_the_exit_status() -> None:
+    exc = StageFailed("train", "no executors", ExitStatus.UNAVAILABLE)
+    assert str(exc) == "demo failed at stage 'train': no executors"
+    assert exc.exit_status == ExitStatus.UNAVAILABLE
+    assert StageFailed("infer", "killed", -9).exit_status == ExitStatus.FAILURES  # a signal is no exit status
+
+
+def test_last_error_prefers_the_last_error_line(tmp_path: Path) -> None:
+    log = tmp_path / "upload.log"
+    log.write_text("09:00:01 INFO    uploader: started\n"
+                   "09:00:02 ERROR   orchard: MinIO unreachable at http://127.0.0.1:9000\n"
+                   "09:00:03 INFO    uploader: report: /tmp/r.json\n")
+    assert last_error(log) == "MinIO unreachable at http://127.0.0.1:9000"
+    log.write_text("some output\nlast words\n\n")
+    assert last_error(log) == "last words"
+    log.write_text("")
+    assert last_error(log) == "no output"
+
+
+def test_synth_seed_is_stable_per_dataset_and_overridable(tmp_path: Path) -> None:
+    assert DemoOptions("demo").synth_seed == DemoOptions("demo").synth_seed
+    assert DemoOptions("demo").synth_seed != DemoOptions("other").synth_seed
+    assert DemoOptions("demo", seed=7).synth_seed == 7
+    s = load_settings(home=tmp_path)
+    assert dataset_dir(s, DemoOptions("demo", 3, 10, 5, seed=1)) == tmp_path / "datasets" / "demo-3x10+5-seed1"
+
+
+def test_stderr_to_captures_fd2_and_restores_it(tmp_path: Path) -> None:
+    target = tmp_path / "spark.log"
+    before = os.fstat(2).st_ino
+    with stderr_to(target):
+        os.write(2, b"from this process\n")
+        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('from a child\\n')"], check=True)
+    assert os.fstat(2).st_ino == before
+    assert target.read_text() == "from this process\nfrom a child\n"
+
+
+def test_summary_lines_show_counts_accuracy_and_every_stage(tmp_path: Path) -> None:
+    data = ReportData(dataset="demo", generated_at="now", splits=["train", "test"], split_rows=[],
+                      totals={"train": 320, "test": 120, "total": 440}, classes=8,
+                      model={"version": "cnn-1", "architecture": "cnn", "params": 1000, "epochs": 5,
+                             "metrics": {"test_accuracy": 0.9}},
+                      predicted=120, correct=108, accuracy=0.9)
+    stages = [Stage("upload", 10.0, 440, "files"), Stage("train", 100.0, 1600, "image-epochs")]
+    text = "\n".join(summary_lines(data, stages, tmp_path / "index.html"))
+    assert "440 (train 320 · test 120) in 8 classes" in text
+    assert "90.0% on test (108/120 predictions in Elasticsearch)" in text
+    assert "1,600 image-epochs" in text and "16.0" in text and "44.0" in text
+    assert "1 min 50 s" in text  # the total
+    assert str(tmp_path / "index.html") in text
+
+
+def failing_pipeline(self, native: bool = True) -> None:
+    raise StageFailed("upload", "MinIO unreachable", ExitStatus.UNAVAILABLE)
+
+
+@pytest.mark.parametrize(("flags", "stops"), [([], 1), (["--keep"], 0)])
+def test_a_failed_stage_exits_with_its_status_and_stops_the_stack_unless_keep(
+        monkeypatch, tmp_path: Path, capfd, flags: list[str], stops: int) -> None:
+    from orchard.cli import main
+    from orchard.stack import launcher
+
+    stopped = []
+    monkeypatch.setattr("orchard.demo.DemoRun.run_pipeline", failing_pipeline)
+    monkeypatch.setattr(launcher, "down", lambda s, purge=False: stopped.append(s.home) or [])
+    status = main(["--home", str(tmp_path), "demo", "--out", str(tmp_path / "out"), *flags])
+    assert status == ExitStatus.UNAVAILABLE
+    assert stopped == [tmp_path] * stops
+    assert "demo failed at stage 'upload': MinIO unreachable" in capfd.readouterr().err
+    assert not (tmp_path / "out" / "index.html").exists()
+
+
+def test_report_only_keeps_the_stage_times_of_the_same_model_only(tmp_path: Path) -> None:
+    from orchard.demo import previous_stages
+    from orchard.report import stage_rows
+
+    data = ReportData(dataset="demo", generated_at="now", splits=[], split_rows=[], totals={}, classes=0,
+                      model={"version": "cnn-2"})
+    stages = [Stage("train", 100.0, 1600, "image-epochs", command="orchard train"), Stage("report", 2.0, 440)]
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"dataset": "demo", "model": {"version": "cnn-2"}, "stages": stage_rows(stages)}))
+    assert previous_stages(summary, data) == stages[:1]
+    summary.write_text(json.dumps({"dataset": "demo", "model": {"version": "cnn-1"}, "stages": stage_rows(stages)}))
+    assert previous_stages(summary, data) == []
+    assert previous_stages(tmp_path / "missing.json", data) == []

@@ -1,0 +1,73 @@
+"""spark_app.images: key parsing, document ids from content, decoding and its errors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spark_app import images
+
+
+def jpeg_bytes(size=(60, 40), color=(200, 30, 30), fmt="JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_key_and_labels_come_from_the_layout():
+    key = images.key_of("s3a://images/fruits/train/Apple Red/0_100.jpg", "images")
+    assert key == "fruits/train/Apple Red/0_100.jpg"
+    assert images.parse_key(key) == ("fruits", "train", "Apple Red")
+    # Spark's binaryFile `path` is the raw key: a literal % stays as it is
+    assert images.key_of("s3a://images/ds/test/x y/a b%41.jpg", "images") == "ds/test/x y/a b%41.jpg"
+
+
+def test_keys_outside_the_bucket_or_layout_are_rejected():
+    with pytest.raises(ValueError):
+        images.key_of("s3a://other/fruits/train/a/b.jpg", "images")
+    with pytest.raises(ValueError):
+        images.parse_key("fruits/b.jpg")
+
+
+def test_image_root_per_split():
+    assert images.image_root("images", "fruits", "test") == "s3a://images/fruits/test/"
+    assert images.image_root("images", "fruits") == "s3a://images/fruits/"
+    with pytest.raises(ValueError):
+        images.image_root("images", "a/b")
+
+
+def test_ref_id_is_the_content_sha256():
+    content = jpeg_bytes()
+    ref = images.ref_of("s3a://images/ds/test/Lime/1.jpg", content, "images")
+    assert ref.id == hashlib.sha256(content).hexdigest()
+    assert (ref.dataset, ref.split, ref.label, ref.key) == ("ds", "test", "Lime", "ds/test/Lime/1.jpg")
+
+
+def test_decode_resizes_to_height_width_and_keeps_colour():
+    array = images.decode_image(jpeg_bytes(size=(60, 40)), (100, 80))
+    assert array.shape == (100, 80, 3) and array.dtype == np.uint8
+    assert array[..., 0].mean() > 150 and array[..., 1].mean() < 80
+
+
+def test_decode_png_and_grayscale():
+    array = images.decode_image(jpeg_bytes(fmt="PNG"), (10, 10), channels=1)
+    assert array.shape == (10, 10, 1)
+
+
+def test_undecodable_bytes_give_a_reason_not_a_crash():
+    with pytest.raises(images.ImageDecodeError, match="undecodable image"):
+        images.decode_image(b"definitely not a jpeg", (100, 100))
+    truncated = jpeg_bytes()[:200]
+    with pytest.raises(images.ImageDecodeError):
+        images.decode_image(truncated, (100, 100))
+
+
+def test_decode_rows_yields_errors_in_place():
+    rows = [("s3a://images/ds/train/a/1.jpg", jpeg_bytes()), ("s3a://images/ds/train/a/2.jpg", b"junk")]
+    out = list(images.decode_rows(rows, "images", (20, 20)))
+    assert out[0][1].shape == (20, 20, 3) and out[0][2] is None
+    assert out[1][1] is None and "undecodable" in out[1][2]
