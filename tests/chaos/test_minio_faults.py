@@ -1,0 +1,164 @@
+"""MinIO: lose one of the 4 nodes during an upload, then a second one, then heal.
+
+The 4 nodes form one erasure set of 4 drives (2 data + 2 parity shards per object): one node down
+leaves read and write quorum; two down leave read quorum only, so writes must fail, clearly and
+without hanging; once both are back, healing must restore every shard on every drive. The proof
+of the healing is a read with the *other* two nodes down: it can only succeed from healed shards.
+
+The tests of this module run in order on one dataset (module-scoped state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    ChaosStack, Ledger, count_docs, files_by_key, object_keys, sha256_file, synth, unreadable_objects,
+    upload_args, wait_for,
+)
+
+pytestmark = pytest.mark.chaos
+log = logging.getLogger("chaos.minio")
+
+FIRST, SECOND = "minio3", "minio4"  # killed in this order
+OTHERS = ["minio1", "minio2"]  # never killed until the proof of healing
+MINIO_NODES = ["minio1", "minio2", "minio3", "minio4"]
+
+
+class State:
+    """What the ordered tests of this module hand on to each other."""
+
+    expected: dict[str, str] = {}  # key -> sha256 of every uploaded file
+    dataset = ""
+
+
+@pytest.fixture(scope="module")
+def minio_stack(chaos: ChaosStack):
+    """The chaos stack; every MinIO node is restarted after the module, whatever happened."""
+    chaos.up()
+    yield chaos
+    chaos.up()
+
+
+def drive_holders(chaos: ChaosStack, key: str) -> list[str]:
+    """The nodes whose drive holds the object's metadata (one shard each)."""
+    bucket = chaos.settings.images_bucket
+    return [n for n in MINIO_NODES if (chaos.layout.data / n / bucket / key / "xl.meta").is_file()]
+
+
+def offline_drives(chaos: ChaosStack) -> int:
+    info = chaos.mc_json("admin", "info", "orchard")[0]["info"]
+    return int(info["backend"]["offlineDisks"])
+
+
+def test_upload_survives_a_node_killed_midway(minio_stack: ChaosStack, ledger: Ledger, tmp_path: Path):
+    chaos = minio_stack
+    State.dataset = dataset = chaos.dataset("minio-faults")
+    tree = synth(chaos, dataset, per_class=120, seed=chaos.seed(3000))  # 360 files
+    files = files_by_key(tree, dataset)
+    State.expected = {key: sha256_file(path) for key, path in files.items()}
+    client, bucket = chaos.s3(), chaos.settings.images_bucket
+    report = tmp_path / "report.json"
+
+    job = chaos.start(*upload_args(tree, dataset, "--workers", "2", "--batch-size", "10", "--report", str(report)))
+    wait_for(lambda: len(object_keys(client, bucket, f"{dataset}/")) >= len(files) // 10,
+             timeout=300, what="a tenth of the objects to be stored", while_=job.running)
+    chaos.kill(FIRST)
+    before = len(object_keys(client, bucket, f"{dataset}/"))
+    assert before < len(files), "the upload finished before the node was killed"
+    run = job.wait(timeout=600)
+    lost = unreadable_objects(client, bucket, State.expected)
+    docs = count_docs(chaos.es(), chaos.settings.images_index, dataset)
+    ledger.record(f"SIGKILL {FIRST} (1 of 4 MinIO nodes) during `orchard upload`",
+                  f"{len(files)} files ({before} stored before the kill, {len(files) - before} after)",
+                  len(lost) + len(files) - docs)
+
+    assert run.returncode == 0, run.tail()
+    counts = json.loads(report.read_text())["counts"]
+    assert counts["uploaded"] == len(files) and counts["failed"] == 0, counts
+    assert object_keys(client, bucket, f"{dataset}/") == set(files)
+    assert not lost, f"{len(lost)} objects unreadable or changed: {dict(list(lost.items())[:5])}"
+    assert docs == len(files)
+
+
+def test_two_nodes_down_reads_work_writes_fail_clearly(minio_stack: ChaosStack, ledger: Ledger, tmp_path: Path):
+    chaos = minio_stack
+    assert State.expected, "needs the upload of the previous test"
+    assert chaos.pid(FIRST) is None, f"{FIRST} should still be down"
+    chaos.kill(SECOND)
+    assert offline_drives(chaos) == 2
+
+    lost = unreadable_objects(chaos.s3(), chaos.settings.images_bucket, State.expected)
+    assert not lost, f"{len(lost)} objects unreadable with 2 nodes down: {dict(list(lost.items())[:5])}"
+
+    probe_name = chaos.dataset("minio-write-probe")
+    probe = synth(chaos, probe_name, per_class=2, seed=chaos.seed(3001))  # 6 files
+    report = tmp_path / "probe.json"
+    run = chaos.start(*upload_args(probe, probe_name, "--report", str(report)))
+    result = run.wait(timeout=300)  # a hang fails the test here
+    assert result.returncode in (1, 4), f"a write without quorum did not fail as expected:\n{result.tail()}"
+    assert "Traceback" not in result.output, result.tail()
+    reasons = [f["reason"] for f in json.loads(report.read_text())["failures"]] if report.exists() else []
+    errors = [ln for ln in result.stderr.splitlines() if " ERROR " in ln or "upload failed" in ln]
+    assert errors, f"no readable error line:\n{result.tail()}"
+    assert reasons or result.returncode == 4, f"exit 1 without failures in the report:\n{result.tail()}"
+    why = (reasons[0] if reasons else errors[-1]).split("Caused by ")[-1][:90]
+
+    mc_put = chaos.mc("cp", str(sorted(probe.rglob("*.jpg"))[0]), f"orchard/{chaos.settings.images_bucket}/{probe_name}/mc.jpg",
+                      timeout=180, check=False)
+    assert mc_put.returncode != 0, "mc wrote an object without write quorum"
+    ledger.record(f"SIGKILL {SECOND} too (2 of 4 down): reads, and a write attempt",
+                  f"{len(State.expected)} objects read back; 6-file upload refused, exit {result.returncode}, "
+                  f"{len(reasons)} failures with a reason (\"{why}\")",
+                  len(lost))
+
+
+def test_restarted_nodes_heal_and_nothing_is_lost(minio_stack: ChaosStack, ledger: Ledger):
+    chaos = minio_stack
+    assert State.expected, "needs the upload of the first test"
+    chaos.up()  # restarts exactly the two killed nodes
+    # A heal started before every node has reconnected to the restarted drives heals nothing
+    # ("Yellow -> Yellow"): wait until each node sees all 4 peers and drives online.
+    wait_for(lambda: fully_connected(chaos), timeout=180, interval=2, what="all 4 MinIO nodes to see each other")
+    attempts, summary = heal_until_complete(chaos, list(State.expected))
+
+    # Proof: with the two nodes that never went down stopped, only healed shards can serve reads.
+    for node in OTHERS:
+        chaos.kill(node)
+    lost = unreadable_objects(chaos.s3(), chaos.settings.images_bucket, State.expected)
+    chaos.up()
+    assert not lost, f"{len(lost)} objects unreadable from the healed nodes: {dict(list(lost.items())[:5])}"
+    ledger.record(f"restart {FIRST}+{SECOND}, `mc admin heal -r orchard`, then SIGKILL {'+'.join(OTHERS)} "
+                  "and read everything from the healed drives",
+                  f"{len(State.expected)} objects on 4/4 drives after {attempts} heal run(s) ({summary})", len(lost))
+
+
+def fully_connected(chaos: ChaosStack) -> bool:
+    """Every MinIO node is online, sees every peer online and its drive ok (`mc admin info`)."""
+    info = chaos.mc_json("admin", "info", "orchard", check=False)
+    servers = info[0].get("info", {}).get("servers", []) if info else []
+    return len(servers) == len(MINIO_NODES) and all(
+        s.get("state") == "online" and set(s.get("network", {}).values()) == {"online"}
+        and all(d.get("state") == "ok" for d in s.get("drives", [])) for s in servers)
+
+
+def heal_until_complete(chaos: ChaosStack, keys: list[str], attempts: int = 5) -> tuple[int, str]:
+    """Run `mc admin heal -r orchard` until every key has a shard on all 4 drives.
+
+    Returns (heal runs needed, mc's summary line of the last run); fails after `attempts` runs.
+    """
+    missing: list[str] = keys
+    for attempt in range(1, attempts + 1):
+        heal = chaos.mc("admin", "heal", "-r", "orchard", timeout=600)
+        summary = next((ln.strip() for ln in reversed(heal.stdout.splitlines()) if ln.startswith("Healed")), "")
+        log.info("mc admin heal run %d: %s", attempt, summary)
+        missing = [key for key in keys if len(drive_holders(chaos, key)) < len(MINIO_NODES)]
+        if not missing:
+            return attempt, summary.replace("\t", " ")
+        time.sleep(5)
+    pytest.fail(f"{len(missing)} objects still lack shards after {attempts} heal runs, e.g. {missing[:3]}")
