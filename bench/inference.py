@@ -1,7 +1,8 @@
 """Inference throughput and driver memory: Orchard's streaming `orchard infer` against three baselines.
 
-Same model (the default CNN, randomly initialised, registered once), same images, same run, at two
-dataset sizes (default 2,000 and 8,000 synthetic 100x100 JPEGs, uploaded with the real uploader):
+Same model (the default CNN, randomly initialised, with a 1000-way head like an ImageNet classifier,
+registered once), same images, same run, at two dataset sizes (default 2,000 and 8,000 synthetic
+100x100 JPEGs, uploaded with the real uploader):
 
   (a) model_only  the Keras model alone on in-memory decoded, preprocessed batches (all cores):
                   the limit of this machine;
@@ -69,12 +70,13 @@ def ensure_dataset(size: int, classes: int, work: Path) -> str:
     return name
 
 
-def register_model(s: Settings, classes: int, work: Path) -> str:
-    """The default CNN (random weights: throughput does not depend on them), registered as a version."""
+def register_model(s: Settings, head: int, work: Path) -> str:
+    """The default CNN with a `head`-way softmax (random weights: throughput does not depend on
+    them), registered as a version."""
     from spark_app import model as keras_model
     from spark_app.registry import import_model_file
 
-    path = keras_model.save_model(keras_model.build_cnn(classes, seed=7), work / "bench-cnn.keras")
+    path = keras_model.save_model(keras_model.build_cnn(head, seed=7), work / f"bench-cnn-{head}.keras")
     return import_model_file(s, path, "scale01")
 
 
@@ -179,7 +181,7 @@ def main_parent(args) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="orchard-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     datasets = {size: ensure_dataset(size, args.classes, work) for size in args.sizes}
-    version = args.model or register_model(s, args.classes, work)
+    version = args.model or register_model(s, args.head, work)
     log.info("model %s, datasets %s", version, datasets)
     results: dict[int, dict[str, dict]] = {}
     for size, dataset in datasets.items():
@@ -193,6 +195,7 @@ def main_parent(args) -> None:
             print(json.dumps({"size": size, "approach": approach, **r}), flush=True)
     final = summarise(results) if set(args.approaches) == set(APPROACHES) else {"results": results}
     final["model_version"] = version
+    final["model_outputs"] = args.head
     final["cpu_count"] = os.cpu_count()
     final["load_average"] = [round(x, 1) for x in os.getloadavg()]
     if args.cleanup:
@@ -317,7 +320,10 @@ CHILDREN = {"model_only": child_model_only, "elephas": child_elephas, "pandas_ud
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000])
-    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=10, help="classes of the synthetic images")
+    parser.add_argument("--head", type=int, default=1000,
+                        help="outputs of the benchmarked CNN (default 1000, an ImageNet classifier's: what "
+                             "collecting every prediction to the driver costs shows at this width)")
     parser.add_argument("--approaches", nargs="+", choices=APPROACHES, default=list(APPROACHES))
     parser.add_argument("--model", help="use this registered version instead of registering a fresh CNN")
     parser.add_argument("--work", help="directory for the synthetic images (default: a temp dir)")

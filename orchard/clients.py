@@ -7,12 +7,32 @@ from urllib.parse import urlparse
 from orchard.settings import Settings
 
 
+def s3_http_client(pool_size: int = 32):
+    """The urllib3 pool of the MinIO client: bounded timeouts and transport-level retries.
+
+    Why not the SDK's default: it waits up to 5 minutes to connect and retries 503 five times
+    itself, so a cluster without write quorum looked like a hang; 503s (SlowDown*, quorum lost)
+    are left to the callers' logged, time-capped retries instead.
+    """
+    import os
+
+    import certifi
+    import urllib3
+
+    return urllib3.PoolManager(
+        maxsize=pool_size, cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        timeout=urllib3.Timeout(connect=10, read=120),
+        retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 504]),
+    )
+
+
 def s3_client(s: Settings, **kwargs):
     """A MinIO SDK client for the S3 endpoint (requires the S3 credentials); kwargs go to Minio()."""
     from minio import Minio
 
     s.require("s3_access_key", "s3_secret_key")
     url = urlparse(s.s3_url)
+    kwargs.setdefault("http_client", s3_http_client())
     return Minio(
         url.netloc,
         access_key=s.s3_access_key.get_secret_value(),

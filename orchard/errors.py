@@ -40,6 +40,12 @@ class ServiceUnavailable(OrchardError):
     exit_status = ExitStatus.UNAVAILABLE
 
 
+class DatasetNotFound(OrchardError):
+    """A dataset (or split) has no objects under its key prefix."""
+
+    exit_status = ExitStatus.CONFIG
+
+
 class ItemsFailed(OrchardError):
     """A batch run finished with some failed items (already reported)."""
 

@@ -56,10 +56,34 @@ class ExecutorConfig:
         return Settings(**{k: v for k, v in asdict(self).items() if v is not None})
 
 
+EXECUTOR_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [python worker %(process)d] %(message)s"
+
+
+@functools.lru_cache(maxsize=1)
+def configure_worker_logging() -> None:
+    """Give this executor Python worker a log format and INFO for Orchard's loggers (once).
+
+    Python workers start with no logging configuration; their stderr lands in the executor's
+    stderr file (work/<app>/<executor>/stderr), so warnings such as retries are kept there.
+    """
+    import logging
+
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(EXECUTOR_LOG_FORMAT))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    for name in ("spark_app", "orchard", "uploader"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 @functools.lru_cache(maxsize=4)
 def es_of(cfg: ExecutorConfig):
     """The Elasticsearch client of this Python worker for `cfg` (built once)."""
     from orchard.clients import es_client
+
+    configure_worker_logging()
 
     return es_client(cfg.settings(), request_timeout=60)
 

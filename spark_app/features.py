@@ -24,7 +24,7 @@ from spark_app.context import ExecutorConfig, es_of
 from spark_app.images import read_image_files
 from spark_app.infer import PredictSpec, inputs
 from spark_app.preprocess import choose_k
-from spark_app.sink import Tally, merge_tallies, write_actions
+from spark_app.sink import Tally, log_retries, merge_tallies, write_actions
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ def run_features(spark, s: Settings, dataset: str, version: str, split: str | No
     projected = project(pipeline, embeddings, k)
     projected.drop("embedding").write.mode("overwrite").parquet(pca_uri)
     tally = write_features(projected, cfg, version)  # the same deterministic transform, read again
+    log_retries(tally)
     from orchard.clients import es_client
 
     es_client(s).indices.refresh(index=s.images_index)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from orchard.errors import DatasetNotFound
+
 IMAGE_GLOB = "*.{jpg,jpeg,png,JPG,JPEG,PNG}"
 # binaryFile counts every file as its length + openCostInBytes when packing partitions; with
 # thumbnails the open cost dominates, so images per partition ~= maxPartitionBytes / openCost.
@@ -104,12 +106,17 @@ def read_image_files(spark, bucket: str, dataset: str, split: str | None = None,
     Only the file listing happens on the driver; the bytes are read by the executors.
     `images_per_partition` sets how many files go into one task (smaller = finer retries).
     """
+    from pyspark.errors import AnalysisException
+
     spark.conf.set("spark.sql.files.openCostInBytes", str(OPEN_COST_BYTES))
     spark.conf.set("spark.sql.files.maxPartitionBytes", str(OPEN_COST_BYTES * max(1, images_per_partition)))
-    return (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", IMAGE_GLOB)
-        .load(image_root(bucket, dataset, split))
-        .select("path", "content")
-    )
+    root = image_root(bucket, dataset, split)
+    reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", IMAGE_GLOB)
+    try:
+        return reader.load(root).select("path", "content")
+    except AnalysisException as exc:
+        if "PATH_NOT_FOUND" not in str(exc):
+            raise
+        what = f"dataset {dataset!r}" + (f" (split {split!r})" if split else "")
+        raise DatasetNotFound(f"{what} has no objects at {root}: upload it first (`orchard upload DIR "
+                              f"--dataset {dataset}`) or check --dataset/--split") from None

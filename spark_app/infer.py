@@ -23,7 +23,7 @@ from orchard.settings import Settings
 from spark_app.context import ExecutorConfig, es_of
 from spark_app.images import ImageRef, decode_rows, read_image_files
 from spark_app.preprocess import as_probabilities, batched, cross_entropy_terms, preprocessor, top_k
-from spark_app.sink import Tally, merge_tallies, tally_partition
+from spark_app.sink import Tally, log_retries, merge_tallies, tally_partition
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,7 @@ def run_inference(spark, s: Settings, dataset: str, version: str, split: str | N
     log.info("inference of %s with %s, %d partitions", dataset + (f"/{split}" if split else ""), version,
              files.rdd.getNumPartitions())
     tally = write_predictions(predict(files.rdd, spec, spark_model, loads), cfg, force)
+    log_retries(tally)
     from orchard.clients import es_client
 
     es_client(s).indices.refresh(index=s.images_index)
@@ -227,7 +228,8 @@ def inference_summary(tally: Tally, version: str, loads: int, seconds: float, pr
     images = tally.written + tally.failed
     return {"model_version": version, "predicted_at": predicted_at, "images": images, "updated": tally.updated,
             "unchanged": tally.noop,
-            "errors": tally.errors, "failed": tally.failed, "failure_reasons": tally.reasons,
+            "errors": tally.errors, "failed": tally.failed, "retried_writes": tally.retried,
+            "failure_reasons": tally.reasons,
             "failure_examples": [list(e) for e in tally.examples],
             "model_loads": loads, "seconds": round(seconds, 1),
             "images_per_second": round(images / seconds, 1) if seconds > 0 else None}

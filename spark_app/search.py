@@ -47,6 +47,10 @@ def similar(es, index: str, key_or_id: str, k: int = 10, clauses: list[dict] | N
     if source.get("embedding_model"):  # compare only embeddings of the same model
         knn.setdefault("filter", {"bool": {"filter": []}})["bool"]["filter"].append(
             {"term": {"embedding_model": source["embedding_model"]}})
+    if quantized(es, index):
+        # Scores from int8/int4/bbq HNSW are approximate (an image could score below its own near
+        # duplicate); rescoring the candidates with the stored float vectors makes them exact.
+        knn["rescore_vector"] = {"oversample": 3.0}
     response = es.search(index=index, knn=knn, size=k + 1, source_includes=SOURCE_FIELDS)
     hits = response["hits"]["hits"]
     itself = next((h for h in hits if h["_id"] == own["_id"]), None)
@@ -54,6 +58,16 @@ def similar(es, index: str, key_or_id: str, k: int = 10, clauses: list[dict] | N
         itself = {**es.get(index=index, id=own["_id"], source_includes=SOURCE_FIELDS).body, "_score": 1.0}
     others = [h for h in hits if h["_id"] != own["_id"]]
     return [result_row(hit) for hit in [itself, *others][:k]]
+
+
+def quantized(es, index: str) -> bool:
+    """True if the index stores `embedding` quantized (int8/int4/bbq HNSW or flat, ES' default is int8_hnsw)."""
+    mapping = es.indices.get_mapping(index=index).body
+    for body in mapping.values():
+        options = body["mappings"].get("properties", {}).get("embedding", {}).get("index_options", {})
+        if str(options.get("type", "")).startswith(("int8", "int4", "bbq")):
+            return True
+    return False
 
 
 def matching(es, index: str, clauses: list[dict], limit: int = 20) -> list[dict]:

@@ -2,13 +2,15 @@
 
 Every action carries the document's deterministic id (content sha256), so a retried chunk or a
 re-run Spark task writes the same result again instead of a duplicate. Rejections (429) are retried
-by `streaming_bulk` with exponential backoff; connection errors and timeouts redo the whole chunk
-(idempotent) via tenacity. Only per-partition counts travel back to the driver.
+here with exponential backoff, each retry logged (executors log to their stderr, which Spark keeps
+beside the executor); connection errors and timeouts redo the whole chunk (idempotent) via
+tenacity. Only per-partition counts travel back to the driver, retries included.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,10 @@ from spark_app.preprocess import batched
 log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 20  # failure examples kept per run (counts are exact, examples are samples)
+# Per-document statuses worth resending: a full write queue (429) or a shard moving after a node loss.
+RETRY_STATUS = (429, 502, 503, 504)
+MAX_RESENDS = 8
+BACKOFF_SECONDS = (1.0, 30.0)  # first and longest wait between resends (doubling)
 
 
 @dataclass
@@ -30,6 +36,7 @@ class Tally:
     noop: int = 0
     failed: int = 0
     errors: int = 0  # documents that got an error field instead of a result (e.g. undecodable)
+    retried: int = 0  # document writes resent after a 429/5xx rejection
     reasons: dict[str, int] = field(default_factory=dict)
     examples: list[tuple[str, str]] = field(default_factory=list)  # (key or id, reason)
 
@@ -51,7 +58,8 @@ class Tally:
         for reason, n in other.reasons.items():
             reasons[reason] = reasons.get(reason, 0) + n
         return Tally(self.updated + other.updated, self.noop + other.noop, self.failed + other.failed,
-                     self.errors + other.errors, reasons, (self.examples + other.examples)[:MAX_EXAMPLES])
+                     self.errors + other.errors, self.retried + other.retried, reasons,
+                     (self.examples + other.examples)[:MAX_EXAMPLES])
 
 
 def merge_tallies(a: Tally, b: Tally) -> Tally:
@@ -76,23 +84,53 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return (EsConnectionError, ConnectionTimeout, ConnectionError, TimeoutError, OSError)
 
 
-def send_chunk(es, actions: list[dict], labels: dict[str, str]) -> Tally:
-    """Send one chunk with streaming_bulk (429s retried with backoff); its tally. Raises on transport errors."""
+def send_once(es, actions: list[dict], labels: dict[str, str], tally: Tally, last: bool) -> list[dict]:
+    """One bulk request for `actions`, counted into `tally`; the actions rejected with a retryable
+    status (none if `last`: those are counted as failed). Raises on transport errors."""
     from elasticsearch.helpers import streaming_bulk
 
-    tally = Tally()
-    results = streaming_bulk(es, actions, chunk_size=len(actions), max_retries=8, initial_backoff=1,
-                             max_backoff=30, raise_on_error=False, raise_on_exception=True)
-    for ok, item in results:
+    from elasticsearch import ApiError
+
+    by_id = {str(action["_id"]): action for action in actions}
+    rejected = []
+    results = streaming_bulk(es, actions, chunk_size=len(actions), max_retries=0, raise_on_error=False,
+                             raise_on_exception=True)
+    try:
+        items = list(results)  # one request: the chunk is already in memory, so are its results
+    except ApiError as exc:  # the whole request refused (e.g. 429 before any item ran)
+        if exc.status_code not in RETRY_STATUS:
+            raise
+        if not last:
+            return list(actions)
+        for action in actions:
+            tally.fail(labels.get(str(action["_id"]), str(action["_id"])), f"HTTP {exc.status_code}: {exc}"[:200])
+        return []
+    for ok, item in items:
         info = next(iter(item.values()))
+        doc_id = str(info.get("_id"))
         if ok:
-            if info.get("result") == "noop":
-                tally.noop += 1
-            else:
-                tally.updated += 1
+            tally.noop += info.get("result") == "noop"
+            tally.updated += info.get("result") != "noop"
+        elif info.get("status") in RETRY_STATUS and not last and doc_id in by_id:
+            rejected.append(by_id[doc_id])
         else:
-            doc_id = str(info.get("_id"))
             tally.fail(labels.get(doc_id, doc_id), failure_reason(info))
+    return rejected
+
+
+def send_chunk(es, actions: list[dict], labels: dict[str, str]) -> Tally:
+    """Send one chunk; documents rejected with 429/5xx are resent with backoff, each resend logged.
+    Its tally. Raises on transport errors (the caller redoes the chunk)."""
+    tally, pending = Tally(), actions
+    for attempt in range(1, MAX_RESENDS + 2):
+        pending = send_once(es, pending, labels, tally, last=attempt > MAX_RESENDS)
+        if not pending:
+            break
+        wait = min(BACKOFF_SECONDS[1], BACKOFF_SECONDS[0] * 2 ** (attempt - 1))
+        log.warning("Elasticsearch rejected %d of %d writes (429 too many requests / shard unavailable): "
+                    "retry %d/%d in %.0fs", len(pending), len(actions), attempt, MAX_RESENDS, wait)
+        tally.retried += len(pending)
+        time.sleep(wait)
     return tally
 
 
@@ -135,3 +173,10 @@ def tally_partition(es_factory, items: Iterator[tuple[dict, str, bool]], chunk_s
                     select: Selector | None = None) -> Iterator[Tally]:
     """mapPartitions body: write the partition's items and yield its one tally."""
     yield write_actions(es_factory(), items, chunk_size, select)
+
+
+def log_retries(tally: Tally) -> None:
+    """Driver side: one warning line if the executors had to resend rejected writes."""
+    if tally.retried:
+        log.warning("Elasticsearch rejected %d document writes (429 / shard unavailable) that the executors "
+                    "retried with backoff (see the executor logs)", tally.retried)

@@ -24,6 +24,7 @@ already indexed under another key) wins; later ones are skipped with "duplicate 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 
 UPLOAD_ERRORS = (S3Error, ServerError, InvalidResponseError, urllib3.exceptions.HTTPError, OSError, ValueError)
 # errors of the planning and indexing calls (listing, mget, bulk), raised once their retries are spent
+# This many S3 writes failing in a row (after their retries) means MinIO refuses writes (write quorum
+# lost, credentials revoked, disk full): stop instead of failing every remaining file slowly.
+ABORT_AFTER_FAILED_WRITES = 16
 SERVICE_ERRORS = (S3Error, ServerError, InvalidResponseError, urllib3.exceptions.HTTPError, ConnectionError,
                   ApiError, TransportError)
 
@@ -109,6 +113,9 @@ class Uploader:
         self.remote = transfer.RemoteIndex(s3, self.bucket)
         self.seen: dict[str, str] = {}  # sha256 -> source of the first item with that content
         self.report: Report | None = None
+        self._writes = threading.Lock()
+        self.failed_writes_in_a_row = 0
+        self.last_write_error = ""
 
     def run(self, root: Path) -> Report:
         """Upload everything under `root`; returns the report (also kept on self.report)."""
@@ -155,8 +162,23 @@ class Uploader:
             pending = indexer.submit(self._index_batch, stored, count)
             if self.options.strict:  # a failed document must stop the next batch too
                 pending.result()
+            if self.failed_writes_in_a_row >= ABORT_AFTER_FAILED_WRITES:
+                pending.result()
+                raise self.writes_refused()
         if pending is not None:
             pending.result()
+
+    def writes_refused(self) -> ServiceUnavailable:
+        """The error that stops a run whose writes MinIO keeps refusing (e.g. write quorum lost)."""
+        return ServiceUnavailable(
+            f"upload stopped: MinIO refused the last {self.failed_writes_in_a_row} writes in a row "
+            f"({self.last_write_error[:200]}); files not yet sent were not attempted. Re-run the same command "
+            "once `orchard stack status` shows the MinIO nodes up (stored files are skipped).")
+
+    def _count_write(self, error: Exception | None) -> None:
+        with self._writes:
+            self.failed_writes_in_a_row = self.failed_writes_in_a_row + 1 if error else 0
+            self.last_write_error = str(error).replace("\n", " ") if error else ""
 
     def _start_inspection(self, batch: Sequence[WorkItem] | None, pool: ThreadPoolExecutor) -> list[Future]:
         """Submit the inspection of a batch (empty list when there is none)."""
@@ -243,8 +265,11 @@ class Uploader:
             return plan, transfer.Stored(remote.etag, remote.last_modified or utc_now())
         try:
             stored = transfer.put(self.s3, self.bucket, plan.info)
+            self._count_write(None)
             return replace(plan, info=replace(plan.info, data=None)), stored  # free the bytes early
         except UPLOAD_ERRORS as exc:
+            if isinstance(exc, S3Error) or transfer.is_transient(exc):  # MinIO's refusal, not a local file error
+                self._count_write(exc)
             item = plan.info.item
             reason = f"upload failed: {exc}".replace("\n", " ")
             self.report.record(Outcome.FAILED, Problem(item.source, "upload_error", reason, Outcome.FAILED, item.key))

@@ -25,6 +25,7 @@ from tenacity import (
     retry,
     retry_if_exception,
     stop_after_attempt,
+    stop_after_delay,
     wait_exponential,
 )
 
@@ -55,8 +56,12 @@ def _log_retry(state: RetryCallState) -> None:
     log.warning("S3 call failed (%s), retry %d", state.outcome.exception(), state.attempt_number)
 
 
+# Bounded in attempts and in time: with write quorum lost (2 of 4 nodes down) MinIO answers 503
+# SlowDownWrite to every PUT, and a file must fail with that reason in seconds, not minutes.
+RETRY_SECONDS = 30
 s3_retry = retry(
-    reraise=True, retry=retry_if_exception(is_transient), stop=stop_after_attempt(6),
+    reraise=True, retry=retry_if_exception(is_transient),
+    stop=stop_after_attempt(6) | stop_after_delay(RETRY_SECONDS),
     wait=wait_exponential(multiplier=0.5, max=15), before_sleep=_log_retry,
 )
 

@@ -97,23 +97,28 @@ def test_two_nodes_down_reads_work_writes_fail_clearly(minio_stack: ChaosStack, 
     assert not lost, f"{len(lost)} objects unreadable with 2 nodes down: {dict(list(lost.items())[:5])}"
 
     probe_name = chaos.dataset("minio-write-probe")
-    probe = synth(chaos, probe_name, per_class=2, seed=chaos.seed(3001))  # 6 files
+    probe = synth(chaos, probe_name, per_class=6, seed=chaos.seed(3001))  # 18 files
     report = tmp_path / "probe.json"
+    began = time.monotonic()
     run = chaos.start(*upload_args(probe, probe_name, "--report", str(report)))
     result = run.wait(timeout=300)  # a hang fails the test here
-    assert result.returncode in (1, 4), f"a write without quorum did not fail as expected:\n{result.tail()}"
+    took = time.monotonic() - began  # reported, not asserted
+    # More refused writes in a row than the uploader's limit (16): it must stop with exit 4 and say why.
+    assert result.returncode == 4, f"a write without quorum did not stop the upload:\n{result.tail()}"
+    assert "refused the last" in result.stderr, result.tail()
     assert "Traceback" not in result.output, result.tail()
     reasons = [f["reason"] for f in json.loads(report.read_text())["failures"]] if report.exists() else []
     errors = [ln for ln in result.stderr.splitlines() if " ERROR " in ln or "upload failed" in ln]
     assert errors, f"no readable error line:\n{result.tail()}"
     assert reasons or result.returncode == 4, f"exit 1 without failures in the report:\n{result.tail()}"
     why = (reasons[0] if reasons else errors[-1]).split("Caused by ")[-1][:90]
+    assert not any("502" in r for r in reasons), f"the load balancer hid MinIO's answer: {reasons[:3]}"
 
     mc_put = chaos.mc("cp", str(sorted(probe.rglob("*.jpg"))[0]), f"orchard/{chaos.settings.images_bucket}/{probe_name}/mc.jpg",
                       timeout=180, check=False)
     assert mc_put.returncode != 0, "mc wrote an object without write quorum"
     ledger.record(f"SIGKILL {SECOND} too (2 of 4 down): reads, and a write attempt",
-                  f"{len(State.expected)} objects read back; 6-file upload refused, exit {result.returncode}, "
+                  f"{len(State.expected)} objects read back; 18-file upload stopped after {took:.0f} s, exit {result.returncode}, "
                   f"{len(reasons)} failures with a reason (\"{why}\")",
                   len(lost))
 

@@ -390,7 +390,8 @@ def test_knn_of_an_image_returns_that_image_first(dataset: Dataset, features: di
     for key in keys[:: len(keys) // 4][:4]:  # four images spread over the classes
         rows = search_json("--similar", key, "-k", "5", "--dataset", dataset.name)
         assert len(rows) == 5 and rows[0]["key"] == key
-        assert rows[0]["score"] >= rows[1]["score"]
+        assert rows[0]["score"] == pytest.approx(1.0, abs=1e-4)  # cosine 1: rescored with the float vector
+        assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
 
 
 def test_search_filters_by_label_prediction_and_confidence(dataset: Dataset, trained: dict, features: dict):

@@ -98,3 +98,12 @@ def test_a_recycled_pid_is_not_ours(tmp_path):
     pid_file.write_text(json.dumps({"pid": 1, "create_time": time.time() - 12345}))
     assert process.running_pid(pid_file) is None
     assert process.stop(pid_file) is False  # never signals a process we did not start
+
+
+def test_spark_drivers_bind_to_the_stack_address(env):
+    s, tools, layout = env
+    master = spark_services(s, tools, layout)[0]
+    spark_env = master.files[layout.conf / "spark" / "spark-env.sh"]
+    assert f"export SPARK_LOCAL_IP={s.bind_host}\n" in spark_env
+    everywhere = spark_services(s.model_copy(update={"bind_host": "0.0.0.0"}), tools, layout)[0]
+    assert "SPARK_LOCAL_IP" not in everywhere.files[layout.conf / "spark" / "spark-env.sh"]

@@ -49,3 +49,31 @@ def test_sha256_metadata_is_found_whatever_the_header_case() -> None:
     assert transfer._meta_sha({"x-amz-meta-sha256": "cd", "content-type": "image/jpeg"}) == "cd"  # noqa: SLF001
     assert transfer._meta_sha({"content-type": "image/jpeg"}) is None  # noqa: SLF001
     assert transfer._meta_sha(None) is None  # noqa: SLF001
+
+
+def test_s3_client_leaves_503_to_the_logged_time_capped_retries() -> None:
+    from orchard.clients import s3_http_client
+
+    pool = s3_http_client()
+    retries, timeout = pool.connection_pool_kw["retries"], pool.connection_pool_kw["timeout"]
+    assert 503 not in retries.status_forcelist and 502 in retries.status_forcelist  # a LB hiccup only
+    assert retries.total <= 3 and timeout.connect_timeout <= 10  # the SDK default waits 5 min to connect
+    assert transfer.is_transient(s3_error("SlowDownWrite"))  # ... and those retries are bounded in time:
+    assert transfer.RETRY_SECONDS <= 60
+
+
+def test_an_upload_stops_after_writes_are_refused_in_a_row(tmp_path) -> None:
+    from orchard.errors import ServiceUnavailable
+    from orchard.settings import Settings
+    from uploader.pipeline import ABORT_AFTER_FAILED_WRITES, UploadOptions, Uploader
+
+    up = Uploader(Settings(home=tmp_path), UploadOptions(dataset="d"), s3=None, es=None)
+    for _ in range(ABORT_AFTER_FAILED_WRITES - 1):
+        up._count_write(s3_error("SlowDownWrite"))  # noqa: SLF001 - the counting rule itself
+    up._count_write(None)  # noqa: SLF001 - one success resets the run of failures
+    assert up.failed_writes_in_a_row == 0
+    for _ in range(ABORT_AFTER_FAILED_WRITES):
+        up._count_write(s3_error("SlowDownWrite"))  # noqa: SLF001
+    error = up.writes_refused()
+    assert isinstance(error, ServiceUnavailable) and f"last {ABORT_AFTER_FAILED_WRITES} writes" in str(error)
+    assert "SlowDownWrite" in str(error) or "message" in str(error)

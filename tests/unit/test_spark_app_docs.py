@@ -151,3 +151,118 @@ def test_package_zip_ships_the_three_packages(tmp_path):
     names = zipfile.ZipFile(package_zip(tmp_path)).namelist()
     assert "spark_app/infer.py" in names and "orchard/settings.py" in names
     assert not any("__pycache__" in n for n in names)
+
+
+class FakeIndices:
+    def __init__(self, index_type):
+        self.index_type = index_type
+
+    def get_mapping(self, index):
+        class Response:
+            body = {index: {"mappings": {"properties": {"embedding": {"index_options": {"type": self.index_type}}}}}}
+        return Response()
+
+
+class FakeSearchEs:
+    """Records the kNN request; answers with the query image and one neighbour."""
+
+    def __init__(self, index_type):
+        self.indices = FakeIndices(index_type)
+        self.knn = None
+
+    def search(self, index, size, knn=None, query=None, source_includes=None):
+        if knn is None:  # the lookup of the query image
+            return {"hits": {"hits": [{"_id": "q", "_source": {"key": "k", "embedding": [1.0, 0.0],
+                                                                "embedding_model": "v1"}}]}}
+        self.knn = knn
+        return {"hits": {"hits": [{"_id": "q", "_score": 1.0, "_source": {"key": "k"}},
+                                  {"_id": "n", "_score": 0.9, "_source": {"key": "n"}}]}}
+
+
+@pytest.mark.parametrize("index_type, rescored", [("int8_hnsw", True), ("bbq_flat", True), ("hnsw", False)])
+def test_similar_rescores_quantized_indices_and_filters_by_model(index_type, rescored):
+    es = FakeSearchEs(index_type)
+    rows = search.similar(es, "ix", "k", k=2, clauses=search.filters(dataset="ds"))
+    assert [r["key"] for r in rows] == ["k", "n"]
+    assert ("rescore_vector" in es.knn) is rescored
+    assert {"term": {"embedding_model": "v1"}} in es.knn["filter"]["bool"]["filter"]
+    assert {"term": {"dataset": "ds"}} in es.knn["filter"]["bool"]["filter"]
+    assert es.knn["k"] == 3 and es.knn["num_candidates"] >= 3  # k + 1: the image itself is one of them
+
+
+class RejectingBulk:
+    """Stands in for streaming_bulk (max_retries=0): 429 for the first `reject` documents of the
+    first `rounds` requests, success otherwise; records the ids of each request."""
+
+    def __init__(self, reject: int, rounds: int = 1):
+        self.reject, self.rounds = reject, rounds
+        self.requests: list[list[str]] = []
+
+    def __call__(self, es, actions, **kwargs):
+        assert kwargs["max_retries"] == 0  # the resends are ours, so that each one is logged
+        ids = [a["_id"] for a in actions]
+        rejecting = len(self.requests) < self.rounds
+        self.requests.append(ids)
+        for n, doc_id in enumerate(ids):
+            if rejecting and n < self.reject:
+                yield False, {"update": {"_id": doc_id, "status": 429, "error": {
+                    "type": "es_rejected_execution_exception", "reason": "queue full"}}}
+            else:
+                yield True, {"update": {"_id": doc_id, "status": 200, "result": "updated"}}
+
+
+def update(i: int) -> dict:
+    return {"_op_type": "update", "_index": "ix", "_id": f"d{i}", "doc": {"x": i}}
+
+
+def test_rejected_writes_are_resent_logged_and_counted(monkeypatch, caplog):
+    import elasticsearch.helpers
+
+    from spark_app import sink
+
+    bulk = RejectingBulk(reject=2)
+    monkeypatch.setattr(elasticsearch.helpers, "streaming_bulk", bulk)
+    monkeypatch.setattr(sink.time, "sleep", lambda _: None)
+    with caplog.at_level("WARNING", logger="spark_app.sink"):
+        tally = sink.send_chunk(None, [update(i) for i in range(3)], {})
+    assert bulk.requests == [["d0", "d1", "d2"], ["d0", "d1"]]  # only the rejected ones again
+    assert (tally.updated, tally.failed, tally.retried) == (3, 0, 2)
+    assert any("rejected 2 of 3 writes (429" in r.message and "retry 1/" in r.message for r in caplog.records)
+
+
+def test_writes_still_rejected_after_every_resend_fail_with_the_reason(monkeypatch):
+    import elasticsearch.helpers
+
+    from spark_app import sink
+
+    bulk = RejectingBulk(reject=1, rounds=1000)
+    monkeypatch.setattr(elasticsearch.helpers, "streaming_bulk", bulk)
+    monkeypatch.setattr(sink.time, "sleep", lambda _: None)
+    tally = sink.send_chunk(None, [update(0)], {"d0": "a/b.jpg"})
+    assert len(bulk.requests) == sink.MAX_RESENDS + 1
+    assert tally.failed == 1 and tally.examples == [("a/b.jpg", "es_rejected_execution_exception: queue full")]
+
+
+def test_a_whole_request_refused_with_429_is_resent(monkeypatch):
+    import elasticsearch.helpers
+    from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
+    from elasticsearch import ApiError
+
+    from spark_app import sink
+
+    calls = []
+
+    def refuse_once(es, actions, **kwargs):
+        calls.append([a["_id"] for a in actions])
+        if len(calls) == 1:
+            meta = ApiResponseMeta(status=429, http_version="1.1", headers=HttpHeaders(), duration=0.0,
+                                   node=NodeConfig("http", "localhost", 9200))
+            raise ApiError("es_rejected_execution_exception", meta=meta, body={})
+        for a in actions:
+            yield True, {"update": {"_id": a["_id"], "status": 200, "result": "noop"}}
+
+    monkeypatch.setattr(elasticsearch.helpers, "streaming_bulk", refuse_once)
+    monkeypatch.setattr(sink.time, "sleep", lambda _: None)
+    tally = sink.send_chunk(None, [update(0), update(1)], {})
+    assert calls == [["d0", "d1"], ["d0", "d1"]]
+    assert (tally.noop, tally.failed, tally.retried) == (2, 0, 2)

@@ -73,11 +73,18 @@ def local_spark(tmp_path_factory):
 
     from spark_app.session import package_zip
 
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers' interpreter
+    from orchard.settings import Settings
+    from orchard.toolchain import Toolchain
 
-    spark = (SparkSession.builder.master("local[2]").appName("orchard-unit-elephas")
-             .config("spark.pyspark.python", sys.executable).config("spark.ui.enabled", "false")
-             .config("spark.executorEnv.TF_CPP_MIN_LOG_LEVEL", "3").getOrCreate())
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers' interpreter
+    builder = (SparkSession.builder.master("local[2]").appName("orchard-unit-elephas")
+               .config("spark.ui.enabled", "false").config("spark.executorEnv.TF_CPP_MIN_LOG_LEVEL", "3"))
+    # This process's driver JVM outlives the session: give it the s3a jars as build_session would,
+    # so a later in-process session on the real cluster (same pytest run) can still read s3a.
+    jars = [str(j) for j in Toolchain.from_cache(Settings().cache_dir).jars if j.exists()]
+    if jars:
+        builder = builder.config("spark.driver.extraClassPath", ":".join(jars))
+    spark = builder.getOrCreate()
     spark.sparkContext.addPyFile(str(package_zip(tmp_path_factory.mktemp("zip"))))
     yield spark
     spark.stop()
