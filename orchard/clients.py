@@ -7,12 +7,17 @@ from urllib.parse import urlparse
 from orchard.settings import Settings
 
 
+READ_TIMEOUT_SECONDS = 30  # no byte for this long: give up (multipart parts are 5 MiB)
+
+
 def s3_http_client(pool_size: int = 32):
     """The urllib3 pool of the MinIO client: bounded timeouts and transport-level retries.
 
     Why not the SDK's default: it waits up to 5 minutes to connect and retries 503 five times
     itself, so a cluster without write quorum looked like a hang; 503s (SlowDown*, quorum lost)
-    are left to the callers' logged, time-capped retries instead.
+    are left to the callers' logged, time-capped retries instead. A response that does not start
+    within READ_TIMEOUT_SECONDS is not retried here either: with write quorum lost MinIO can hold
+    a PUT open for minutes, and each urllib3 retry would wait that long again.
     """
     import os
 
@@ -21,8 +26,9 @@ def s3_http_client(pool_size: int = 32):
 
     return urllib3.PoolManager(
         maxsize=pool_size, cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
-        timeout=urllib3.Timeout(connect=10, read=120),
-        retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 504]),
+        timeout=urllib3.Timeout(connect=10, read=READ_TIMEOUT_SECONDS),
+        retries=urllib3.Retry(total=3, connect=3, read=0, status=3, backoff_factor=0.2,
+                              status_forcelist=[500, 502, 504]),
     )
 
 

@@ -35,9 +35,11 @@ import urllib3
 from elasticsearch import ApiError, Elasticsearch, TransportError
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
+from tenacity import retry_if_exception
 
 from orchard.errors import ConfigError, ServiceUnavailable
 from orchard.settings import Settings
+from orchard.stack.health import probe_minio_cluster
 from uploader import index, transfer
 from uploader.discovery import WorkItem, discover, read_labels
 from uploader.inspection import BadInput, Inspected, Limits, inspect_item
@@ -116,6 +118,8 @@ class Uploader:
         self._writes = threading.Lock()
         self.failed_writes_in_a_row = 0
         self.last_write_error = ""
+        self.writes_unavailable = ""  # why MinIO cannot take writes at all (set once, stops the run)
+        self._put = transfer.put.retry_with(retry=retry_if_exception(self._worth_retrying))
 
     def run(self, root: Path) -> Report:
         """Upload everything under `root`; returns the report (also kept on self.report)."""
@@ -162,18 +166,48 @@ class Uploader:
             pending = indexer.submit(self._index_batch, stored, count)
             if self.options.strict:  # a failed document must stop the next batch too
                 pending.result()
-            if self.failed_writes_in_a_row >= ABORT_AFTER_FAILED_WRITES:
+            if self.writes_unavailable or self.failed_writes_in_a_row >= ABORT_AFTER_FAILED_WRITES:
                 pending.result()
                 raise self.writes_refused()
         if pending is not None:
             pending.result()
 
     def writes_refused(self) -> ServiceUnavailable:
-        """The error that stops a run whose writes MinIO keeps refusing (e.g. write quorum lost)."""
+        """The error that stops a run whose writes MinIO refuses (write quorum lost, keys revoked...)."""
+        why = self.writes_unavailable or (f"MinIO refused the last {self.failed_writes_in_a_row} writes in a row "
+                                          f"({self.last_write_error[:200]})")
         return ServiceUnavailable(
-            f"upload stopped: MinIO refused the last {self.failed_writes_in_a_row} writes in a row "
-            f"({self.last_write_error[:200]}); files not yet sent were not attempted. Re-run the same command "
-            "once `orchard stack status` shows the MinIO nodes up (stored files are skipped).")
+            f"upload stopped: {why}; files not yet sent were not attempted. Re-run the same command once "
+            "`orchard stack status` shows the MinIO nodes up (stored files are skipped).")
+
+    def _worth_retrying(self, exc: BaseException) -> bool:
+        """Retry a failed write if the error is transient and MinIO still has write quorum."""
+        if not transfer.is_transient(exc):
+            return False
+        self._check_write_quorum(exc)
+        return not self.writes_unavailable
+
+    def _check_write_quorum(self, exc: BaseException) -> None:
+        """After a refused write, ask MinIO's cluster health; no write quorum stops the run.
+
+        Why: without quorum MinIO holds each PUT for up to minutes and then refuses it, so retrying
+        file after file would take very long to say what one health call says at once.
+        """
+        if self.writes_unavailable:
+            return
+        problem = self.write_quorum_problem()
+        if problem:
+            self.writes_unavailable = f"{problem}; last error: {str(exc).replace(chr(10), ' ')[:160]}"
+            log.error("%s", self.writes_unavailable)
+
+    def write_quorum_problem(self) -> str:
+        """Why MinIO cannot take writes, if its cluster health says so (503); "" otherwise (also when
+        the endpoint has no such health check, e.g. AWS S3)."""
+        probe = probe_minio_cluster(self.settings)
+        if probe.ok or not probe.detail.endswith("HTTP 503"):
+            return ""
+        return (f"MinIO has no write quorum (GET {self.settings.s3_url}/minio/health/cluster answered 503: "
+                "too many nodes or drives are down)")
 
     def _count_write(self, error: Exception | None) -> None:
         with self._writes:
@@ -201,6 +235,10 @@ class Uploader:
             raise ServiceUnavailable(f"MinIO at {self.settings.s3_url} is unreachable: {exc}") from None
         if not has_bucket:
             raise ConfigError(f"bucket {self.bucket!r} does not exist: run `orchard setup`")
+        problem = self.write_quorum_problem()
+        if problem:  # reads work, writes would hang then fail: say so before sending anything
+            raise ServiceUnavailable(f"{problem}: nothing was uploaded. Re-run once `orchard stack status` "
+                                     "shows the MinIO nodes up.")
         try:
             has_index = index.index_exists(self.es, self.index)
         except Exception as exc:  # noqa: BLE001 - any client error here means "cannot reach ES"
@@ -263,8 +301,14 @@ class Uploader:
         if not plan.need_object:
             remote = plan.remote
             return plan, transfer.Stored(remote.etag, remote.last_modified or utc_now())
+        if self.writes_unavailable or self.failed_writes_in_a_row >= ABORT_AFTER_FAILED_WRITES:  # queued behind
+            item = plan.info.item
+            reason = "not attempted: " + (self.writes_unavailable[:120] if self.writes_unavailable else
+                                          f"MinIO refused the previous {self.failed_writes_in_a_row} writes")
+            self.report.record(Outcome.FAILED, Problem(item.source, "upload_error", reason, Outcome.FAILED, item.key))
+            return None
         try:
-            stored = transfer.put(self.s3, self.bucket, plan.info)
+            stored = self._put(self.s3, self.bucket, plan.info)
             self._count_write(None)
             return replace(plan, info=replace(plan.info, data=None)), stored  # free the bytes early
         except UPLOAD_ERRORS as exc:

@@ -77,3 +77,11 @@ def test_an_upload_stops_after_writes_are_refused_in_a_row(tmp_path) -> None:
     error = up.writes_refused()
     assert isinstance(error, ServiceUnavailable) and f"last {ABORT_AFTER_FAILED_WRITES} writes" in str(error)
     assert "SlowDownWrite" in str(error) or "message" in str(error)
+
+
+def test_s3_client_does_not_wait_again_after_a_read_timeout() -> None:
+    from orchard.clients import READ_TIMEOUT_SECONDS, s3_http_client
+
+    pool = s3_http_client()
+    assert pool.connection_pool_kw["retries"].read == 0  # a PUT MinIO holds open is not re-sent here
+    assert pool.connection_pool_kw["timeout"].read_timeout == READ_TIMEOUT_SECONDS <= 60

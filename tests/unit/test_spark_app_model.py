@@ -102,15 +102,21 @@ def toy_examples(n: int = 64):
 
 
 def test_elephas_trains_synchronously_and_logs_every_epoch(local_spark):
-    net = model.build_cnn(2, input_shape=(32, 32, 3), learning_rate=3e-3)
+    net = model.build_cnn(2, input_shape=(32, 32, 3), learning_rate=1e-3)
+    examples = toy_examples()
+    xs, ys = np.stack([x for x, _ in examples]), np.stack([y for _, y in examples])
     before = [w.copy() for w in net.get_weights()]
-    rdd = local_spark.sparkContext.parallelize(toy_examples(), 4)
-    spark_model = model.train_elephas(net, rdd, epochs=2, batch_size=8, num_workers=2)
-    assert [m["epoch"] for m in spark_model.epoch_metrics] == [1, 2]
+    loss_before, _ = net.evaluate(xs, ys, verbose=0)
+    rdd = local_spark.sparkContext.parallelize(examples, 4)
+    spark_model = model.train_elephas(net, rdd, epochs=3, batch_size=8, num_workers=2)
+    assert [m["epoch"] for m in spark_model.epoch_metrics] == [1, 2, 3]
     assert all(m["workers"] == 2 for m in spark_model.epoch_metrics)
     assert {"loss", "accuracy"} <= set(spark_model.epoch_metrics[0])
     assert any(not np.allclose(a, b) for a, b in zip(before, net.get_weights()))
-    assert spark_model.epoch_metrics[-1]["loss"] < spark_model.epoch_metrics[0]["loss"]
+    # The averaged model itself learned the (trivially separable) data. Per-epoch worker losses are
+    # not compared: averaging the workers' weights can make one epoch's mean loss jump.
+    loss_after, accuracy_after = net.evaluate(xs, ys, verbose=0)
+    assert loss_after < loss_before and accuracy_after >= 0.9, (loss_before, loss_after, accuracy_after)
 
 
 def test_balanced_deals_small_rdds_evenly(local_spark):
