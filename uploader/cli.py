@@ -136,7 +136,7 @@ def run_upload(s: Settings, options: UploadOptions, source: Path, report_path: P
         except (KeyboardInterrupt, OrchardError):
             if uploader.report is not None:  # keep what was accounted so far
                 uploader.report.interrupted = True
-                log.error("partial report: %s", write_report(uploader.report, report_path))
+                log.error("partial report (%s): %s", uploader.report.summary(), write_report(uploader.report, report_path))
             raise
     click.echo(report.summary())
     click.echo(f"report: {write_report(report, report_path)}")

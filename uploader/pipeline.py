@@ -128,6 +128,7 @@ class Uploader:
         exclude = [self.options.labels] if self.options.labels else []
         found = discover(root, self.options.dataset, self.options.default_split, labels, exclude)
         report.ignored = found.ignored
+        report.discovered = len(found.items) + len(found.problems)
         if self.progress is not None:
             self.progress.reset(total=len(found.items))
         for problem in found.problems:

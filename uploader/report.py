@@ -73,6 +73,7 @@ class Report:
     counts: Counter = field(default_factory=Counter)
     bytes_uploaded: int = 0
     ignored: int = 0
+    discovered: int = 0  # items found under the source (every one ends in counts, or is not attempted)
     problems: list[Problem] = field(default_factory=list)
     stopped_early: bool = False
     interrupted: bool = False
@@ -91,6 +92,11 @@ class Report:
     def failed(self) -> int:
         return self.counts[Outcome.FAILED.value]
 
+    @property
+    def not_attempted(self) -> int:
+        """Discovered items the run never reached (it was stopped or interrupted): a re-run does them."""
+        return max(0, self.discovered - sum(self.counts.values()))
+
     def failures(self) -> list[Problem]:
         """Failed items, sorted by path (workers record them in completion order)."""
         return sorted((p for p in self.problems if p.outcome is Outcome.FAILED), key=lambda p: p.path)
@@ -104,6 +110,8 @@ class Report:
         c = self.counts
         text = (f"{self.dataset}: uploaded {c['uploaded']}, already present {c['present']}, "
                 f"skipped {c['skipped']}, failed {c['failed']}")
+        if self.not_attempted:
+            text += f", not attempted {self.not_attempted}"
         if self.ignored:
             text += f" (ignored {self.ignored} non-image files)"
         if self.stopped_early:
@@ -118,6 +126,7 @@ class Report:
             "dataset": self.dataset, "source": self.source, "bucket": self.bucket, "index": self.index,
             "started_at": self.started_at, "finished_at": self.finished_at,
             "counts": {o.value: self.counts[o.value] for o in Outcome} | {"ignored": self.ignored},
+            "not_attempted": self.not_attempted,
             "bytes_uploaded": self.bytes_uploaded, "stopped_early": self.stopped_early,
             "interrupted": self.interrupted,
             "failures": [_problem_dict(p) for p in self.failures()],

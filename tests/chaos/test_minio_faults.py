@@ -107,7 +107,10 @@ def test_two_nodes_down_reads_work_writes_fail_clearly(minio_stack: ChaosStack, 
     assert result.returncode == 4, f"a write without quorum did not stop the upload:\n{result.tail()}"
     assert "no write quorum" in result.stderr, result.tail()
     assert "Traceback" not in result.output, result.tail()
-    reasons = [f["reason"] for f in json.loads(report.read_text())["failures"]] if report.exists() else []
+    assert report.exists(), f"no (partial) report:\n{result.tail()}"
+    body = json.loads(report.read_text())
+    reasons = [f["reason"] for f in body["failures"]]
+    assert len(reasons) + body["not_attempted"] == 18, body  # every file accounted: failed or not attempted
     errors = [ln for ln in result.stderr.splitlines() if " ERROR " in ln or "upload failed" in ln]
     assert errors, f"no readable error line:\n{result.tail()}"
     assert reasons or result.returncode == 4, f"exit 1 without failures in the report:\n{result.tail()}"
@@ -119,7 +122,7 @@ def test_two_nodes_down_reads_work_writes_fail_clearly(minio_stack: ChaosStack, 
     assert mc_put.returncode != 0, "mc wrote an object without write quorum"
     ledger.record(f"SIGKILL {SECOND} too (2 of 4 down): reads, and a write attempt",
                   f"{len(State.expected)} objects read back; 18-file upload stopped after {took:.0f} s, exit {result.returncode}, "
-                  f"{len(reasons)} failures with a reason (\"{why}\")",
+                  f"{len(reasons)} failed with a reason, {body['not_attempted']} not attempted (\"{why}\")",
                   len(lost))
 
 

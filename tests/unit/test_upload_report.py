@@ -28,6 +28,17 @@ def test_counts_summary_and_json_report(tmp_path: Path) -> None:
     assert [(f["path"], f["code"]) for f in body["failures"]] == [("/data/a.jpg", "truncated"), ("/data/z.jpg", "empty")]
     assert body["skipped"] == [{"path": "/data/l.jpg", "code": "symlink", "reason": "symlink, not followed",
                                 "outcome": "skipped", "key": None}]
+    assert body["not_attempted"] == 0
+
+
+def test_items_a_stopped_run_never_reached_are_accounted() -> None:
+    report = Report("fruits", "/data/fruits", "images", "orchard-images", discovered=10)
+    report.record(Outcome.UPLOADED)
+    report.record(Outcome.FAILED, Problem("/data/a.jpg", "upload_error", "upload failed: x"))
+    report.interrupted = True
+    assert report.not_attempted == 8
+    assert report.summary() == "fruits: uploaded 1, already present 0, skipped 0, failed 1, not attempted 8 - interrupted"
+    assert report.to_dict()["not_attempted"] == 8
 
 
 def test_documents_fit_the_strict_mapping() -> None:
