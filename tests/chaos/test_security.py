@@ -18,6 +18,7 @@ import re
 import secrets
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -157,8 +158,16 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
         ("spark", "write models"): (put("spark", s.models_bucket), True),
         ("spark", "create buckets"): (lambda: client["spark"].make_bucket("chaos-not-allowed"), False),
     }
-    got = {case: allowed(action) for case, (action, _) in matrix.items()}
     expected = {case: want for case, (_, want) in matrix.items()}
+    # MinIO propagates new users and policies to its peer nodes asynchronously (slower right after
+    # nodes were killed and restarted): a grant can lag on the node the load balancer picked, but a
+    # denial must never turn into a grant. So only missing grants are waited for, at most 60 s.
+    deadline = time.monotonic() + 60
+    while True:
+        got = {case: allowed(action) for case, (action, _) in matrix.items()}
+        if all(got[c] for c in matrix if expected[c]) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert got == expected, {c: (got[c], expected[c]) for c in matrix if got[c] != expected[c]}
     ledger.record("security: compose's minio-setup run on the chaos MinIO; each scoped key tried",
                   f"{len(matrix)} permission checks (uploader: images only; spark: read images, "
