@@ -7,6 +7,9 @@ from urllib.parse import urlparse
 from orchard.settings import Settings
 
 
+# Elasticsearch statuses worth resending a write for: a full write queue (429) or a shard moving
+# after a node loss (502-504). Shared by the uploader and the Spark app's bulk writers.
+ES_RETRY_STATUS = (429, 502, 503, 504)
 READ_TIMEOUT_SECONDS = 30  # no byte for this long: give up (multipart parts are 5 MiB)
 
 

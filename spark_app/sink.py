@@ -17,13 +17,12 @@ from typing import Any
 
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from orchard.clients import ES_RETRY_STATUS
 from spark_app.preprocess import batched
 
 log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 20  # failure examples kept per run (counts are exact, examples are samples)
-# Per-document statuses worth resending: a full write queue (429) or a shard moving after a node loss.
-RETRY_STATUS = (429, 502, 503, 504)
 MAX_RESENDS = 8
 BACKOFF_SECONDS = (1.0, 30.0)  # first and longest wait between resends (doubling)
 
@@ -98,7 +97,7 @@ def send_once(es, actions: list[dict], labels: dict[str, str], tally: Tally, las
     try:
         items = list(results)  # one request: the chunk is already in memory, so are its results
     except ApiError as exc:  # the whole request refused (e.g. 429 before any item ran)
-        if exc.status_code not in RETRY_STATUS:
+        if exc.status_code not in ES_RETRY_STATUS:
             raise
         if not last:
             return list(actions)
@@ -111,7 +110,7 @@ def send_once(es, actions: list[dict], labels: dict[str, str], tally: Tally, las
         if ok:
             tally.noop += info.get("result") == "noop"
             tally.updated += info.get("result") != "noop"
-        elif info.get("status") in RETRY_STATUS and not last and doc_id in by_id:
+        elif info.get("status") in ES_RETRY_STATUS and not last and doc_id in by_id:
             rejected.append(by_id[doc_id])
         else:
             tally.fail(labels.get(doc_id, doc_id), failure_reason(info))

@@ -16,11 +16,11 @@ from elasticsearch import ApiError, Elasticsearch, TransportError
 from elasticsearch.helpers import streaming_bulk
 from tenacity import Retrying, retry, retry_if_exception, stop_after_attempt, wait_exponential
 
+from orchard.clients import ES_RETRY_STATUS
 from uploader.inspection import Inspected
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUS = (429, 502, 503, 504)
 CREATED, PRESENT = "created", "present"
 SOURCE_FIELDS = ["key", "dataset", "source_path"]
 
@@ -34,7 +34,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, StillThrottled):
         return True
     if isinstance(exc, ApiError):
-        return exc.status_code in RETRY_STATUS
+        return exc.status_code in ES_RETRY_STATUS
     return isinstance(exc, (TransportError, ConnectionError))
 
 
@@ -87,7 +87,7 @@ def _bulk_once(es: Elasticsearch, index: str, docs: dict[str, dict], results: di
     actions = ({"_op_type": "create", "_index": index, "_id": doc_id, "_source": doc}
                for doc_id, doc in docs.items() if doc_id not in results)
     for ok, info in streaming_bulk(es, actions, chunk_size=500, max_retries=8, initial_backoff=0.5,
-                                   max_backoff=20, retry_on_status=RETRY_STATUS, raise_on_error=False,
+                                   max_backoff=20, retry_on_status=ES_RETRY_STATUS, raise_on_error=False,
                                    raise_on_exception=False, yield_ok=True):
         outcome = info.get("create", {})
         doc_id, status = outcome.get("_id"), outcome.get("status")
@@ -95,7 +95,7 @@ def _bulk_once(es: Elasticsearch, index: str, docs: dict[str, dict], results: di
             results[doc_id] = CREATED
         elif status == 409:
             results[doc_id] = PRESENT
-        elif status not in RETRY_STATUS:
+        elif status not in ES_RETRY_STATUS:
             results[doc_id] = f"index error: {_error_text(outcome)}"
 
 

@@ -167,19 +167,26 @@ class Uploader:
             pending = indexer.submit(self._index_batch, stored, count)
             if self.options.strict:  # a failed document must stop the next batch too
                 pending.result()
-            if self.writes_unavailable or self.failed_writes_in_a_row >= ABORT_AFTER_FAILED_WRITES:
+            if self.stop_reason:
                 pending.result()
                 raise self.writes_refused()
         if pending is not None:
             pending.result()
 
+    @property
+    def stop_reason(self) -> str:
+        """Why the run must stop writing (write quorum lost, or too many writes refused in a row); "" if not."""
+        if self.writes_unavailable:
+            return self.writes_unavailable
+        if self.failed_writes_in_a_row >= ABORT_AFTER_FAILED_WRITES:
+            return f"MinIO refused the last {self.failed_writes_in_a_row} writes in a row ({self.last_write_error[:200]})"
+        return ""
+
     def writes_refused(self) -> ServiceUnavailable:
         """The error that stops a run whose writes MinIO refuses (write quorum lost, keys revoked...)."""
-        why = self.writes_unavailable or (f"MinIO refused the last {self.failed_writes_in_a_row} writes in a row "
-                                          f"({self.last_write_error[:200]})")
         return ServiceUnavailable(
-            f"upload stopped: {why}; files not yet sent were not attempted. Re-run the same command once "
-            "`orchard stack status` shows the MinIO nodes up (stored files are skipped).")
+            f"upload stopped: {self.stop_reason}; files not yet sent were not attempted. Re-run the same command "
+            "once `orchard stack status` shows the MinIO nodes up (stored files are skipped).")
 
     def _worth_retrying(self, exc: BaseException) -> bool:
         """Retry a failed write if the error is transient and MinIO still has write quorum."""
@@ -302,10 +309,9 @@ class Uploader:
         if not plan.need_object:
             remote = plan.remote
             return plan, transfer.Stored(remote.etag, remote.last_modified or utc_now())
-        if self.writes_unavailable or self.failed_writes_in_a_row >= ABORT_AFTER_FAILED_WRITES:  # queued behind
+        if self.stop_reason:  # queued behind writes MinIO refused
             item = plan.info.item
-            reason = "not attempted: " + (self.writes_unavailable[:120] if self.writes_unavailable else
-                                          f"MinIO refused the previous {self.failed_writes_in_a_row} writes")
+            reason = "not attempted: " + self.stop_reason[:120]
             self.report.record(Outcome.FAILED, Problem(item.source, "upload_error", reason, Outcome.FAILED, item.key))
             return None
         try:

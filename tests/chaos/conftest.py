@@ -525,6 +525,25 @@ def infer_args(dataset: str, version: str, *extra: str) -> tuple[str, ...]:
             "--batch-size", "8", "--json", *SPARK_CONF, *extra)
 
 
+SEEDED_IMAGES = 120
+
+
+def seeded_dataset(chaos: ChaosStack, name: str, seed: int) -> str:
+    """A new dataset of 120 uploaded images (3 classes x 40), every document indexed; its name."""
+    dataset = chaos.dataset(name)
+    upload(chaos, synth(chaos, dataset, per_class=40, seed=chaos.seed(seed)), dataset)
+    assert count_docs(chaos.es(), chaos.settings.images_index, dataset) == SEEDED_IMAGES
+    return dataset
+
+
+def assert_every_image_predicted(run: Run, docs: dict[str, dict], problems: dict[str, str], images: int) -> None:
+    """The infer run ended 0 having accounted every image, and every document holds its prediction."""
+    assert run.returncode == 0, run.tail()
+    summary = read_json_line(run.stdout)
+    assert summary["images"] == images and summary["failed"] == 0, summary
+    assert len(docs) == images and not problems, dict(list(problems.items())[:10])
+
+
 def files_by_key(tree: Path, dataset: str) -> dict[str, Path]:
     """key -> file of a synthesized tree (Training/<Class>/<file>), derived without the uploader."""
     splits = {"Training": "train", "Test": "test"}

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from conftest import (
-    ChaosStack, Ledger, count_docs, count_predicted, dataset_docs, infer_args, prediction_problems, read_json_line,
-    synth, upload, upload_args, wait_for,
+    SEEDED_IMAGES, ChaosStack, Ledger, assert_every_image_predicted, count_predicted, dataset_docs, infer_args,
+    prediction_problems, seeded_dataset, synth, upload_args, wait_for,
 )
 
 pytestmark = pytest.mark.chaos
@@ -88,11 +88,8 @@ def app_id_of(output: str) -> str:
 
 def test_infer_survives_an_es_node_killed_midway(es_stack: ChaosStack, model_version: str, ledger: Ledger):
     chaos = es_stack
-    dataset = chaos.dataset("es-kill")
-    upload(chaos, synth(chaos, dataset, per_class=40, seed=chaos.seed(4000)), dataset)  # 120 images
-    es, index = chaos.es(), chaos.settings.images_index
-    images = count_docs(es, index, dataset)
-    assert images == 120
+    dataset = seeded_dataset(chaos, "es-kill", 4000)
+    es, index, images = chaos.es(), chaos.settings.images_index, SEEDED_IMAGES
 
     job = chaos.start(*infer_args(dataset, model_version))
     wait_for(lambda: count_predicted(es, index, dataset) > 0, timeout=600,
@@ -109,10 +106,7 @@ def test_infer_survives_an_es_node_killed_midway(es_stack: ChaosStack, model_ver
                   f"{images} documents ({done_before} predicted before the kill); cluster {health['status']} "
                   f"with {health['number_of_nodes']} nodes after restart", images - len(docs) + len(problems))
 
-    assert run.returncode == 0, run.tail()
-    summary = read_json_line(run.stdout)
-    assert summary["images"] == images and summary["failed"] == 0, summary
-    assert len(docs) == images and not problems, dict(list(problems.items())[:10])
+    assert_every_image_predicted(run, docs, problems, images)
     assert health["status"] == "green" and health["number_of_nodes"] == 3, health
 
 
