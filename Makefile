@@ -5,7 +5,7 @@ VENV := $(CACHE)/venv
 ORCHARD := bin/orchard
 PYTEST := $(VENV)/bin/python -m pytest
 
-.PHONY: help deps demo test unit integration chaos bench stack-up stack-down secrets clean
+.PHONY: help deps demo test lint unit integration chaos bench stack-up stack-down secrets clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -16,7 +16,13 @@ deps: ## install everything (idempotent; cached under ~/.cache/orchard)
 unit: deps ## pure-logic tests only (no services)
 	$(PYTEST) tests/unit
 
-test: deps ## the whole test suite: unit + integration on the real native stack
+lint: deps ## ruff (lint + format check), mypy and the import-layer contract
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
+
+test: deps lint ## lint, then the whole test suite: unit + integration on the real native stack
 	@bash tests/run.sh
 
 chaos: deps ## fault, load and bad-input suite (kills real processes)

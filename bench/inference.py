@@ -40,7 +40,7 @@ import pandas as pd  # module level: pandas_udf resolves the UDF's type hints in
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchard.settings import Settings, load_settings  # noqa: E402
+from orchard.core.settings import Settings, load_settings  # noqa: E402
 
 log = logging.getLogger("bench.inference")
 ORCHARD = REPO / "bin" / "orchard"
@@ -73,8 +73,8 @@ def ensure_dataset(size: int, classes: int, work: Path) -> str:
 def register_model(s: Settings, head: int, work: Path) -> str:
     """The default CNN with a `head`-way softmax (random weights: throughput does not depend on
     them), registered as a version."""
-    from spark_app import model as keras_model
-    from spark_app.registry import import_model_file
+    from orchard.spark_app import model as keras_model
+    from orchard.spark_app.versions import import_model_file
 
     path = keras_model.save_model(keras_model.build_cnn(head, seed=7), work / f"bench-cnn-{head}.keras")
     return import_model_file(s, path, "scale01")
@@ -160,7 +160,7 @@ def clean_up(s: Settings, datasets: list[str], version: str | None) -> None:
     from elasticsearch.helpers import bulk, scan
     from minio.deleteobjects import DeleteObject
 
-    from orchard.clients import es_client, s3_client
+    from orchard.core.clients import es_client, s3_client
 
     es, client = es_client(s), s3_client(s)
     prefixes = [(s.images_bucket, f"{d}/") for d in datasets] + [(s.features_bucket, "_bench/")]
@@ -207,10 +207,11 @@ def main_parent(args) -> None:
 
 def load_driver_model(s: Settings, version: str, threads: int | None = None):
     """(keras model, card) of a version, loaded in this process."""
-    from spark_app import model as keras_model
+    from orchard.spark_app import model as keras_model
+    from orchard.spark_app.versions import load_version
 
     keras_model.configure_tf(threads)
-    spark_model, card = keras_model.load_version(s, version)
+    spark_model, card = load_version(s, version)
     return spark_model.master_network, card
 
 
@@ -218,8 +219,8 @@ def fetch_decoded(s: Settings, dataset: str, size: tuple[int, int]):
     """All images of a dataset, downloaded and decoded in memory (uint8 NHWC), with their count."""
     import numpy as np
 
-    from orchard.clients import s3_client
-    from spark_app.images import decode_image
+    from orchard.core.clients import s3_client
+    from orchard.spark_app.images import decode_image
 
     client = s3_client(s)
     keys = [o.object_name for o in client.list_objects(s.images_bucket, prefix=f"{dataset}/", recursive=True)]
@@ -238,7 +239,7 @@ def fetch_decoded(s: Settings, dataset: str, size: tuple[int, int]):
 
 def child_model_only(s: Settings, dataset: str, version: str) -> dict:
     """(a): predict_on_batch over preprocessed in-memory batches, TensorFlow on every core."""
-    from spark_app.preprocess import preprocessor
+    from orchard.spark_app.preprocess import preprocessor
 
     model, card = load_driver_model(s, version, threads=None)
     x = preprocessor(card["preprocessing"])(fetch_decoded(s, dataset, tuple(card["input_size"])))
@@ -252,8 +253,8 @@ def child_model_only(s: Settings, dataset: str, version: str) -> dict:
 
 def decode_partition(bucket: str, preprocessing: str, size: tuple[int, int], rows):
     """Executor side of (c): preprocessed arrays of a partition's decodable images."""
-    from spark_app.images import decode_rows
-    from spark_app.preprocess import preprocessor
+    from orchard.spark_app.images import decode_rows
+    from orchard.spark_app.preprocess import preprocessor
 
     prep = preprocessor(preprocessing)
     for _, array, error in decode_rows(rows, bucket, size):
@@ -263,9 +264,9 @@ def decode_partition(bucket: str, preprocessing: str, size: tuple[int, int], row
 
 def child_elephas(s: Settings, dataset: str, version: str) -> dict:
     """(c): stock Elephas SparkModel.predict (default num_workers=None) on the decoded RDD."""
-    from spark_app import model as keras_model
-    from spark_app.images import read_image_files
-    from spark_app.session import spark_session
+    from orchard.spark_app import model as keras_model
+    from orchard.spark_app.images import read_image_files
+    from orchard.spark_app.session import spark_session
 
     net, card = load_driver_model(s, version)
     with spark_session(s, "bench-elephas") as spark:
@@ -281,8 +282,8 @@ def child_pandas_udf(s: Settings, dataset: str, version: str) -> dict:
     """(d): scalar-iterator pandas UDF with broadcast weights, as in published featurisation notebooks."""
     from pyspark.sql.functions import pandas_udf
 
-    from spark_app.images import read_image_files
-    from spark_app.session import spark_session
+    from orchard.spark_app.images import read_image_files
+    from orchard.spark_app.session import spark_session
 
     net, card = load_driver_model(s, version)
     model_json, size, prep_name = net.to_json(), tuple(card["input_size"]), card["preprocessing"]
@@ -295,8 +296,8 @@ def child_pandas_udf(s: Settings, dataset: str, version: str) -> dict:
             import numpy as np
             from tensorflow.keras.models import model_from_json
 
-            from spark_app.images import decode_image
-            from spark_app.preprocess import preprocessor
+            from orchard.spark_app.images import decode_image
+            from orchard.spark_app.preprocess import preprocessor
 
             model = model_from_json(model_json)  # once per task, as in the notebooks
             model.set_weights(weights.value)

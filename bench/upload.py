@@ -29,10 +29,10 @@ sys.path.insert(0, str(REPO))
 from elasticsearch.helpers import bulk, scan  # noqa: E402
 from minio.deleteobjects import DeleteObject  # noqa: E402
 
-from orchard.clients import es_client, s3_client  # noqa: E402
-from orchard.settings import Settings, load_settings  # noqa: E402
-from orchard.toolchain import Toolchain  # noqa: E402
-from uploader.synth import synthesize  # noqa: E402
+from orchard.core.clients import es_client, s3_client  # noqa: E402
+from orchard.core.settings import Settings, load_settings  # noqa: E402
+from orchard.core.toolchain import Toolchain  # noqa: E402
+from orchard.uploader.synth import synthesize  # noqa: E402
 
 log = logging.getLogger("bench.upload")
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from orchard.cli import main
+from orchard.app.cli import main
 
 sys.exit(main())

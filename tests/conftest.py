@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from orchard.settings import Settings, load_settings
+from orchard.core.settings import Settings, load_settings
 
 
 @pytest.fixture(scope="session")

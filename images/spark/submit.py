@@ -4,6 +4,6 @@ A separate file (not orchard/__main__.py) so the script's own directory, which P
 on sys.path, is not the orchard package itself.
 """
 
-from orchard.cli import run
+from orchard.app.cli import run
 
 run()

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from orchard.errors import ConfigError, ServiceUnavailable
-from orchard.settings import Settings
+from orchard.core.files import read_env_file
+from orchard.core.errors import ConfigError, ServiceUnavailable
+from orchard.core.settings import Settings
 from orchard.stack import process
-from orchard.stack.health import CLUSTER_PROBES, Probe, probe_url
+from orchard.core.health import CLUSTER_PROBES, Probe, probe_url
 from orchard.stack.services import Layout, Service, all_services, copy_es_config_dir, user_group
 from orchard.stack.setup import setup_stack
-from orchard.toolchain import Toolchain
+from orchard.core.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,6 @@ def with_credentials(s: Settings) -> Settings:
         "s3_access_key": SecretStr(creds["ORCHARD_S3_ACCESS_KEY"]),
         "s3_secret_key": SecretStr(creds["ORCHARD_S3_SECRET_KEY"]),
     })
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines of an env file."""
-    pairs = (ln.split("=", 1) for ln in path.read_text().splitlines() if "=" in ln and not ln.startswith("#"))
-    return {k.strip(): v.strip() for k, v in pairs}
 
 
 def stack_services(s: Settings) -> tuple[Toolchain, Layout, list[Service]]:

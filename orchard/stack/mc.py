@@ -8,8 +8,8 @@ import subprocess
 import tempfile
 from urllib.parse import quote, urlparse
 
-from orchard.settings import Settings
-from orchard.toolchain import Toolchain
+from orchard.core.settings import Settings
+from orchard.core.toolchain import Toolchain
 
 ALIAS = "orchard"
 

@@ -12,8 +12,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchard.settings import Settings
-from orchard.toolchain import Toolchain
+from orchard.core.clients import s3a_conf
+from orchard.core.settings import Settings
+from orchard.core.toolchain import Toolchain
 
 
 @dataclass(frozen=True)
@@ -310,22 +311,6 @@ def spark_defaults(s: Settings, tools: Toolchain) -> str:
         **s3a_conf(s),
     }
     return "".join(f"{k} {v}\n" for k, v in conf.items())
-
-
-def s3a_conf(s: Settings) -> dict[str, str]:
-    """The non-secret s3a settings that point Hadoop at the S3 endpoint (MinIO or AWS)."""
-    endpoint = s.s3_url
-    return {
-        "spark.hadoop.fs.s3a.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
-        "spark.hadoop.fs.s3a.endpoint": endpoint,
-        "spark.hadoop.fs.s3a.endpoint.region": s.s3_region,
-        "spark.hadoop.fs.s3a.path.style.access": "true",
-        "spark.hadoop.fs.s3a.connection.ssl.enabled": str(endpoint.startswith("https")).lower(),
-        "spark.hadoop.fs.s3a.aws.credentials.provider":
-            "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
-        "spark.hadoop.fs.s3a.attempts.maximum": "10",
-        "spark.hadoop.fs.s3a.retry.limit": "10",
-    }
 
 
 def all_services(s: Settings, tools: Toolchain, layout: Layout, creds: dict[str, str]) -> list[Service]:

@@ -12,10 +12,10 @@ from typing import Any
 
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from orchard.clients import es_client, s3_client
-from orchard.errors import ServiceUnavailable
-from orchard.settings import Settings
-from orchard.toolchain import REPO_ROOT
+from orchard.core.clients import es_client, s3_client
+from orchard.core.errors import ServiceUnavailable
+from orchard.core.settings import Settings
+from orchard.core.toolchain import REPO_ROOT
 
 log = logging.getLogger(__name__)
 

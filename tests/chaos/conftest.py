@@ -33,9 +33,9 @@ import pytest
 import urllib3
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from orchard.settings import ENV_PREFIX, Settings, load_settings
+from orchard.core.settings import ENV_PREFIX, Settings, load_settings
 from orchard.stack import launcher, process
-from orchard.stack.health import get_json
+from orchard.core.health import get_json
 from orchard.stack.mc import mc_json, run_mc
 from orchard.stack.services import Layout
 
@@ -298,12 +298,12 @@ class ChaosStack:
 
     # --- clients --------------------------------------------------------------------------
     def es(self, **kwargs):
-        from orchard.clients import es_client
+        from orchard.core.clients import es_client
 
         return es_client(self.settings, **kwargs)
 
     def s3(self, endpoint: str | None = None):
-        from orchard.clients import s3_client
+        from orchard.core.clients import s3_client
 
         s = self.settings if endpoint is None else self.settings.model_copy(update={"s3_endpoint": endpoint})
         return s3_client(s)

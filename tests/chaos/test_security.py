@@ -27,7 +27,7 @@ import pytest
 from conftest import (
     COMMANDS, NOT_LOGS, REPO, SECRETS, ChaosStack, Ledger, find_secrets, infer_args, synth, upload_args,
 )
-from orchard.toolchain import Toolchain
+from orchard.core.toolchain import Toolchain
 
 pytestmark = pytest.mark.chaos
 

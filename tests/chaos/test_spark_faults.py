@@ -41,7 +41,7 @@ def running_app(chaos: ChaosStack, name: str) -> dict | None:
 
 def executors_on(chaos: ChaosStack, worker_ui_port: int, app_id: str) -> int:
     """Executors of `app_id` that the worker with this UI port runs."""
-    from orchard.stack.health import get_json
+    from orchard.core.health import get_json
 
     worker = get_json(f"http://{chaos.settings.bind_host}:{worker_ui_port}/json/")
     return sum(1 for e in worker.get("executors", []) if e.get("appid") == app_id)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from elasticsearch import BadRequestError
 
-from orchard.clients import es_client
+from orchard.core.clients import es_client
 from orchard.stack.setup import MAPPINGS_DIR, TEMPLATES, load_mapping, template_bodies
 
 pytestmark = pytest.mark.integration

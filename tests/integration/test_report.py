@@ -30,8 +30,8 @@ from elasticsearch.helpers import bulk
 from minio.deleteobjects import DeleteObject
 from PIL import Image
 
-from orchard.clients import es_client, s3_client
-from orchard.settings import Settings
+from orchard.core.clients import es_client, s3_client
+from orchard.core.settings import Settings
 
 pytestmark = pytest.mark.integration
 

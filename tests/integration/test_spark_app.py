@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchard.clients import es_client, s3_client
-from orchard.settings import Settings
-from spark_app.preprocess import choose_k
+from orchard.core.clients import es_client, s3_client
+from orchard.core.settings import Settings
+from orchard.spark_app.preprocess import choose_k
 
 pytestmark = pytest.mark.integration
 
@@ -300,7 +300,7 @@ def test_a_worker_killed_during_inference_still_updates_every_document(dataset: 
 
 def tiny_model_file(directory: Path) -> Path:
     """A tiny randomly initialised Keras model (64x64 input, 3 classes, 128-d penultimate layer)."""
-    import spark_app.model  # noqa: F401  (quiet TensorFlow: no CUDA probing) before keras
+    import orchard.spark_app.model  # noqa: F401  (quiet TensorFlow: no CUDA probing) before keras
     import keras
 
     keras.utils.set_random_seed(1)

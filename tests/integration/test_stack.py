@@ -10,14 +10,14 @@ import uuid
 
 import pytest
 
-from orchard.clients import es_client, s3_client
-from orchard.settings import Settings
+from orchard.core.clients import es_client, s3_client
+from orchard.core.settings import Settings
 from orchard.stack import launcher, process
-from orchard.stack.health import get_json
+from orchard.core.health import get_json
 from orchard.stack.mc import mc_json
 from orchard.stack.services import Layout, s3a_conf
 from orchard.stack.setup import template_bodies
-from orchard.toolchain import Toolchain
+from orchard.core.toolchain import Toolchain
 
 pytestmark = pytest.mark.integration
 

@@ -26,10 +26,10 @@ import pytest
 from elasticsearch.helpers import bulk
 from PIL import Image
 
-from orchard.cli import main
-from orchard.clients import es_client, s3_client
-from orchard.settings import Settings
-from uploader.synth import class_specs, encode_jpeg, image_rng, render, synthesize
+from orchard.app.cli import main
+from orchard.core.clients import es_client, s3_client
+from orchard.core.settings import Settings
+from orchard.uploader.synth import class_specs, encode_jpeg, image_rng, render, synthesize
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchard.toolchain import REPO_ROOT
+from orchard.core.toolchain import REPO_ROOT
 
 COMPOSE_FILE = REPO_ROOT / "compose" / "docker-compose.yml"
 ENV_TEMPLATE = REPO_ROOT / "compose" / ".env.example"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from compose_checks import compose_argv, find_tool, run, write_env
-from orchard.toolchain import read_versions
+from orchard.core.toolchain import read_versions
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from compose_checks import COMPOSE_FILE, IMAGES_DIR, compose_argv, run
-from orchard.settings import ENV_PREFIX, Settings
-from orchard.toolchain import REPO_ROOT
+from orchard.core.settings import ENV_PREFIX, Settings
+from orchard.core.toolchain import REPO_ROOT
 
 MINIO_NODES = ["minio1", "minio2", "minio3", "minio4"]
 ES_NODES = ["es01", "es02", "es03"]

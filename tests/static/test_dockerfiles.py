@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from compose_checks import IMAGES_DIR, run
-from orchard.toolchain import REPO_ROOT
+from orchard.core.toolchain import REPO_ROOT
 
 HADOLINT_CONFIG = IMAGES_DIR / ".hadolint.yaml"
 DOCKERFILES = sorted(IMAGES_DIR.glob("*/Dockerfile"))

@@ -6,7 +6,7 @@ import re
 import stat
 
 from compose_checks import COMPOSE_FILE, ENV_TEMPLATE, SECRET_KEYS, write_env
-from orchard.toolchain import read_versions
+from orchard.core.toolchain import read_versions
 
 # ${NAME...} in the compose file, but not $${NAME} (escaped: expanded inside the container).
 COMPOSE_VARIABLE = re.compile(r"(?<!\$)\$\{([A-Z0-9_]+)")

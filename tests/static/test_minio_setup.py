@@ -19,7 +19,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from compose_checks import IMAGES_DIR, cache_dir, run
-from orchard.toolchain import Toolchain
+from orchard.core.toolchain import Toolchain
 
 ROOT = ("orchard-root", "root-password-for-tests")
 UPLOADER = ("orchard-uploader", "uploader-secret-for-tests")

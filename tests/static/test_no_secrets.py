@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from compose_checks import SECRET_KEYS, write_env
-from orchard.toolchain import REPO_ROOT, read_versions
+from orchard.core.toolchain import REPO_ROOT, read_versions
 from secret_scan import scan_repo, scan_text
 
 # Paths that hold secrets at run time and must never be committable.

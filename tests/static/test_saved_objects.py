@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kibana_objects import validate, vega_fields
-from orchard.toolchain import REPO_ROOT
+from orchard.core.toolchain import REPO_ROOT
 
 SAVED_OBJECTS = REPO_ROOT / "images" / "kibana" / "saved_objects.ndjson"
 IMAGES_MAPPING = json.loads((REPO_ROOT / "es_mappings" / "images.json").read_text())

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from orchard.cli import main
-from orchard.errors import ExitStatus
+from orchard.app.cli import main
+from orchard.core.errors import ExitStatus
 
 
 def test_help_lists_every_command(capsys):

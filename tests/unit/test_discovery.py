@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from uploader.discovery import (
+from orchard.uploader.discovery import (
     check_dataset,
     dataset_slug,
     discover,
@@ -17,7 +17,7 @@ from uploader.discovery import (
     normalise_split,
     read_labels,
 )
-from uploader.report import Outcome
+from orchard.uploader.report import Outcome
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
@@ -191,8 +191,8 @@ def test_every_problem_has_a_one_line_reason_naming_the_file(tmp_path: Path) -> 
 
 
 def test_cli_rejects_bad_upload_arguments_before_touching_services(tmp_path: Path) -> None:
-    from orchard.cli import main
-    from orchard.errors import ExitStatus
+    from orchard.app.cli import main
+    from orchard.core.errors import ExitStatus
 
     touch(tmp_path / "Kiwi" / "1.jpg")
     assert main(["-q", "upload", str(tmp_path), "--dataset", "Not Valid"]) == ExitStatus.USAGE

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uploader.discovery import WorkItem
-from uploader.inspection import SMALL_FILE, BadInput, Limits, inspect_item, read_stack_row
-from uploader.synth import class_specs, encode_jpeg, image_rng, render
+from orchard.uploader.discovery import WorkItem
+from orchard.uploader.inspection import SMALL_FILE, BadInput, Limits, inspect_item, read_stack_row
+from orchard.uploader.synth import class_specs, encode_jpeg, image_rng, render
 
 
 def item_for(path: Path, row: int | None = None) -> WorkItem:

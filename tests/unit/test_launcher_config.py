@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from orchard.settings import Settings
+from orchard.core.settings import Settings
 from orchard.stack import process
 from orchard.stack.services import Layout, es_config, lb_service, minio_services, spark_services
 from orchard.stack.setup import template_bodies
-from orchard.toolchain import Toolchain, read_versions
+from orchard.core.toolchain import Toolchain, read_versions
 
 
 @pytest.fixture()

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from orchard.demo import DemoOptions, StageFailed, dataset_dir, last_error, stderr_to, summary_lines
-from orchard.errors import ExitStatus
-from orchard.report import ReportData, Stage
-from orchard.settings import load_settings
+from orchard.app.demo import DemoOptions, StageFailed, dataset_dir, last_error, stderr_to, summary_lines
+from orchard.core.errors import ExitStatus
+from orchard.app.report import ReportData, Stage
+from orchard.core.settings import load_settings
 
 
 def test_stage_failure_names_the_stage_and_keeps_the_exit_status() -> None:
@@ -75,11 +75,11 @@ def failing_pipeline(self, native: bool = True) -> None:
 @pytest.mark.parametrize(("flags", "stops"), [([], 1), (["--keep"], 0)])
 def test_a_failed_stage_exits_with_its_status_and_stops_the_stack_unless_keep(
         monkeypatch, tmp_path: Path, capfd, flags: list[str], stops: int) -> None:
-    from orchard.cli import main
+    from orchard.app.cli import main
     from orchard.stack import launcher
 
     stopped = []
-    monkeypatch.setattr("orchard.demo.DemoRun.run_pipeline", failing_pipeline)
+    monkeypatch.setattr("orchard.app.demo.DemoRun.run_pipeline", failing_pipeline)
     monkeypatch.setattr(launcher, "down", lambda s, purge=False: stopped.append(s.home) or [])
     status = main(["--home", str(tmp_path), "demo", "--out", str(tmp_path / "out"), *flags])
     assert status == ExitStatus.UNAVAILABLE
@@ -89,8 +89,8 @@ def test_a_failed_stage_exits_with_its_status_and_stops_the_stack_unless_keep(
 
 
 def test_report_only_keeps_the_stage_times_of_the_same_model_only(tmp_path: Path) -> None:
-    from orchard.demo import previous_stages
-    from orchard.report import stage_rows
+    from orchard.app.demo import previous_stages
+    from orchard.app.report import stage_rows
 
     data = ReportData(dataset="demo", generated_at="now", splits=[], split_rows=[], totals={}, classes=0,
                       model={"version": "cnn-2"})

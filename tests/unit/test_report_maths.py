@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchard.report import (Stage, class_axis, confusion_matrix, history_series, human_seconds, ordered_splits,
+from orchard.app.report import (Stage, class_axis, confusion_matrix, history_series, human_seconds, ordered_splits,
                             overall_accuracy, per_class_accuracy, split_rows)
 
 CLASSES = ["apple", "banana", "cherry"]

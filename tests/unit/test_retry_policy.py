@@ -7,7 +7,7 @@ from elastic_transport import ApiResponseMeta, ConnectionError as EsConnectionEr
 from elasticsearch import ApiError
 from minio.error import S3Error, ServerError
 
-from uploader import index, transfer
+from orchard.uploader import index, transfer
 
 
 def s3_error(code: str) -> S3Error:
@@ -52,7 +52,7 @@ def test_sha256_metadata_is_found_whatever_the_header_case() -> None:
 
 
 def test_s3_client_leaves_503_to_the_logged_time_capped_retries() -> None:
-    from orchard.clients import s3_http_client
+    from orchard.core.clients import s3_http_client
 
     pool = s3_http_client()
     retries, timeout = pool.connection_pool_kw["retries"], pool.connection_pool_kw["timeout"]
@@ -63,9 +63,9 @@ def test_s3_client_leaves_503_to_the_logged_time_capped_retries() -> None:
 
 
 def test_an_upload_stops_after_writes_are_refused_in_a_row(tmp_path) -> None:
-    from orchard.errors import ServiceUnavailable
-    from orchard.settings import Settings
-    from uploader.pipeline import ABORT_AFTER_FAILED_WRITES, UploadOptions, Uploader
+    from orchard.core.errors import ServiceUnavailable
+    from orchard.core.settings import Settings
+    from orchard.uploader.pipeline import ABORT_AFTER_FAILED_WRITES, UploadOptions, Uploader
 
     up = Uploader(Settings(home=tmp_path), UploadOptions(dataset="d"), s3=None, es=None)
     for _ in range(ABORT_AFTER_FAILED_WRITES - 1):
@@ -80,7 +80,7 @@ def test_an_upload_stops_after_writes_are_refused_in_a_row(tmp_path) -> None:
 
 
 def test_s3_client_does_not_wait_again_after_a_read_timeout() -> None:
-    from orchard.clients import READ_TIMEOUT_SECONDS, s3_http_client
+    from orchard.core.clients import READ_TIMEOUT_SECONDS, s3_http_client
 
     pool = s3_http_client()
     assert pool.connection_pool_kw["retries"].read == 0  # a PUT MinIO holds open is not re-sent here

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchard.errors import ConfigError
-from orchard.settings import load_settings
+from orchard.core.errors import ConfigError
+from orchard.core.settings import load_settings
 
 
 @pytest.fixture(autouse=True)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from spark_app import registry, search
-from spark_app.context import ExecutorConfig
-from spark_app.images import ImageRef
-from spark_app.infer import (PredictSpec, error_doc, inference_summary, prediction_doc, same_prediction,
+from orchard.spark_app import registry, search
+from orchard.spark_app.versions import read_class_names
+from orchard.spark_app.context import ExecutorConfig
+from orchard.spark_app.images import ImageRef
+from orchard.spark_app.infer import (PredictSpec, error_doc, inference_summary, prediction_doc, same_prediction,
                              skip_unchanged, update_action)
-from spark_app.sink import Tally, failure_reason, merge_tallies
+from orchard.spark_app.sink import Tally, failure_reason, merge_tallies
 
 CFG = ExecutorConfig("http://s3", "ak", "sk", "us-east-1", "http://es", None, None, None,
                      "images", "features", "models", "orchard-images", "orchard-models")
@@ -108,9 +109,9 @@ def test_labels_file_formats(tmp_path):
     (tmp_path / "l.json").write_text(json.dumps({"classes": ["x", "y"]}))
     (tmp_path / "l2.json").write_text(json.dumps(["x", "y", "z"]))
     (tmp_path / "l.txt").write_text("x\n\ny\n")
-    assert registry.read_labels_file(tmp_path / "l.json") == ["x", "y"]
-    assert registry.read_labels_file(tmp_path / "l2.json") == ["x", "y", "z"]
-    assert registry.read_labels_file(tmp_path / "l.txt") == ["x", "y"]
+    assert read_class_names(tmp_path / "l.json") == ["x", "y"]
+    assert read_class_names(tmp_path / "l2.json") == ["x", "y", "z"]
+    assert read_class_names(tmp_path / "l.txt") == ["x", "y"]
 
 
 def test_search_filters_and_rows():
@@ -136,20 +137,22 @@ def test_executor_config_round_trips_into_settings():
 
 @pytest.mark.parametrize("pairs, expected", [(("a=1", "b=x=y"), {"a": "1", "b": "x=y"}), ((), {})])
 def test_parse_conf(pairs, expected):
-    from spark_app.session import parse_conf
+    from orchard.spark_app.session import parse_conf
 
     assert parse_conf(pairs) == expected
     with pytest.raises(ValueError):
         parse_conf(("novalue",))
 
 
-def test_package_zip_ships_the_three_packages(tmp_path):
+def test_package_zip_ships_only_what_executors_import(tmp_path):
     import zipfile
 
-    from spark_app.session import package_zip
+    from orchard.spark_app.session import package_zip
 
     names = zipfile.ZipFile(package_zip(tmp_path)).namelist()
-    assert "spark_app/infer.py" in names and "orchard/settings.py" in names
+    assert "orchard/spark_app/infer.py" in names and "orchard/core/settings.py" in names
+    assert "orchard/__init__.py" in names
+    assert not any(n.startswith(("orchard/app/", "orchard/uploader/", "orchard/stack/")) for n in names)
     assert not any("__pycache__" in n for n in names)
 
 
@@ -218,12 +221,12 @@ def update(i: int) -> dict:
 def test_rejected_writes_are_resent_logged_and_counted(monkeypatch, caplog):
     import elasticsearch.helpers
 
-    from spark_app import sink
+    from orchard.spark_app import sink
 
     bulk = RejectingBulk(reject=2)
     monkeypatch.setattr(elasticsearch.helpers, "streaming_bulk", bulk)
     monkeypatch.setattr(sink.time, "sleep", lambda _: None)
-    with caplog.at_level("WARNING", logger="spark_app.sink"):
+    with caplog.at_level("WARNING", logger="orchard.spark_app.sink"):
         tally = sink.send_chunk(None, [update(i) for i in range(3)], {})
     assert bulk.requests == [["d0", "d1", "d2"], ["d0", "d1"]]  # only the rejected ones again
     assert (tally.updated, tally.failed, tally.retried) == (3, 0, 2)
@@ -233,7 +236,7 @@ def test_rejected_writes_are_resent_logged_and_counted(monkeypatch, caplog):
 def test_writes_still_rejected_after_every_resend_fail_with_the_reason(monkeypatch):
     import elasticsearch.helpers
 
-    from spark_app import sink
+    from orchard.spark_app import sink
 
     bulk = RejectingBulk(reject=1, rounds=1000)
     monkeypatch.setattr(elasticsearch.helpers, "streaming_bulk", bulk)
@@ -248,7 +251,7 @@ def test_a_whole_request_refused_with_429_is_resent(monkeypatch):
     from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
     from elasticsearch import ApiError
 
-    from spark_app import sink
+    from orchard.spark_app import sink
 
     calls = []
 

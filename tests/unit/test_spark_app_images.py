@@ -1,4 +1,4 @@
-"""spark_app.images: key parsing, document ids from content, decoding and its errors."""
+"""orchard.spark_app.images: key parsing, document ids from content, decoding and its errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spark_app import images
+from orchard.spark_app import images
 
 
 def jpeg_bytes(size=(60, 40), color=(200, 30, 30), fmt="JPEG") -> bytes:

@@ -1,4 +1,4 @@
-"""spark_app.infer partition bodies with a stand-in model (no TensorFlow, no services): inputs,
+"""orchard.spark_app.infer partition bodies with a stand-in model (no TensorFlow, no services): inputs,
 streaming batches, error documents for undecodable bytes, and per-split evaluation."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spark_app import infer
-from spark_app.context import ExecutorConfig
-from spark_app.preprocess import batched
+from orchard.spark_app import infer
+from orchard.spark_app.context import ExecutorConfig
+from orchard.core.iterables import batched
 
 CFG = ExecutorConfig("http://s3", "ak", "sk", "us-east-1", "http://es", None, None, None,
                      "images", "features", "models", "orchard-images", "orchard-models")

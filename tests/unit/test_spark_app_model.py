@@ -1,4 +1,4 @@
-"""spark_app.model without services: the default CNN, .keras round trip, embeddings, and Elephas training
+"""orchard.spark_app.model without services: the default CNN, .keras round trip, embeddings, and Elephas training
 and stock predict on a local Spark (local[2], two Elephas workers) with tiny arrays."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-model = pytest.importorskip("spark_app.model", reason="TensorFlow is part of the pinned requirements")
+model = pytest.importorskip("orchard.spark_app.model", reason="TensorFlow is part of the pinned requirements")
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +71,10 @@ def local_spark(tmp_path_factory):
 
     from pyspark.sql import SparkSession
 
-    from spark_app.session import package_zip
+    from orchard.spark_app.session import package_zip
 
-    from orchard.settings import Settings
-    from orchard.toolchain import Toolchain
+    from orchard.core.settings import Settings
+    from orchard.core.toolchain import Toolchain
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers' interpreter
     builder = (SparkSession.builder.master("local[2]").appName("orchard-unit-elephas")

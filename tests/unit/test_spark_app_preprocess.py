@@ -1,11 +1,12 @@
-"""Pure logic of spark_app.preprocess: preprocessing by name, probabilities, top-k, k by explained variance."""
+"""Pure logic of orchard.spark_app.preprocess: preprocessing by name, probabilities, top-k, k by explained variance."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from spark_app import preprocess as pp
+from orchard.core.iterables import batched
+from orchard.spark_app import preprocess as pp
 
 
 def test_scale01_maps_uint8_to_unit_interval():
@@ -86,7 +87,7 @@ def test_batched_streams_and_keeps_the_remainder():
             consumed.append(i)
             yield i
 
-    batches = pp.batched(source(), 3)
+    batches = batched(source(), 3)
     assert next(batches) == [0, 1, 2]
     assert consumed == [0, 1, 2]  # lazily: nothing beyond the first batch was read
     assert list(batches) == [[3, 4, 5], [6]]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uploader.synth import TEMPLATES, class_specs, synthesize
+from orchard.uploader.synth import TEMPLATES, class_specs, synthesize
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -103,7 +103,7 @@ def test_classes_are_learnable_but_overlap(tmp_path: Path) -> None:
 
 
 def test_cli_synth_writes_the_tree(tmp_path: Path) -> None:
-    from orchard.cli import main
+    from orchard.app.cli import main
 
     out = tmp_path / "cli"
     assert main(["-q", "dataset", "synth", str(out), "--classes", "2", "--per-class", "3",

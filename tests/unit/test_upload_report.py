@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 from orchard.stack.setup import MAPPINGS_DIR, load_mapping
-from uploader.discovery import WorkItem
-from uploader.index import build_document
-from uploader.inspection import Inspected
-from uploader.report import Outcome, Problem, Report, write_report
+from orchard.uploader.discovery import WorkItem
+from orchard.uploader.index import build_document
+from orchard.uploader.inspection import Inspected
+from orchard.uploader.report import Outcome, Problem, Report, write_report
 
 
 def test_counts_summary_and_json_report(tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""The application layer: the CLI, the demo and its report (imports every layer below)."""

@@ -1,0 +1,158 @@
+"""`orchard dataset synth` and `orchard upload` (wired lazily by orchard.app.cli.SUBCOMMANDS)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from orchard.core.errors import ExitStatus, OrchardError
+
+if TYPE_CHECKING:  # the heavy modules are imported only when a command runs
+    from orchard.core.settings import Settings
+    from orchard.uploader.pipeline import UploadOptions
+    from orchard.uploader.report import Report
+
+log = logging.getLogger(__name__)
+
+
+def progress_bar(unit: str, total: int | None = None):
+    """A tqdm bar on a terminal, silent otherwise (CI logs stay clean)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, dynamic_ncols=True, disable=not sys.stderr.isatty())
+
+
+@click.group()
+def dataset() -> None:
+    """Generate datasets locally (nothing can be downloaded on this machine)."""
+
+
+@dataset.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--classes", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Number of fruit classes (20 templates, then numbered colour/size variants).")
+@click.option("--per-class", type=click.IntRange(0), default=50, show_default=True,
+              help="Images per class in Training/.")
+@click.option("--test-per-class", type=click.IntRange(0), default=20, show_default=True,
+              help="Images per class in Test/.")
+@click.option("--size", type=click.IntRange(16, 1024), default=100, show_default=True,
+              help="Side of the square images in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Same seed and options -> byte-identical files.")
+@click.option("--workers", type=click.IntRange(1, 64), default=min(4, os.cpu_count() or 1), show_default=True,
+              help="Generator processes (the output does not depend on it).")
+@click.pass_context
+def synth(ctx: click.Context, out: Path, classes: int, per_class: int, test_per_class: int,
+          size: int, seed: int, workers: int) -> int:
+    """Write a Fruits-360-like dataset to OUT: OUT/Training/<Class>/<i>_<size>.jpg and OUT/Test/...
+
+    JPEGs of one fruit on a white background: per-class shape, colour, texture, stem and size
+    range; random rotation, scale, lighting and noise, so classes overlap a little. Existing
+    identical files are left untouched.
+    """
+    from orchard.uploader.synth import synthesize
+
+    total = classes * (per_class + test_per_class)
+    with progress_bar("img", total) as bar:
+        summary = synthesize(out, classes, per_class, test_per_class, size, seed, workers, progress=bar.update)
+    click.echo(f"wrote {summary.files} images ({summary.bytes / 1e6:.1f} MB) of {len(summary.classes)} "
+               f"classes to {out}")
+    return ExitStatus.OK
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--dataset", "dataset_name", default=None,
+              help="Dataset name, the first part of every key [default: SOURCE's name, slugified].")
+@click.option("--split", "default_split", default="train", show_default=True,
+              help="Split of files not under a split folder (train, test, val).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Labels of .npy stacks, one per row: a 1-D .npy or a text file, one label per line.")
+@click.option("--workers", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Parallel inspections and transfers.")
+@click.option("--batch-size", type=click.IntRange(1, 100_000), default=256, show_default=True,
+              help="Items planned and indexed together.")
+@click.option("--strict", is_flag=True, help="Stop at the first failure (nothing after it is written).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the JSON report [default: $ORCHARD_HOME/reports/upload-<dataset>-<time>.json].")
+@click.option("--max-pixels", type=click.IntRange(0), default=None,
+              help="Decompression-bomb limit in pixels per image; 0 = none [default: Pillow's, 89.5 Mpx].")
+@click.pass_context
+def upload(ctx: click.Context, source: Path, dataset_name: str | None, default_split: str, labels: Path | None,
+           workers: int, batch_size: int, strict: bool, report_path: Path | None, max_pixels: int | None) -> int:
+    """Upload SOURCE into the images bucket and index every object in Elasticsearch.
+
+    SOURCE is a class-per-folder tree ([<split>/]<label>/<file>, e.g. Fruits-360's
+    Training/<label>/*.jpg), or a folder / file of .npy stacks with --labels. Keys are
+    <dataset>/<split>/<label>/<file>. Re-running uploads and rewrites nothing; an interrupted
+    run resumes. Exit status 0 if nothing failed, 1 otherwise (see the JSON report).
+    """
+    from orchard.app.cli import settings_from
+    from orchard.uploader.inspection import DEFAULT_MAX_PIXELS, Limits
+    from orchard.uploader.pipeline import UploadOptions
+
+    name, split = check_upload_args(source, dataset_name, default_split, labels)
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    allow_large_images(limit)
+    s = settings_from(ctx)
+    options = UploadOptions(name, split, labels, workers, batch_size, strict, Limits(max_pixels=limit))
+    report = run_upload(s, options, source, report_path or default_report_path(s.home, name))
+    return ExitStatus.FAILURES if report.failed else ExitStatus.OK
+
+
+def check_upload_args(source: Path, dataset_name: str | None, split: str, labels: Path | None) -> tuple[str, str]:
+    """(dataset name, normalised split) or click.BadParameter naming the flag."""
+    from orchard.uploader.discovery import check_dataset, dataset_slug, normalise_split
+
+    name = dataset_name or dataset_slug(source.absolute().stem if source.is_file() else source.absolute().name)
+    try:
+        check_dataset(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dataset") from None
+    if normalise_split(split) is None:
+        raise click.BadParameter(f"unknown split {split!r} (train, test or val)", param_hint="--split")
+    if source.is_file() and labels is None:
+        raise click.BadParameter("a single file is uploaded as an .npy stack: give --labels", param_hint="SOURCE")
+    return name, normalise_split(split)
+
+
+def run_upload(s: Settings, options: UploadOptions, source: Path, report_path: Path) -> Report:
+    """Run the upload with a progress bar; print the summary; the report is written even if interrupted."""
+    from orchard.core.clients import es_client, s3_client
+    from orchard.uploader.pipeline import Uploader
+    from orchard.uploader.report import write_report
+
+    with progress_bar("file") as bar:
+        uploader = Uploader(s, options, s3_client(s), es_client(s), progress=bar)
+        try:
+            report = uploader.run(source)
+        except (KeyboardInterrupt, OrchardError):
+            if uploader.report is not None:  # keep what was accounted so far
+                uploader.report.interrupted = True
+                log.error("partial report (%s): %s", uploader.report.summary(), write_report(uploader.report, report_path))
+            raise
+    click.echo(report.summary())
+    click.echo(f"report: {write_report(report, report_path)}")
+    return report
+
+
+def allow_large_images(max_pixels: int) -> None:
+    """Let --max-pixels be the only pixel limit: Pillow's global one would refuse > 2x its default."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    log.debug("decompression-bomb limit: %s pixels", max_pixels or "none")
+
+
+def default_report_path(home: Path, dataset_name: str) -> Path:
+    """$ORCHARD_HOME/reports/upload-<dataset>-<UTC time>.json"""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return home / "reports" / f"upload-{dataset_name}-{stamp}.json"

@@ -1,0 +1,126 @@
+"""Orchard's one settings object: flags > ORCHARD_* environment > credentials file > defaults.
+
+Built once in `main()` by `load_settings()` and passed down; nothing here runs at import time.
+The same variable names are used by the native launcher and by the compose deployment, so the
+uploader and the Spark app never know which one they run in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from orchard.core.errors import ConfigError
+
+ENV_PREFIX = "ORCHARD_"
+CREDENTIALS_FILE = "credentials.env"
+
+
+def _default_home() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "orchard"
+
+
+def _default_cache() -> Path:
+    return Path.home() / ".cache" / "orchard"
+
+
+class Settings(BaseSettings):
+    """Every knob Orchard has. Field `foo_bar` is read from ORCHARD_FOO_BAR."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    # --- where things live ---------------------------------------------------------------
+    home: Path = Field(default_factory=_default_home, description="native stack state: data, logs, pids")
+    cache_dir: Path = Field(default_factory=_default_cache, description="what `make deps` installed")
+
+    # --- clients (same names in compose) -------------------------------------------------
+    s3_endpoint: str | None = None  # default: the native load balancer
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_region: str = "us-east-1"
+    images_bucket: str = "images"
+    features_bucket: str = "features"
+    models_bucket: str = "models"
+    es_hosts: str | None = None  # comma-separated; default: the 3 native nodes
+    es_username: str | None = None
+    es_password: SecretStr | None = None
+    es_ca_cert: Path | None = None
+    images_index: str = "orchard-images"
+    models_index: str = "orchard-models"
+    spark_master: str | None = None  # default: the native master
+
+    # --- native launcher -----------------------------------------------------------------
+    bind_host: str = "127.0.0.1"
+    minio_port: int = 9000  # the load balancer: the single S3 endpoint
+    minio_node_port: int = 9001  # node i listens on minio_node_port + i (i = 0..3)
+    minio_console_port: int = 9101
+    minio_nodes: int = 4
+    es_http_port: int = 9200  # node i: es_http_port + i
+    es_transport_port: int = 9300
+    es_nodes: int = 3
+    es_heap: str = "1g"
+    es_write_queue_size: int | None = None  # tiny values force 429s (chaos tests)
+    spark_master_port: int = 7077
+    spark_ui_port: int = 8080
+    spark_worker_ui_port: int = 8081  # worker i: spark_worker_ui_port + i
+    spark_workers: int = 2
+    spark_worker_cores: int = 1
+    spark_worker_memory: str = "4g"
+    health_timeout: float = 300.0  # seconds for the whole stack to become healthy
+
+    # --- derived -------------------------------------------------------------------------
+    @property
+    def s3_url(self) -> str:
+        """The S3 endpoint clients use."""
+        return self.s3_endpoint or f"http://{self.bind_host}:{self.minio_port}"
+
+    @property
+    def es_urls(self) -> list[str]:
+        """Elasticsearch node URLs clients use (the client fails over between them)."""
+        if self.es_hosts:
+            return [h.strip() for h in self.es_hosts.split(",") if h.strip()]
+        return [f"http://{self.bind_host}:{self.es_http_port + i}" for i in range(self.es_nodes)]
+
+    @property
+    def spark_master_url(self) -> str:
+        """The Spark master URL jobs are submitted to."""
+        return self.spark_master or f"spark://{self.bind_host}:{self.spark_master_port}"
+
+    @property
+    def credentials_file(self) -> Path:
+        """The 0600 file `orchard stack up` writes the generated MinIO credentials to."""
+        return self.home / CREDENTIALS_FILE
+
+    def require(self, *names: str) -> None:
+        """Fail with ConfigError naming the ORCHARD_* variable of the first unset field."""
+        for name in names:
+            if getattr(self, name) in (None, ""):
+                var = ENV_PREFIX + name.upper()
+                raise ConfigError(
+                    f"{var} is not set: start the native stack with `orchard stack up` "
+                    f"(it writes {self.credentials_file}) or export {var}"
+                )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the frozen settings: `overrides` (CLI flags, None = unset) win over the environment.
+
+    The native credentials file of the chosen home is read last, so exported variables win.
+    Raises ConfigError with the variable name when a value does not parse.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        first = Settings(**given)
+        env_file = first.credentials_file
+        if not env_file.is_file():
+            return first
+        return Settings(_env_file=env_file, **given)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        var = ENV_PREFIX + str(err["loc"][0]).upper()
+        raise ConfigError(f"{var}: {err['msg']}") from None

@@ -1,0 +1,88 @@
+"""Where `make deps` put things: pinned versions (deps/versions.env) and installed paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchard.core.errors import DependencyMissing
+from orchard.core.files import read_env_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VERSIONS_FILE = REPO_ROOT / "deps" / "versions.env"
+
+
+def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
+    """Parse the KEY=VALUE pins of deps/versions.env (comments and blanks skipped)."""
+    return {key: value.strip() for key, value in read_env_file(path).items()}
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """Paths of the binaries and distributions the native stack runs."""
+
+    cache_dir: Path
+    versions: dict[str, str]
+
+    @classmethod
+    def from_cache(cls, cache_dir: Path) -> "Toolchain":
+        """The toolchain installed under `cache_dir` at the pinned versions."""
+        return cls(cache_dir=cache_dir, versions=read_versions())
+
+    @property
+    def minio(self) -> Path:
+        return self.cache_dir / "bin" / f"minio-{self.versions['MINIO_VERSION']}" / "minio"
+
+    @property
+    def mc(self) -> Path:
+        return self.cache_dir / "bin" / f"mc-{self.versions['MC_VERSION']}" / "mc"
+
+    @property
+    def es_home(self) -> Path:
+        return self.cache_dir / f"elasticsearch-{self.versions['ES_VERSION']}"
+
+    @property
+    def jars(self) -> list[Path]:
+        jar_dir = self.cache_dir / "jars"
+        return [
+            jar_dir / f"hadoop-aws-{self.versions['HADOOP_VERSION']}.jar",
+            jar_dir / f"bundle-{self.versions['AWS_SDK_BUNDLE_VERSION']}.jar",
+        ]
+
+    @property
+    def python(self) -> Path:
+        """The venv interpreter (also used by Spark's Python workers)."""
+        venv_python = self.cache_dir / "venv" / "bin" / "python"
+        return venv_python if venv_python.exists() else Path(sys.executable)
+
+    @property
+    def spark_home(self) -> Path:
+        """pyspark's own distribution: bin/spark-class, jars/."""
+        import pyspark  # local: only the launcher and the Spark app need it
+
+        return Path(pyspark.__file__).resolve().parent
+
+    @property
+    def java_home(self) -> Path:
+        """JAVA_HOME, or the JDK of the `java` on PATH."""
+        if os.environ.get("JAVA_HOME"):
+            return Path(os.environ["JAVA_HOME"])
+        java = shutil.which("java")
+        if not java:
+            raise DependencyMissing("java is not on PATH (Java 17+ is required)")
+        return Path(java).resolve().parent.parent
+
+    @property
+    def nginx(self) -> Path:
+        found = shutil.which("nginx") or "/usr/sbin/nginx"
+        return Path(found)
+
+    def check(self) -> None:
+        """Raise DependencyMissing naming the first missing piece."""
+        needed = [self.minio, self.mc, self.es_home / "bin" / "elasticsearch", self.nginx, *self.jars]
+        for path in needed:
+            if not path.exists():
+                raise DependencyMissing(f"{path} is missing: run `make deps`")

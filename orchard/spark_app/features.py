@@ -1,0 +1,170 @@
+"""`orchard features`: penultimate-layer embeddings to Parquet, PCA with Spark ML, and the embedding
+plus a 2-D projection written into every image document (for kNN search and plots).
+
+Parquet under s3a://<features bucket>/<dataset>/<model version>/:
+  embeddings/  id, key, split, label, embedding (array<float>, d values)
+  pca/         id, key, split, label, pca (array<float>, k values), x, y
+PCA: embeddings are centred (StandardScaler withMean, no scaling), then Spark ML PCA with all
+components; k is the smallest number whose explained variance reaches the threshold (default 95 %);
+x, y are the first two components. Only the d x d covariance and per-partition counts reach the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from functools import partial
+
+import numpy as np
+
+from orchard.core.errors import ConfigError
+from orchard.core.settings import Settings
+from orchard.spark_app.context import ExecutorConfig, es_of
+from orchard.spark_app.images import read_image_files
+from orchard.spark_app.infer import PredictSpec, inputs
+from orchard.spark_app.preprocess import choose_k
+from orchard.spark_app.sink import Tally, log_retries, merge_tallies, write_actions
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_SCHEMA = "id string, key string, split string, label string, embedding array<float>"
+
+
+def embedding_rows(outputs: Iterable, skipped=None) -> Iterator[tuple]:
+    """mapPartitions body: (id, key, split, label, embedding) per decodable image's model output."""
+    for (ref, _error), vector in outputs:
+        if vector is None:
+            if skipped is not None:
+                skipped.add(1)
+            continue
+        yield ref.id, ref.key, ref.split, ref.label, [float(v) for v in np.ravel(vector)]
+
+
+def output_uri(s: Settings, dataset: str, version: str, part: str) -> str:
+    """s3a directory of one Parquet output (embeddings or pca)."""
+    return f"s3a://{s.features_bucket}/{dataset}/{version}/{part}/"
+
+
+def write_embeddings(spark, files_df, spec: PredictSpec, spark_model, layer: str | None, out: str) -> int:
+    """Embed every image into Parquet at `out` (overwritten); returns the number of images skipped.
+
+    The embeddings come from the Elephas-wrapped model's streaming predict on `layer` (None: the
+    `embedding` layer, else the penultimate one).
+    """
+    skipped = spark.sparkContext.accumulator(0)
+    outputs = spark_model.predict_stream(inputs(files_df.rdd, spec), spec.batch_size, layer=layer)
+    rows = outputs.mapPartitions(partial(embedding_rows, skipped=skipped))
+    spark.createDataFrame(rows, EMBEDDING_SCHEMA).write.mode("overwrite").parquet(out)
+    return skipped.value
+
+
+def fit_pca(embeddings_df):
+    """(fitted pipeline, explained variance ratios of all components, dims) of centred embeddings."""
+    from pyspark.ml import Pipeline
+    from pyspark.ml.feature import PCA, StandardScaler
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.sql import functions as F
+
+    first = embeddings_df.select(F.size("embedding").alias("d")).first()
+    if first is None:
+        raise ConfigError("no embeddings to fit PCA on (no decodable images?)")
+    dims = int(first.d)
+    vectors = embeddings_df.withColumn("features", array_to_vector("embedding"))
+    pipeline = Pipeline(stages=[
+        StandardScaler(withMean=True, withStd=False, inputCol="features", outputCol="centred"),
+        PCA(k=dims, inputCol="centred", outputCol="components"),
+    ]).fit(vectors)
+    explained = pipeline.stages[-1].explainedVariance.toArray().tolist()
+    return pipeline, explained, dims
+
+
+def project(pipeline, embeddings_df, k: int):
+    """DataFrame id, key, split, label, embedding, pca (first k components), x, y."""
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.sql import functions as F
+
+    components = vector_to_array(F.col("components"))
+    return (pipeline.transform(embeddings_df.withColumn("features", array_to_vector("embedding")))
+            .select("id", "key", "split", "label", "embedding",
+                    F.slice(components, 1, k).alias("pca"),
+                    components[0].alias("x"), components[1].alias("y")))
+
+
+def feature_actions(index: str, version: str, rows: Iterable, tally: Tally) -> Iterator[tuple[dict, str, bool]]:
+    """Partial updates (embedding, embedding_model, pca) per row; zero vectors skip the embedding and fail."""
+    for row in rows:
+        doc = {"embedding_model": version, "pca": {"x": float(row.x), "y": float(row.y)}}
+        if any(row.embedding):
+            doc["embedding"] = list(row.embedding)
+        else:  # cosine similarity is undefined for a zero vector: Elasticsearch would reject it
+            tally.fail(row.key, "zero embedding (cosine similarity cannot index it)")
+        yield {"_op_type": "update", "_index": index, "_id": row.id, "doc": doc, "retry_on_conflict": 3}, row.key, False
+
+
+def write_partition(cfg: ExecutorConfig, version: str, chunk_size: int, rows: Iterable) -> Iterator[Tally]:
+    """mapPartitions body: send the partition's feature updates; yields its tally."""
+    zero = Tally()
+    sent = write_actions(es_of(cfg), feature_actions(cfg.images_index, version, rows, zero), chunk_size)
+    yield sent.merge(zero)
+
+
+def write_features(projected_df, cfg: ExecutorConfig, version: str, chunk_size: int = 200) -> Tally:
+    """Write embedding + pca{x,y} into every image document from the executors; returns the counts."""
+    return projected_df.rdd.mapPartitions(partial(write_partition, cfg, version, chunk_size)).fold(
+        Tally(), merge_tallies)
+
+
+def check_embedding_dims(s: Settings, dims: int) -> None:
+    """ConfigError if the images index already maps `embedding` with another number of dims."""
+    from orchard.core.clients import es_client
+
+    mapping = es_client(s).indices.get_mapping(index=s.images_index)
+    for body in mapping.body.values():
+        existing = body["mappings"].get("properties", {}).get("embedding", {}).get("dims")
+        if existing and int(existing) != dims:
+            raise ConfigError(
+                f"{s.images_index} stores {existing}-d embeddings (dense_vector dims are fixed per index); "
+                f"this model gives {dims}-d: use a model with {existing}-d features or another ORCHARD_IMAGES_INDEX")
+
+
+def run_features(spark, s: Settings, dataset: str, version: str, split: str | None = None,
+                 threshold: float = 0.95, batch_size: int = 64, layer: str | None = None,
+                 images_per_partition: int = 64) -> dict:
+    """Embeddings -> Parquet -> PCA -> Parquet + documents; returns the run summary."""
+    from orchard.spark_app.versions import load_version
+
+    began = time.monotonic()
+    choose_k([1.0], threshold)  # validates the threshold before any work
+    cfg = ExecutorConfig.from_settings(s)
+    spark_model, card = load_version(s, version)
+    spec = PredictSpec.from_card(cfg, card, batch_size)
+    files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
+    emb_uri, pca_uri = output_uri(s, dataset, version, "embeddings"), output_uri(s, dataset, version, "pca")
+    skipped = write_embeddings(spark, files, spec, spark_model, layer, emb_uri)
+    embeddings = spark.read.parquet(emb_uri)
+    pipeline, explained, dims = fit_pca(embeddings)
+    check_embedding_dims(s, dims)
+    k = choose_k(explained, threshold)
+    projected = project(pipeline, embeddings, k)
+    projected.drop("embedding").write.mode("overwrite").parquet(pca_uri)
+    tally = write_features(projected, cfg, version)  # the same deterministic transform, read again
+    log_retries(tally)
+    from orchard.core.clients import es_client
+
+    es_client(s).indices.refresh(index=s.images_index)
+    return features_summary(version, dims, k, explained, threshold, skipped, tally, emb_uri, pca_uri,
+                            time.monotonic() - began)
+
+
+def features_summary(version: str, dims: int, k: int, explained: list[float], threshold: float, skipped: int,
+                     tally: Tally, emb_uri: str, pca_uri: str, seconds: float) -> dict:
+    """The run's figures as a dict (what `orchard features` prints)."""
+    cumulative = np.cumsum(explained)
+    return {"model_version": version, "images": tally.written + tally.failed, "skipped_undecodable": skipped,
+            "dims": dims, "k": k, "threshold": threshold, "explained_variance_k": round(float(cumulative[k - 1]), 6),
+            "explained_variance_2d": round(float(cumulative[min(2, len(cumulative)) - 1]), 6),
+            "explained_variance": [round(float(v), 6) for v in explained[:k]],
+            "embeddings_uri": emb_uri, "pca_uri": pca_uri, "updated": tally.updated, "unchanged": tally.noop,
+            "failed": tally.failed, "failure_reasons": tally.reasons,
+            "failure_examples": [list(e) for e in tally.examples], "seconds": round(seconds, 1)}

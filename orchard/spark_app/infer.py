@@ -1,0 +1,245 @@
+"""Streaming batched inference over an RDD of image files, and prediction write-back from executors.
+
+`predict` returns a lazy RDD of (ImageRef, prediction): decode + preprocess (executors) -> the
+Keras model wrapped by Elephas, applied with `OrchardSparkModel.predict_stream` (batches inside each
+partition, model built once per executor Python worker) -> top-5. `write_predictions` sends them as
+bulk partial updates from the executors and returns only counts. Nothing data-sized reaches the
+driver; the driver holds the model (as Elephas requires) and aggregates counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+
+import numpy as np
+
+from orchard.core.errors import ItemsFailed
+from orchard.core.settings import Settings
+from orchard.spark_app.context import ExecutorConfig, es_of
+from orchard.spark_app.images import ImageRef, decode_rows, read_image_files
+from orchard.core.iterables import batched
+from orchard.spark_app.preprocess import as_probabilities, cross_entropy_terms, preprocessor, top_k
+from orchard.spark_app.sink import Tally, log_retries, merge_tallies, tally_partition
+
+log = logging.getLogger(__name__)
+
+# A document whose stored prediction has the same model version, label and error is not written
+# again: a re-run, or a task retried after a lost executor, changes nothing (predicted_at stays the
+# first one). The check reads the stored predictions of each chunk with one mget, because the
+# Elasticsearch distribution of the native stack has no scripting (no painless module); a partial
+# `doc` update then replaces the whole prediction object (absent fields are sent as null).
+# --force writes everything.
+PREDICTION_FIELDS = ("label", "confidence", "top5", "model_version", "predicted_at", "error")
+SAME_WHEN_EQUAL = ("model_version", "label", "error")
+
+
+@dataclass(frozen=True)
+class PredictSpec:
+    """What executors need besides the model: classes, preprocessing, input size, run metadata."""
+
+    cfg: ExecutorConfig
+    version: str
+    classes: tuple[str, ...]
+    preprocessing: str
+    size: tuple[int, int]
+    channels: int = 3
+    batch_size: int = 64
+    predicted_at: str = ""
+    top: int = 5
+
+    @classmethod
+    def from_card(cls, cfg: ExecutorConfig, card: dict, batch_size: int) -> "PredictSpec":
+        """A spec for a model version from its card (labels.json)."""
+        return cls(cfg, card["version"], tuple(card["classes"]), card["preprocessing"], tuple(card["input_size"]),
+                   int(card.get("channels", 3)), batch_size, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def prediction_doc(spec: PredictSpec, top: list[tuple[str, float]]) -> dict:
+    """The `prediction` object of one image (every field present, `error` null)."""
+    return {"label": top[0][0], "confidence": round(top[0][1], 6),
+            "top5": [{"label": label, "confidence": round(p, 6)} for label, p in top],
+            "model_version": spec.version, "predicted_at": spec.predicted_at, "error": None}
+
+
+def error_doc(spec: PredictSpec, error: str) -> dict:
+    """The `prediction` object of an image that could not be predicted (no label, `error` set)."""
+    return {"label": None, "confidence": None, "top5": None, "model_version": spec.version,
+            "predicted_at": spec.predicted_at, "error": error}
+
+
+def same_prediction(stored: dict | None, new: dict) -> bool:
+    """True if the stored prediction already says what `new` says (same model, label and error)."""
+    return bool(stored) and all(stored.get(f) == new.get(f) for f in SAME_WHEN_EQUAL)
+
+
+def model_inputs(spec: PredictSpec, rows: Iterable) -> Iterator[tuple[tuple[ImageRef, str | None], np.ndarray | None]]:
+    """mapPartitions body: ((ref, error), preprocessed image or None) per (path, content) row."""
+    prep = preprocessor(spec.preprocessing)
+    for ref, array, error in decode_rows(rows, spec.cfg.images_bucket, spec.size, spec.channels):
+        yield (ref, error), (prep(array) if error is None else None)
+
+
+def inputs(files_rdd, spec: PredictSpec):
+    """Lazy RDD of model inputs for an RDD of (path, content) rows."""
+    return files_rdd.mapPartitions(partial(model_inputs, spec))
+
+
+def probability_batches(spec: PredictSpec, outputs: Iterable) -> Iterator[tuple[list, list, np.ndarray | None]]:
+    """Per batch of predict_stream outputs: ((ref, error) of undecodable images, decoded refs, probabilities)."""
+    for batch in batched(outputs, spec.batch_size):
+        errors = [meta for meta, out in batch if out is None]
+        good = [(meta[0], out) for meta, out in batch if out is not None]
+        probs = as_probabilities(np.stack([out for _, out in good])) if good else None
+        yield errors, [ref for ref, _ in good], probs
+
+
+def to_predictions(spec: PredictSpec, outputs: Iterable) -> Iterator[tuple[ImageRef, dict]]:
+    """mapPartitions body: (ref, prediction document) per model output."""
+    for errors, refs, probs in probability_batches(spec, outputs):
+        for ref, error in errors:
+            yield ref, error_doc(spec, error)
+        if refs:
+            for ref, top in zip(refs, top_k(probs, spec.classes, spec.top)):
+                yield ref, prediction_doc(spec, top)
+
+
+def predict(files_rdd, spec: PredictSpec, spark_model, loads=None):
+    """Lazy RDD of (ImageRef, prediction) for an RDD of (path, content) rows."""
+    outputs = spark_model.predict_stream(inputs(files_rdd, spec), spec.batch_size, loads=loads)
+    return outputs.mapPartitions(partial(to_predictions, spec))
+
+
+def update_action(index: str, ref: ImageRef, prediction: dict) -> dict:
+    """The bulk partial update of one image document (id = content sha256)."""
+    return {"_op_type": "update", "_index": index, "_id": ref.id, "retry_on_conflict": 3,
+            "doc": {"prediction": prediction}}
+
+
+def skip_unchanged(force: bool, es, chunk: list[tuple[dict, str, bool]]) -> tuple[list, Tally]:
+    """Chunk selector: drop documents whose stored prediction is the same (counted as noop) and
+    documents that do not exist (counted as failed); with `force`, only the missing ones."""
+    ids = [action["_id"] for action, _, _ in chunk]
+    found = es.mget(index=chunk[0][0]["_index"], ids=ids,
+                    source_includes=[f"prediction.{f}" for f in SAME_WHEN_EQUAL])["docs"]
+    stored = {d["_id"]: d for d in found}
+    keep, tally = [], Tally()
+    for item in chunk:
+        action, key, _ = item
+        doc = stored.get(action["_id"], {})
+        if not doc.get("found"):
+            tally.fail(key, "no document with this id in the index (not uploaded?)")
+        elif not force and same_prediction((doc.get("_source") or {}).get("prediction"), action["doc"]["prediction"]):
+            tally.noop += 1
+        else:
+            keep.append(item)
+    return keep, tally
+
+
+def write_partition(cfg: ExecutorConfig, force: bool, chunk_size: int, pairs: Iterable) -> Iterator[Tally]:
+    """mapPartitions body: bulk-update the partition's predictions; yields its tally."""
+    items = ((update_action(cfg.images_index, ref, pred), ref.key, pred["error"] is not None) for ref, pred in pairs)
+    return tally_partition(lambda: es_of(cfg), items, chunk_size, partial(skip_unchanged, force))
+
+
+def write_predictions(pairs_rdd, cfg: ExecutorConfig, force: bool = False, chunk_size: int = 500) -> Tally:
+    """Send every prediction from the executors; returns the merged counts (the only thing collected)."""
+    return pairs_rdd.mapPartitions(partial(write_partition, cfg, force, chunk_size)).fold(Tally(), merge_tallies)
+
+
+Score = tuple[int, int, float, int]  # images, correct, cross-entropy sum, skipped
+
+
+def score_partition(spec: PredictSpec, splits: frozenset[str] | None, outputs: Iterable) -> Iterator[dict[str, Score]]:
+    """mapPartitions body for evaluation: one {split: (images, correct, loss sum, skipped)} per partition."""
+    index = {label: i for i, label in enumerate(spec.classes)}
+    scores: dict[str, Score] = {}
+    for errors, refs, probs in probability_batches(spec, outputs):
+        for ref, _ in errors:
+            add_score(scores, ref.split, (0, 0, 0.0, 1))
+        for i, ref in enumerate(refs):
+            if splits is not None and ref.split not in splits:
+                continue
+            if ref.label not in index:
+                add_score(scores, ref.split, (0, 0, 0.0, 1))
+                continue
+            target = index[ref.label]
+            loss = float(cross_entropy_terms(probs[i:i + 1], np.array([target]))[0])
+            add_score(scores, ref.split, (1, int(probs[i].argmax() == target), loss, 0))
+    yield scores
+
+
+def add_score(scores: dict[str, Score], split: str, score: Score) -> None:
+    """Add one score tuple to a split's running totals."""
+    old = scores.get(split, (0, 0, 0.0, 0))
+    scores[split] = tuple(a + b for a, b in zip(old, score))
+
+
+def merge_scores(a: dict[str, Score], b: dict[str, Score]) -> dict[str, Score]:
+    """Sum of two {split: score} dicts (the fold's combiner)."""
+    merged = dict(a)
+    for split, score in b.items():
+        add_score(merged, split, score)
+    return merged
+
+
+def evaluate(files_rdd, spec: PredictSpec, spark_model, splits: set[str] | None = None) -> dict[str, dict]:
+    """Per split: accuracy and mean cross-entropy of a model on labelled image files (one streamed pass)."""
+    wanted = frozenset(splits) if splits else None
+    outputs = spark_model.predict_stream(inputs(files_rdd, spec), spec.batch_size)
+    totals = outputs.mapPartitions(partial(score_partition, spec, wanted)).fold({}, merge_scores)
+    results = {}
+    for split in (splits or totals):
+        n, correct, loss, skipped = totals.get(split, (0, 0, 0.0, 0))
+        if skipped:
+            log.warning("evaluation of split %r skipped %d images (undecodable or unknown label)", split, skipped)
+        results[split] = {"images": n, "accuracy": correct / n if n else float("nan"),
+                          "loss": loss / n if n else float("nan"), "skipped": skipped}
+    return results
+
+
+def run_inference(spark, s: Settings, dataset: str, version: str, split: str | None = None,
+                  batch_size: int = 64, images_per_partition: int = 64, force: bool = False) -> dict:
+    """Predict every image of a dataset (split) and write the predictions; returns the run summary
+    (counts, failure reasons and examples; the caller decides the exit status)."""
+    from orchard.spark_app.versions import load_version
+
+    began = time.monotonic()
+    cfg = ExecutorConfig.from_settings(s)
+    spark_model, card = load_version(s, version)
+    spec = PredictSpec.from_card(cfg, card, batch_size)
+    files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
+    loads = spark.sparkContext.accumulator(0)
+    log.info("inference of %s with %s, %d partitions", dataset + (f"/{split}" if split else ""), version,
+             files.rdd.getNumPartitions())
+    tally = write_predictions(predict(files.rdd, spec, spark_model, loads), cfg, force)
+    log_retries(tally)
+    from orchard.core.clients import es_client
+
+    es_client(s).indices.refresh(index=s.images_index)
+    return inference_summary(tally, version, loads.value, time.monotonic() - began, spec.predicted_at)
+
+
+def inference_summary(tally: Tally, version: str, loads: int, seconds: float, predicted_at: str = "") -> dict:
+    """The run's figures as a dict (what `orchard infer` prints)."""
+    images = tally.written + tally.failed
+    return {"model_version": version, "predicted_at": predicted_at, "images": images, "updated": tally.updated,
+            "unchanged": tally.noop,
+            "errors": tally.errors, "failed": tally.failed, "retried_writes": tally.retried,
+            "failure_reasons": tally.reasons,
+            "failure_examples": [list(e) for e in tally.examples],
+            "model_loads": loads, "seconds": round(seconds, 1),
+            "images_per_second": round(images / seconds, 1) if seconds > 0 else None}
+
+
+def raise_for_failures(summary: dict) -> None:
+    """Log one line per failure example and raise ItemsFailed if any document failed."""
+    for where, reason in summary.get("failure_examples", []):
+        log.error("%s: %s", where, reason)
+    if summary.get("failed"):
+        reasons = ", ".join(summary.get("failure_reasons", {}))
+        raise ItemsFailed(f"{summary['failed']} documents were not updated ({reasons})")

@@ -1,0 +1,132 @@
+"""Pure numpy pieces of the model pipeline: preprocessing by name, probabilities, top-k, label maps.
+
+No TensorFlow here, so executors and unit tests can use them cheaply.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+def _scale01(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) / np.float32(255.0)
+
+
+def _scale_pm1(x: np.ndarray) -> np.ndarray:
+    # tf.keras.applications.{mobilenet,mobilenet_v2,inception_v3,xception} "tf" mode: [-1, 1].
+    return x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def _caffe(x: np.ndarray) -> np.ndarray:
+    # tf.keras.applications.{vgg16,vgg19,resnet50} "caffe" mode: RGB->BGR, ImageNet means subtracted.
+    bgr = x[..., ::-1].astype(np.float32)
+    return bgr - np.array([103.939, 116.779, 123.68], dtype=np.float32)
+
+
+def _torch(x: np.ndarray) -> np.ndarray:
+    # tf.keras.applications.densenet "torch" mode: [0,1] then ImageNet mean/std.
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+    return (_scale01(x) - mean) / std
+
+
+def _raw(x: np.ndarray) -> np.ndarray:
+    # EfficientNet and ConvNeXt in Keras take 0..255 and rescale inside the model.
+    return x.astype(np.float32)
+
+
+PREPROCESSORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "scale01": _scale01,
+    "mobilenet_v2": _scale_pm1,
+    "mobilenet": _scale_pm1,
+    "inception_v3": _scale_pm1,
+    "xception": _scale_pm1,
+    "vgg16": _caffe,
+    "resnet50": _caffe,
+    "densenet": _torch,
+    "efficientnet": _raw,
+    "none": _raw,
+}
+
+
+def preprocessor(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The preprocessing function called `name` (uint8 HxWxC or NxHxWxC -> float32); ValueError if unknown."""
+    try:
+        return PREPROCESSORS[name]
+    except KeyError:
+        raise ValueError(f"unknown preprocessing {name!r}; choose one of {', '.join(sorted(PREPROCESSORS))}") from None
+
+
+def as_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """Model outputs as class probabilities: kept if rows already are (>=0, sum 1), else softmax of logits."""
+    out = np.asarray(outputs, dtype=np.float64)
+    if out.size and out.min() >= 0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+        return out
+    shifted = out - out.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def top_k(probs: np.ndarray, labels: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
+    """Per row, the k most probable (label, probability) pairs, best first (ties: lower index first)."""
+    k = min(k, probs.shape[1])
+    # A stable sort on -p keeps the lower class index first among equal probabilities (deterministic).
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[(labels[i], float(row[i])) for i in idx] for row, idx in zip(probs, order)]
+
+
+def label_map(labels: Iterable[str]) -> dict[str, int]:
+    """Label -> class index, sorted by label so every run on the same data gets the same map."""
+    return {label: i for i, label in enumerate(sorted(set(labels)))}
+
+
+def one_hot(index: int, num_classes: int) -> np.ndarray:
+    """A float32 one-hot row."""
+    row = np.zeros(num_classes, dtype=np.float32)
+    row[index] = 1.0
+    return row
+
+
+def cross_entropy_terms(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-row categorical cross-entropy -log p[target] (clipped like Keras, epsilon 1e-7)."""
+    p = np.clip(probs[np.arange(len(targets)), targets], 1e-7, 1.0)
+    return -np.log(p)
+
+
+def choose_k(explained: Sequence[float], threshold: float) -> int:
+    """The smallest number of leading components whose explained variance ratios sum to >= threshold.
+
+    `explained` is a descending list of ratios (Spark ML PCAModel.explainedVariance); returns all of
+    them if even the total stays below the threshold (rounding).
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"explained-variance threshold must be in (0, 1], got {threshold}")
+    total = 0.0
+    for i, ratio in enumerate(explained, start=1):
+        total += float(ratio)
+        if total >= threshold - 1e-9:
+            return i
+    return len(explained)
+
+
+
+def finite(value: float) -> float | None:
+    """`value` as a float, or None if it is NaN/inf (Elasticsearch rejects those)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def mean_history(histories: Sequence[dict]) -> dict[str, float]:
+    """Per metric, the mean over workers of the last value in each Keras history dict."""
+    sums: dict[str, list[float]] = {}
+    for history in histories:
+        for name, values in (history or {}).items():
+            if values:
+                sums.setdefault(name, []).append(float(values[-1]))
+    return {name: float(np.mean(values)) for name, values in sums.items()}

@@ -1,0 +1,115 @@
+"""Model versions: files in the models bucket (`<version>/model.keras|labels.json|metrics.json`) and
+one document per version in the models index.
+
+`labels.json` is the model card executors and the driver read: classes in output order,
+preprocessing name, input size, architecture. It is written before the index document, so a
+version that is in the index is always complete in the bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from orchard.core.clients import es_client, s3_client
+from orchard.core.errors import ConfigError
+from orchard.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE, LABELS_FILE, METRICS_FILE = "model.keras", "labels.json", "metrics.json"
+
+_retrying = retry(reraise=True, stop=stop_after_attempt(6), wait=wait_exponential(multiplier=0.5, max=20),
+                  retry=retry_if_exception_type((ConnectionError, OSError)))
+
+
+def new_version(prefix: str, digest: str, now: datetime | None = None) -> str:
+    """A version id `<prefix>-<UTC yyyymmddHHMMSS>-<8 hex of digest>`."""
+    now = now or datetime.now(timezone.utc)
+    return f"{prefix}-{now.astimezone(timezone.utc):%Y%m%d%H%M%S}-{digest[:8]}"
+
+
+def user_version(path: Path, digest: str) -> str:
+    """Content-addressed version id of a user model file: `user-<stem>-<10 hex>` (re-imports are no-ops)."""
+    stem = re.sub(r"[^a-z0-9]+", "-", path.stem.lower()).strip("-")[:40] or "model"
+    return f"user-{stem}-{digest[:10]}"
+
+
+def uri(s: Settings, version: str, name: str) -> str:
+    """s3a URI of one file of a version."""
+    return f"s3a://{s.models_bucket}/{version}/{name}"
+
+
+@_retrying
+def put_file(s: Settings, key: str, path: Path) -> None:
+    """Upload a local file to the models bucket (multipart for big models)."""
+    s3_client(s).fput_object(s.models_bucket, key, str(path))
+
+
+@_retrying
+def put_json(s: Settings, key: str, body: dict) -> None:
+    """Upload a JSON document to the models bucket."""
+    data = json.dumps(body, indent=2, sort_keys=True).encode()
+    s3_client(s).put_object(s.models_bucket, key, io.BytesIO(data), len(data), content_type="application/json")
+
+
+def get_json(s: Settings, version: str, name: str) -> dict:
+    """A JSON file of a version; ConfigError if the version does not exist."""
+    from minio.error import S3Error
+
+    client = s3_client(s)
+    try:
+        response = client.get_object(s.models_bucket, f"{version}/{name}")
+    except S3Error as exc:
+        if exc.code in {"NoSuchKey", "NoSuchBucket"}:
+            raise ConfigError(f"model version {version!r} not found (no {s.models_bucket}/{version}/{name})") from None
+        raise
+    try:
+        return json.loads(response.read())
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def load_card(s: Settings, version: str) -> dict:
+    """The model card (labels.json) of a version: classes, preprocessing, input_size, architecture."""
+    card = get_json(s, version, LABELS_FILE)
+    card.setdefault("version", version)
+    card["model_uri"] = uri(s, version, card.get("model_file", MODEL_FILE))
+    return card
+
+
+@_retrying
+def download_model(s: Settings, card: dict, dest_dir: Path) -> Path:
+    """Download a version's model file into `dest_dir`; returns its local path."""
+    name = card.get("model_file", MODEL_FILE)
+    path = dest_dir / name
+    s3_client(s).fget_object(s.models_bucket, f"{card['version']}/{name}", str(path))
+    return path
+
+
+def register(s: Settings, version: str, card: dict, metrics: dict | None, registry_doc: dict) -> dict:
+    """Upload metrics.json (if any), then index the version's registry document; returns that document."""
+    doc = {"version": version, "model_uri": uri(s, version, card.get("model_file", MODEL_FILE)),
+           "label_map_uri": uri(s, version, LABELS_FILE), **registry_doc}
+    if metrics is not None:
+        put_json(s, f"{version}/{METRICS_FILE}", metrics)
+        doc["metrics_uri"] = uri(s, version, METRICS_FILE)
+    es_client(s).index(index=s.models_index, id=version, document=doc, refresh="wait_for")
+    log.info("registered model %s in %s and %s/%s/", version, s.models_index, s.models_bucket, version)
+    return doc
+
+
+def publish(s: Settings, version: str, model_path: Path, card: dict, metrics: dict | None,
+            registry_doc: dict) -> dict:
+    """Upload model and card, then register the version; returns the registry document."""
+    put_file(s, f"{version}/{card.get('model_file', MODEL_FILE)}", model_path)
+    put_json(s, f"{version}/{LABELS_FILE}", card)
+    return register(s, version, card, metrics, registry_doc)

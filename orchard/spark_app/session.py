@@ -1,0 +1,137 @@
+"""The SparkSession of an Orchard job, built from Settings only (native, compose or a real cluster alike).
+
+Executors do not have the repository on their PYTHONPATH: the packages they need (the core and the
+Spark app, nothing of the uploader, the launcher or the CLI) are zipped and shipped with
+`addPyFile`, so closures that reference them unpickle there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from orchard.core.clients import s3a_conf
+from orchard.core.files import parse_assignments
+from orchard.core.settings import Settings
+from orchard.core.toolchain import REPO_ROOT, Toolchain
+
+log = logging.getLogger(__name__)
+
+# What executors import: the package root, its core layer and the Spark app (paths in the zip).
+SHIPPED_PACKAGES = ("orchard/core", "orchard/spark_app")
+SHIPPED_FILES = ("orchard/__init__.py",)
+
+# Executors run one Keras model per core: keep TensorFlow and BLAS to one thread each, or two
+# executors on two cores oversubscribe the CPU; no GPU probing noise in the logs.
+EXECUTOR_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "TF_NUM_INTEROP_THREADS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "CUDA_VISIBLE_DEVICES": "-1",
+    "PYTHONHASHSEED": "0",
+}
+
+DEFAULT_CONF = {
+    "spark.executor.memory": "2g",
+    "spark.python.worker.reuse": "true",  # the per-worker model cache relies on it
+    "spark.task.maxFailures": "8",  # a killed worker must not fail the job
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.ui.showConsoleProgress": "false",
+}
+
+
+def package_zip(dest_dir: Path, root: Path = REPO_ROOT) -> Path:
+    """Zip the Python packages executors need (no caches); returns the zip path."""
+    target = dest_dir / "orchard-packages.zip"
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+        paths = [root / f for f in SHIPPED_FILES]
+        for package in SHIPPED_PACKAGES:
+            paths.extend(sorted((root / package).rglob("*.py")))
+        for path in paths:
+            zf.write(path, path.relative_to(root).as_posix())
+    return target
+
+
+def spark_conf(s: Settings, app_name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Every conf key the session sets: master, s3a endpoint + credentials, classpath, Python, env."""
+    s.require("s3_access_key", "s3_secret_key")
+    tools = Toolchain.from_cache(s.cache_dir)
+    conf = {
+        "spark.app.name": app_name,
+        "spark.master": s.spark_master_url,
+        **s3a_conf(s),
+        "spark.hadoop.fs.s3a.access.key": s.s3_access_key.get_secret_value(),
+        "spark.hadoop.fs.s3a.secret.key": s.s3_secret_key.get_secret_value(),
+        "spark.pyspark.python": str(tools.python),
+        "spark.pyspark.driver.python": str(tools.python),
+        **DEFAULT_CONF,
+        **{f"spark.executorEnv.{k}": v for k, v in EXECUTOR_ENV.items()},
+    }
+    jars = [str(j) for j in tools.jars if j.exists()]
+    if jars:  # otherwise the cluster's own spark-defaults.conf provides hadoop-aws (compose, EMR)
+        conf["spark.driver.extraClassPath"] = ":".join(jars)
+        conf["spark.executor.extraClassPath"] = ":".join(jars)
+    conf.update(extra or {})
+    return conf
+
+
+def build_session(s: Settings, app_name: str, extra_conf: dict[str, str] | None = None):
+    """A new SparkSession on the configured master with the packages shipped to executors."""
+    from pyspark.sql import SparkSession
+
+    conf_dir = s.home / "conf" / "spark"
+    if conf_dir.is_dir():
+        os.environ.setdefault("SPARK_CONF_DIR", str(conf_dir))
+    # pyspark takes the executors' Python from PYSPARK_PYTHON of the driver process (spark.pyspark.python
+    # only reaches it through spark-submit): default it to the interpreter with the pinned packages.
+    os.environ.setdefault("PYSPARK_PYTHON", str(Toolchain.from_cache(s.cache_dir).python))
+    builder = SparkSession.builder
+    for key, value in spark_conf(s, app_name, extra_conf).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    zip_dir = Path(tempfile.mkdtemp(prefix="orchard-pyfiles-"))
+    spark.sparkContext.addPyFile(str(package_zip(zip_dir)))
+    log.info("spark session %s on %s (app id %s)", app_name, s.spark_master_url,
+             spark.sparkContext.applicationId)
+    return spark
+
+
+@contextlib.contextmanager
+def spark_session(s: Settings, app_name: str, extra_conf: dict[str, str] | None = None) -> Iterator:
+    """build_session as a context manager that stops the session (and frees the cluster) on exit."""
+    spark = build_session(s, app_name, extra_conf)
+    try:
+        yield spark
+    finally:
+        spark.stop()
+
+
+def executor_count(spark, wait_seconds: float = 60.0, settle_seconds: float = 4.0) -> int:
+    """Executors registered with the app, once their number has not changed for `settle_seconds`.
+
+    Executors register a few seconds after the session starts, one by one; waits at most `wait_seconds`.
+    """
+    sc = spark.sparkContext
+    deadline = time.monotonic() + wait_seconds
+    last, since = -1, time.monotonic()
+    while True:
+        count = sc._jsc.sc().getExecutorMemoryStatus().size() - 1  # the driver is in the map too
+        now = time.monotonic()
+        if count != last:
+            last, since = count, now
+        if (count > 0 and now - since >= settle_seconds) or now >= deadline:
+            return max(count, 1)
+        time.sleep(0.5)
+
+
+def parse_conf(pairs: tuple[str, ...]) -> dict[str, str]:
+    """`--conf key=value` flags as a dict; ValueError naming a malformed one."""
+    return parse_assignments(pairs, what="--conf")

@@ -1,0 +1,154 @@
+"""`orchard train`: the default CNN trained with Elephas on the train split, evaluated on the test split,
+saved and registered as a model version.
+
+Labels come from the key layout (`<dataset>/<split>/<label>/<file>`); the class list is the sorted
+set of train labels (a handful of strings: the only thing collected besides counts and weights).
+Elephas' synchronous mode materialises each worker's partition as one array (its design): fine for
+thumbnails (100x100x3 float32 = 120 kB per image), but the train split must fit in the executors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from orchard.core.errors import ConfigError
+from orchard.core.settings import Settings
+from orchard.spark_app import registry
+from orchard.spark_app.context import ExecutorConfig
+from orchard.spark_app.images import decode_rows, read_image_files
+from orchard.spark_app.infer import PredictSpec, evaluate
+from orchard.spark_app.preprocess import label_map, one_hot, preprocessor
+from orchard.spark_app.session import executor_count
+
+log = logging.getLogger(__name__)
+
+PREPROCESSING = "scale01"  # the default CNN's preprocessing (recorded in its card)
+KEY_LABEL = r"^.*/([^/]+)/[^/]+$"  # the label directory of an s3a path
+
+
+def discover_classes(files_df) -> list[str]:
+    """Sorted distinct labels of the files (path column only: Spark does not read the contents)."""
+    from pyspark.sql import functions as F
+
+    labels = files_df.select(F.regexp_extract("path", KEY_LABEL, 1).alias("label")).distinct()
+    return sorted(row.label for row in labels.collect() if row.label)
+
+
+def labelled_examples(bucket: str, classes: tuple[str, ...], preprocessing: str, size: tuple[int, int],
+                      rows: Iterable, skipped=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """mapPartitions body: (preprocessed image, one-hot label) per decodable image of a known class."""
+    index = label_map(classes)
+    prep = preprocessor(preprocessing)
+    for ref, array, error in decode_rows(rows, bucket, size):
+        if error is not None or ref.label not in index:
+            if skipped is not None:
+                skipped.add(1)
+            continue
+        yield prep(array), one_hot(index[ref.label], len(classes))
+
+
+def train_rdd(files_df, bucket: str, classes: list[str], skipped=None):
+    """RDD of (x, y) for Elephas from a DataFrame of (path, content)."""
+    from orchard.spark_app.model import DEFAULT_SIZE
+
+    body = partial(labelled_examples, bucket, tuple(classes), PREPROCESSING, DEFAULT_SIZE, skipped=skipped)
+    return files_df.rdd.mapPartitions(body)
+
+
+def fit(spark, s: Settings, dataset: str, split: str, epochs: int, batch_size: int,
+        learning_rate: float, images_per_partition: int):
+    """Train the default CNN with Elephas; returns (Elephas model, classes, workers)."""
+    from orchard.spark_app import model as keras_model
+
+    files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
+    classes = discover_classes(files)
+    if len(classes) < 2:
+        raise ConfigError(f"{dataset}/{split}: found {len(classes)} labels under s3a://{s.images_bucket}/"
+                          f"{dataset}/{split}/; training needs at least 2 (is the split name right?)")
+    workers = executor_count(spark)
+    skipped = spark.sparkContext.accumulator(0)
+    net = keras_model.build_cnn(len(classes), learning_rate=learning_rate)
+    log.info("training %s (%d parameters) on %s/%s: %d classes, %d epochs, batch %d, %d Elephas workers",
+             keras_model.ARCHITECTURE, net.count_params(), dataset, split, len(classes), epochs, batch_size, workers)
+    spark_model = keras_model.train_elephas(net, train_rdd(files, s.images_bucket, classes, skipped),
+                                            epochs, batch_size, workers)
+    if skipped.value:
+        log.warning("%d train images were skipped (undecodable)", skipped.value)
+    return spark_model, classes, workers
+
+
+def model_card(version: str, classes: list[str], net) -> dict:
+    """labels.json of a version trained here."""
+    from orchard.spark_app import model as keras_model
+
+    return {"version": version, "classes": classes, "label_map": label_map(classes),
+            "preprocessing": PREPROCESSING, "architecture": keras_model.ARCHITECTURE,
+            "model_file": registry.MODEL_FILE, **keras_model.describe(net)}
+
+
+def evaluate_splits(spark, s: Settings, dataset: str, spark_model, card: dict, splits: dict[str, str],
+                    batch_size: int, images_per_partition: int) -> dict[str, dict]:
+    """Streaming evaluation of the trained model on named splits ({"train": "train", "test": "test"}),
+    in one pass over the dataset."""
+    cfg = ExecutorConfig.from_settings(s)
+    spec = PredictSpec.from_card(cfg, card, batch_size)
+    files = read_image_files(spark, s.images_bucket, dataset, None, images_per_partition)
+    by_split = evaluate(files.rdd, spec, spark_model, set(splits.values()))
+    results = {name: by_split[split] for name, split in splits.items()}
+    for name, split in splits.items():
+        log.info("%s split %r: accuracy %.4f, loss %.4f on %d images", name, split,
+                 results[name]["accuracy"], results[name]["loss"], results[name]["images"])
+    return results
+
+
+def run_training(spark, s: Settings, dataset: str, train_split: str = "train", test_split: str = "test",
+                 epochs: int = 5, batch_size: int = 16, learning_rate: float = 1e-3,
+                 images_per_partition: int = 64) -> dict:
+    """Train, save, evaluate and register a model version; returns the registry document."""
+    from orchard.spark_app import model as keras_model
+
+    began = time.monotonic()
+    spark_model, classes, workers = fit(spark, s, dataset, train_split, epochs, batch_size,
+                                        learning_rate, images_per_partition)
+    net, history = spark_model.master_network, spark_model.epoch_metrics
+    version = registry.new_version("cnn", keras_model.weights_digest(net))
+    card = model_card(version, classes, net)
+    with tempfile.TemporaryDirectory(prefix="orchard-train-") as tmp:
+        path = keras_model.save_model(net, Path(tmp) / registry.MODEL_FILE)
+        registry.put_file(s, f"{version}/{registry.MODEL_FILE}", path)
+    registry.put_json(s, f"{version}/{registry.LABELS_FILE}", card)
+    card["model_uri"] = registry.uri(s, version, registry.MODEL_FILE)
+    scores = evaluate_splits(spark, s, dataset, spark_model, card, {"train": train_split, "test": test_split},
+                             batch_size=64, images_per_partition=images_per_partition)
+    metrics = {"test_accuracy": scores["test"]["accuracy"], "test_loss": scores["test"]["loss"],
+               "train_accuracy": scores["train"]["accuracy"], "train_loss": scores["train"]["loss"]}
+    doc = registry_document(dataset, train_split, test_split, card, net, epochs, scores, metrics, history)
+    registry.register(s, version, card, {**metrics, "chance": 1 / len(classes), "epochs": history,
+                                         "elephas_workers": workers,
+                                         "seconds": round(time.monotonic() - began, 1)}, doc)
+    return {**doc, "version": version, "model_uri": card["model_uri"]}
+
+
+def registry_document(dataset: str, train_split: str, test_split: str, card: dict, net, epochs: int,
+                      scores: dict, metrics: dict, history: list[dict]) -> dict:
+    """The models-index document of a trained version (fields of es_mappings/models.json)."""
+    if not scores["test"]["images"]:
+        raise ConfigError(f"{dataset}/{test_split}: no test images to evaluate on")
+    return {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dataset": dataset, "train_split": train_split, "test_split": test_split,
+        "classes": card["classes"], "num_classes": len(card["classes"]), "architecture": card["architecture"],
+        "params": int(net.count_params()), "epochs": epochs,
+        "train_images": scores["train"]["images"], "test_images": scores["test"]["images"],
+        "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
+        "history": json.loads(json.dumps(history)),
+    }

@@ -1,0 +1,245 @@
+"""Inspect one work item: content sha256 and image properties, or a one-line reason it is bad.
+
+Memory stays bounded whatever the file size: small files are read once into memory (hashed,
+parsed, and later uploaded from that buffer); large files are hashed in chunks and parsed from
+their headers. Pixels are decoded to prove an image is not truncated or corrupt only up to
+`verify_pixels` (default 16 Mpx, ~48 MB as RGB); above that JPEGs are decoded at 1/8 scale
+(libjpeg DCT scaling), PNGs have every chunk CRC checked (`verify()`), other formats are
+checked from their headers only. .npy arrays are checked from their header and file size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from orchard.core.files import sha256_file
+from orchard.uploader.discovery import ARRAY_SUFFIX, WorkItem, read_npy_header
+
+SMALL_FILE = 256 << 10  # read once into memory up to this size (dataset images are mostly < 100 kB);
+# with two batches of 256 in flight that bounds buffered bytes to 128 MiB
+CHUNK = 1 << 20
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
+DEFAULT_VERIFY_PIXELS = 16_000_000
+
+# Leading bytes of the image formats we accept: a file starting with one of these that Pillow
+# cannot read is a *corrupt* image; anything else is *not an image* at all.
+MAGIC = {
+    b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"GIF87a": "gif", b"GIF89a": "gif",
+    b"BM": "bmp", b"II*\x00": "tiff", b"MM\x00*": "tiff", b"RIFF": "webp", b"\x93NUMPY": "npy",
+}
+NPY_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "bmp": "image/bmp",
+                 "tiff": "image/tiff", "webp": "image/webp", "npy": "application/x-npy"}
+
+
+class BadInput(Exception):
+    """An item that cannot be uploaded: `code` for programs, the message for people."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Inspected:
+    """What the index needs to know about an item, plus its bytes when small (`data`)."""
+
+    item: WorkItem
+    sha256: str
+    size: int
+    format: str
+    width: int
+    height: int
+    channels: int
+    color_mode: str
+    data: bytes | None = None
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES.get(self.format, "application/octet-stream")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Decompression-bomb and verification thresholds (pixels); max_pixels 0 = no limit."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    verify_pixels: int = DEFAULT_VERIFY_PIXELS
+
+
+@dataclass(frozen=True)
+class Properties:
+    format: str
+    width: int
+    height: int
+    channels: int
+    color_mode: str
+
+
+def inspect_item(item: WorkItem, limits: Limits = Limits()) -> Inspected:
+    """Hash and parse `item`; raises BadInput with the reason it cannot be uploaded."""
+    if item.row is not None:
+        data = read_stack_row(item.path, item.row)
+        return _inspected(item, data, hashlib.sha256(data).hexdigest(), len(data), npy_properties(io.BytesIO(data), len(data)))
+    size = _file_size(item.path)
+    if size == 0:
+        raise BadInput("empty", "empty file (0 bytes)")
+    if size <= SMALL_FILE:
+        data = _read_all(item.path)
+        props = properties(io.BytesIO(data), size, item.path.suffix, limits)
+        return _inspected(item, data, hashlib.sha256(data).hexdigest(), size, props)
+    digest = file_sha256(item.path)
+    with _open(item.path) as fh:
+        props = properties(fh, size, item.path.suffix, limits)
+    return _inspected(item, None, digest, size, props)
+
+
+def _inspected(item: WorkItem, data: bytes | None, digest: str, size: int, p: Properties) -> Inspected:
+    return Inspected(item, digest, size, p.format, p.width, p.height, p.channels, p.color_mode, data)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise BadInput("unreadable", f"unreadable: {exc.strerror or exc}") from None
+
+
+def _open(path: Path) -> BinaryIO:
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise BadInput("unreadable", f"unreadable: {exc.strerror or exc}") from None
+
+
+def _read_all(path: Path) -> bytes:
+    with _open(path) as fh:
+        try:
+            return fh.read()
+        except OSError as exc:
+            raise BadInput("unreadable", f"read error: {exc.strerror or exc}") from None
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file (constant memory); BadInput("unreadable") if it cannot be read."""
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        raise BadInput("unreadable", f"read error: {exc.strerror or exc}") from None
+
+
+def sniff(head: bytes) -> str | None:
+    """The format the leading bytes announce, or None."""
+    for magic, fmt in MAGIC.items():
+        if head.startswith(magic):
+            return fmt
+    return None
+
+
+def properties(fh: BinaryIO, size: int, suffix: str, limits: Limits) -> Properties:
+    """Format, size and colour mode of an image or .npy stream; BadInput if it is not valid."""
+    head = fh.read(16)
+    fh.seek(0)
+    announced = sniff(head)
+    if suffix.lower() == ARRAY_SUFFIX or announced == "npy":
+        if announced != "npy":
+            raise BadInput("not_image", "not an .npy array (no NUMPY magic)")
+        return npy_properties(fh, size)
+    return image_properties(fh, announced, limits)
+
+
+def image_properties(fh: BinaryIO, announced: str | None, limits: Limits) -> Properties:
+    """Open with Pillow, apply the pixel limit, and decode as far as memory allows."""
+    try:
+        image = Image.open(fh)
+    except Image.DecompressionBombError as exc:
+        raise BadInput("decompression_bomb", f"decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        if announced:
+            raise BadInput("corrupt", f"corrupt image: unreadable {announced.upper()} header") from None
+        raise BadInput("not_image", "not an image (unrecognised content)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _decode_problem(exc) from None
+    with image:
+        width, height = image.size
+        if limits.max_pixels and width * height > limits.max_pixels:
+            raise BadInput("decompression_bomb",
+                           f"decompression bomb: {width}x{height} = {width * height} pixels "
+                           f"exceeds the limit of {limits.max_pixels}")
+        props = Properties(image.format.lower(), width, height, len(image.getbands()), image.mode)
+        _verify(image, fh, limits)
+    return props
+
+
+def _verify(image: Image.Image, fh: BinaryIO, limits: Limits) -> None:
+    """Decode (or checksum) the pixel data to catch truncated and corrupt files."""
+    pixels = image.size[0] * image.size[1]
+    try:
+        if pixels <= limits.verify_pixels:
+            image.load()
+        elif image.format == "JPEG":
+            image.draft(image.mode, (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+            image.load()
+        elif image.format == "PNG":
+            image.verify()
+    except Image.DecompressionBombError as exc:
+        raise BadInput("decompression_bomb", f"decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error, IndexError) as exc:
+        raise _decode_problem(exc) from None
+
+
+def _decode_problem(exc: BaseException) -> BadInput:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, EOFError) or "truncated" in text.lower():
+        return BadInput("truncated", f"truncated image: {text}")
+    return BadInput("corrupt", f"corrupt image: {text}")
+
+
+def npy_properties(fh: BinaryIO, size: int) -> Properties:
+    """Properties of a one-image .npy: (H, W), (H, W, C) or channels-first (C, H, W)."""
+    try:
+        shape, dtype, offset = read_npy_header(fh)
+    except (ValueError, SyntaxError, EOFError) as exc:
+        raise BadInput("corrupt", f"corrupt .npy header: {exc}") from None
+    if dtype.hasobject:
+        raise BadInput("not_image", "object arrays are not accepted (they would need pickle)")
+    expected = offset + math.prod(shape) * dtype.itemsize
+    if size < expected:
+        raise BadInput("truncated", f"truncated array: {size} of {expected} bytes")
+    if size > expected:
+        raise BadInput("corrupt", f"corrupt array: {size - expected} bytes after the data")
+    height, width, channels = image_shape(shape)
+    mode = NPY_MODES.get(channels) if dtype == np.uint8 else None
+    return Properties("npy", width, height, channels, mode or f"{channels}x{dtype.name}")
+
+
+def image_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(height, width, channels) of an array shape; channels-first if the first axis is short."""
+    if len(shape) == 2:
+        return shape[0], shape[1], 1
+    if len(shape) == 3:
+        if shape[0] <= 16 < min(shape[1], shape[2]):  # (C, H, W), e.g. 13-band Sentinel-2 tiles
+            return shape[1], shape[2], shape[0]
+        return shape[0], shape[1], shape[2]
+    raise BadInput("not_image", f"array of shape {shape} is not an image (expected H x W [x C])")
+
+
+def read_stack_row(path: Path, row: int) -> bytes:
+    """Row `row` of an .npy stack as a standalone .npy (memory-mapped: only that row is read)."""
+    try:
+        stack = np.load(path, mmap_mode="r", allow_pickle=False)
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(stack[row]), allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BadInput("unreadable", f"cannot read stack row {row}: {exc}") from None
+    return buffer.getvalue()

@@ -1,0 +1,163 @@
+"""Object transfers to MinIO: retried, resumable, and skipped when the object is already there.
+
+Every object carries the sha256 of its content as user metadata (`x-amz-meta-sha256`). What is
+already stored is learned by listing one key prefix (= one `<dataset>/<split>/<label>/` folder)
+at a time with MinIO's metadata-in-listing extension, which costs one request per few
+thousand objects instead of one HEAD per object. Objects without the metadata in the listing
+(other S3 servers, objects written by other tools) are HEADed. Small payloads are sent from
+memory with one PUT; large files are streamed by the SDK's `fput_object` in multipart parts
+(5 MiB each, at most 3 in flight), so memory stays bounded whatever the file size.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, S3Error, ServerError
+from tenacity import (
+    RetryCallState,
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from orchard.uploader.inspection import Inspected
+from orchard.uploader.report import format_time, utc_now
+
+log = logging.getLogger(__name__)
+
+SHA_META = "sha256"
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "SlowDownRead", "SlowDownWrite", "InternalError", "ServiceUnavailable",
+    "RequestTimeout", "RequestTimeTooSkewed", "XMinioServerNotInitialized", "OperationTimedOut",
+    "XMinioReadQuorum", "XMinioWriteQuorum",
+})
+PREFIXES_CACHED = 4  # items arrive sorted by key, so only the current label folder is hot
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: throttling, 5xx, dropped connections, timeouts."""
+    if isinstance(exc, S3Error):
+        return exc.code in TRANSIENT_CODES
+    if isinstance(exc, (ServerError, InvalidResponseError)):
+        return True
+    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
+
+
+def _log_retry(state: RetryCallState) -> None:
+    log.warning("S3 call failed (%s), retry %d", state.outcome.exception(), state.attempt_number)
+
+
+# Bounded in attempts and in time: with write quorum lost (2 of 4 nodes down) MinIO answers 503
+# SlowDownWrite to every PUT, and a file must fail with that reason in seconds, not minutes.
+RETRY_SECONDS = 30
+s3_retry = retry(
+    reraise=True, retry=retry_if_exception(is_transient),
+    stop=stop_after_attempt(6) | stop_after_delay(RETRY_SECONDS),
+    wait=wait_exponential(multiplier=0.5, max=15), before_sleep=_log_retry,
+)
+
+
+@dataclass(frozen=True)
+class Remote:
+    """An object already in the bucket."""
+
+    key: str
+    sha256: str | None
+    etag: str
+    size: int
+    last_modified: str | None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Result of a PUT: what the document records about the object."""
+
+    etag: str
+    uploaded_at: str
+
+
+def _meta_sha(metadata) -> str | None:
+    """The sha256 user metadata from a listing or HEAD response (header case varies)."""
+    if not metadata:
+        return None
+    for name, value in metadata.items():
+        if name.lower() in ("x-amz-meta-sha256", SHA_META):
+            return value
+    return None
+
+
+def _time(moment: datetime | None) -> str | None:
+    return format_time(moment) if moment else None
+
+
+class RemoteIndex:
+    """What is already stored under a prefix, listed once per label folder (LRU-cached)."""
+
+    def __init__(self, client: Minio, bucket: str) -> None:
+        self.client = client
+        self.bucket = bucket
+        self._prefixes: OrderedDict[str, dict[str, Remote | None]] = OrderedDict()
+
+    def get(self, key: str) -> Remote | None:
+        """The stored object at `key` (with its sha256 if it has one), or None."""
+        prefix = key.rsplit("/", 1)[0] + "/"
+        if prefix not in self._prefixes:
+            self._prefixes[prefix] = self._list(prefix)
+            while len(self._prefixes) > PREFIXES_CACHED:
+                self._prefixes.popitem(last=False)
+        remote = self._prefixes[prefix].get(key)
+        if remote is not None and remote.sha256 is None:  # the listing had no user metadata
+            remote = self._head(key)
+            self._prefixes[prefix][key] = remote
+        return remote
+
+    @s3_retry
+    def _list(self, prefix: str) -> dict[str, Remote]:
+        objects = self.client.list_objects(self.bucket, prefix=prefix, recursive=False, include_user_meta=True)
+        found = {}
+        for obj in objects:
+            if obj.is_dir:
+                continue
+            found[obj.object_name] = Remote(obj.object_name, _meta_sha(obj.metadata), (obj.etag or "").strip('"'),
+                                            obj.size or 0, _time(obj.last_modified))
+        return found
+
+    @s3_retry
+    def _head(self, key: str) -> Remote | None:
+        """HEAD one object; sha256 "" when it has none (written by another tool: re-uploaded)."""
+        try:
+            stat = self.client.stat_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):  # deleted since the listing
+                return None
+            raise
+        return Remote(key, _meta_sha(stat.metadata) or "", (stat.etag or "").strip('"'), stat.size or 0,
+                      _time(stat.last_modified))
+
+
+@s3_retry
+def put(client: Minio, bucket: str, info: Inspected) -> Stored:
+    """Store `info`'s content at its key with its sha256 as metadata; retried on transient errors."""
+    key = info.item.key
+    metadata = {SHA_META: info.sha256}
+    if info.data is not None:
+        result = client.put_object(bucket, key, io.BytesIO(info.data), len(info.data),
+                                   content_type=info.content_type, metadata=metadata)
+    else:
+        result = client.fput_object(bucket, key, str(info.item.path), content_type=info.content_type,
+                                    metadata=metadata)
+    return Stored(etag=(result.etag or "").strip('"'), uploaded_at=utc_now())
+
+
+def bucket_exists(client: Minio, bucket: str) -> bool:
+    """Whether the bucket exists (no retries beyond the client's own: a pre-flight check fails fast)."""
+    return client.bucket_exists(bucket)
