@@ -40,7 +40,7 @@ import pandas as pd  # module level: pandas_udf resolves the UDF's type hints in
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchard.core.settings import Settings, load_settings  # noqa: E402
+from orchard.core.settings import Settings, load_settings
 
 log = logging.getLogger("bench.inference")
 ORCHARD = REPO / "bin" / "orchard"
@@ -50,6 +50,7 @@ IMAGES_PER_PARTITION = 64
 
 
 # --- parent: data, model, measurements --------------------------------------------------------------
+
 
 def run_cli(*args: str) -> str:
     """Run `orchard ...`; its stdout (raises with stderr on failure)."""
@@ -64,8 +65,19 @@ def ensure_dataset(size: int, classes: int, work: Path) -> str:
     name = f"bench-inference-{size}"
     out = work / name
     per_class = -(-size // classes)
-    run_cli("dataset", "synth", str(out), "--classes", str(classes), "--per-class", str(per_class),
-            "--test-per-class", "0", "--seed", str(90_000 + size))
+    run_cli(
+        "dataset",
+        "synth",
+        str(out),
+        "--classes",
+        str(classes),
+        "--per-class",
+        str(per_class),
+        "--test-per-class",
+        "0",
+        "--seed",
+        str(90_000 + size),
+    )
     run_cli("upload", str(out), "--dataset", name)
     return name
 
@@ -111,8 +123,9 @@ class PeakRss:
 
 def measure(argv: list[str]) -> dict:
     """Run one child, sampling its memory; the child's last JSON line plus the peaks."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     peak = PeakRss(proc.pid)
     out, err = proc.communicate()
     peak.stop()
@@ -125,10 +138,31 @@ def measure(argv: list[str]) -> dict:
 def child_argv(approach: str, dataset: str, version: str) -> list[str]:
     """The command measuring one approach."""
     if approach == "orchard":
-        return [str(ORCHARD), "-q", "infer", "--dataset", dataset, "--model", version, "--force", "--json",
-                "--batch-size", str(BATCH), "--images-per-partition", str(IMAGES_PER_PARTITION)]
-    return [sys.executable, str(Path(__file__).resolve()), "--child", approach, "--dataset", dataset,
-            "--model", version]
+        return [
+            str(ORCHARD),
+            "-q",
+            "infer",
+            "--dataset",
+            dataset,
+            "--model",
+            version,
+            "--force",
+            "--json",
+            "--batch-size",
+            str(BATCH),
+            "--images-per-partition",
+            str(IMAGES_PER_PARTITION),
+        ]
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        approach,
+        "--dataset",
+        dataset,
+        "--model",
+        version,
+    ]
 
 
 def summarise(results: dict[int, dict[str, dict]]) -> dict:
@@ -145,13 +179,15 @@ def summarise(results: dict[int, dict[str, dict]]) -> dict:
         final["ratios"][str(size)] = {
             "orchard_over_model_only": round(row["orchard_ips"] / row["model_only_ips"], 3),
             "orchard_over_elephas": round(row["orchard_ips"] / row["elephas_ips"], 3),
-            "orchard_over_pandas_udf": round(row["orchard_ips"] / row["pandas_udf_ips"], 3)}
+            "orchard_over_pandas_udf": round(row["orchard_ips"] / row["pandas_udf_ips"], 3),
+        }
     sizes = sorted(results)
     if len(sizes) > 1:
         small, big = str(sizes[0]), str(sizes[-1])
         final["driver_rss_growth_mb"] = {
             a: round(final["sizes"][big][f"{a}_driver_rss_mb"] - final["sizes"][small][f"{a}_driver_rss_mb"], 1)
-            for a in APPROACHES}
+            for a in APPROACHES
+        }
     return final
 
 
@@ -171,7 +207,9 @@ def clean_up(s: Settings, datasets: list[str], version: str | None) -> None:
             log.warning("cleanup: %s", error)
     for dataset in datasets:
         hits = scan(es, index=s.images_index, query={"query": {"term": {"dataset": dataset}}}, _source=False)
-        bulk(es, ({"_op_type": "delete", "_index": s.images_index, "_id": h["_id"]} for h in hits), raise_on_error=False)
+        bulk(
+            es, ({"_op_type": "delete", "_index": s.images_index, "_id": h["_id"]} for h in hits), raise_on_error=False
+        )
     if version:
         es.options(ignore_status=404).delete(index=s.models_index, id=version)
 
@@ -189,8 +227,13 @@ def main_parent(args) -> None:
         for approach in args.approaches:
             r = measure(child_argv(approach, dataset, version))
             if approach == "orchard":
-                r = {"ips": r["images_per_second"], "images": r["images"], "seconds": r["seconds"],
-                     "driver_rss_mb": r["driver_rss_mb"], "driver_jvm_rss_mb": r["driver_jvm_rss_mb"]}
+                r = {
+                    "ips": r["images_per_second"],
+                    "images": r["images"],
+                    "seconds": r["seconds"],
+                    "driver_rss_mb": r["driver_rss_mb"],
+                    "driver_jvm_rss_mb": r["driver_jvm_rss_mb"],
+                }
             results[size][approach] = r
             print(json.dumps({"size": size, "approach": approach, **r}), flush=True)
     final = summarise(results) if set(args.approaches) == set(APPROACHES) else {"results": results}
@@ -204,6 +247,7 @@ def main_parent(args) -> None:
 
 
 # --- children: one approach each ------------------------------------------------------------------
+
 
 def load_driver_model(s: Settings, version: str, threads: int | None = None):
     """(keras model, card) of a version, loaded in this process."""
@@ -246,7 +290,7 @@ def child_model_only(s: Settings, dataset: str, version: str) -> dict:
     model.predict_on_batch(x[:BATCH])  # trace once, outside the timing
     began = time.monotonic()
     for start in range(0, len(x), BATCH):
-        model.predict_on_batch(x[start:start + BATCH])
+        model.predict_on_batch(x[start : start + BATCH])
     seconds = time.monotonic() - began
     return {"ips": round(len(x) / seconds, 1), "images": len(x), "seconds": round(seconds, 2)}
 
@@ -322,14 +366,21 @@ def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000])
     parser.add_argument("--classes", type=int, default=10, help="classes of the synthetic images")
-    parser.add_argument("--head", type=int, default=1000,
-                        help="outputs of the benchmarked CNN (default 1000, an ImageNet classifier's: what "
-                             "collecting every prediction to the driver costs shows at this width)")
+    parser.add_argument(
+        "--head",
+        type=int,
+        default=1000,
+        help="outputs of the benchmarked CNN (default 1000, an ImageNet classifier's: what "
+        "collecting every prediction to the driver costs shows at this width)",
+    )
     parser.add_argument("--approaches", nargs="+", choices=APPROACHES, default=list(APPROACHES))
     parser.add_argument("--model", help="use this registered version instead of registering a fresh CNN")
     parser.add_argument("--work", help="directory for the synthetic images (default: a temp dir)")
-    parser.add_argument("--cleanup", action="store_true",
-                        help="delete the bench datasets and model afterwards (default: keep them for re-runs)")
+    parser.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="delete the bench datasets and model afterwards (default: keep them for re-runs)",
+    )
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -26,13 +26,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from elasticsearch.helpers import bulk, scan  # noqa: E402
-from minio.deleteobjects import DeleteObject  # noqa: E402
+from elasticsearch.helpers import bulk, scan
+from minio.deleteobjects import DeleteObject
 
-from orchard.core.clients import es_client, s3_client  # noqa: E402
-from orchard.core.settings import Settings, load_settings  # noqa: E402
-from orchard.core.toolchain import Toolchain  # noqa: E402
-from orchard.uploader.synth import synthesize  # noqa: E402
+from orchard.core.clients import es_client, s3_client
+from orchard.core.settings import Settings, load_settings
+from orchard.core.toolchain import Toolchain
+from orchard.uploader.synth import synthesize
 
 log = logging.getLogger("bench.upload")
 
@@ -62,8 +62,20 @@ def run_orchard(tree: Path, dataset: str, workers: int, work: Path) -> tuple[flo
     """`orchard upload`; returns (seconds, report)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     report = work / "orchard-report.json"
-    command = [sys.executable, "-m", "orchard", "-q", "upload", str(tree), "--dataset", dataset,
-               "--workers", str(workers), "--report", str(report)]
+    command = [
+        sys.executable,
+        "-m",
+        "orchard",
+        "-q",
+        "upload",
+        str(tree),
+        "--dataset",
+        dataset,
+        "--workers",
+        str(workers),
+        "--report",
+        str(report),
+    ]
     seconds = timed(command, env, work / "orchard.log")
     return seconds, json.loads(report.read_text())
 
@@ -75,9 +87,21 @@ def run_mc(settings: Settings, tree: Path, prefix: str, work: Path) -> float:
         raise SystemExit(f"{mc} is missing: run `make deps`")
     env = {**os.environ, "MC_CONFIG_DIR": str(work / "mc-config")}
     settings.require("s3_access_key", "s3_secret_key")
-    subprocess.run([str(mc), "--quiet", "alias", "set", "bench", settings.s3_url,
-                    settings.s3_access_key.get_secret_value(), settings.s3_secret_key.get_secret_value()],
-                   env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            str(mc),
+            "--quiet",
+            "alias",
+            "set",
+            "bench",
+            settings.s3_url,
+            settings.s3_access_key.get_secret_value(),
+            settings.s3_secret_key.get_secret_value(),
+        ],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     target = f"bench/{settings.images_bucket}/{prefix}"
     return timed([str(mc), "--quiet", "mirror", str(tree), target], env, work / "mc.log")
 
@@ -90,8 +114,10 @@ def count_objects(settings: Settings, prefix: str) -> int:
 def clean_up(settings: Settings, name: str) -> None:
     """Delete a round's objects (prefix `name`) and documents (dataset `name`)."""
     client = s3_client(settings)
-    names = (DeleteObject(o.object_name)
-             for o in client.list_objects(settings.images_bucket, prefix=f"{name}/", recursive=True))
+    names = (
+        DeleteObject(o.object_name)
+        for o in client.list_objects(settings.images_bucket, prefix=f"{name}/", recursive=True)
+    )
     errors = list(client.remove_objects(settings.images_bucket, names))
     if errors:
         log.warning("could not delete %d objects under %s", len(errors), name)

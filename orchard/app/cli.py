@@ -68,8 +68,12 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--home", type=click.Path(file_okay=False), default=None,
-              help="State directory of the native stack [env ORCHARD_HOME].")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="State directory of the native stack [env ORCHARD_HOME].",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.version_option(package_name=None, version=__import__("orchard").__version__)
@@ -84,8 +88,11 @@ def cli(ctx: click.Context, home: str | None, verbose: int, quiet: bool) -> None
 def configure_logging(level: int) -> None:
     """Log to stderr with timestamps; quiet the chatty HTTP libraries."""
     logging.basicConfig(
-        level=level, stream=sys.stderr, force=True,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        level=level,
+        stream=sys.stderr,
+        force=True,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     for noisy in ("urllib3", "elastic_transport", "py4j", "tensorflow", "absl"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import click
 
-from orchard.core.errors import ExitStatus, OrchardError
 from orchard.app.report import Stage, human_seconds
+from orchard.core.errors import ExitStatus, OrchardError
 from orchard.core.settings import Settings, load_settings
 from orchard.core.toolchain import REPO_ROOT
 
@@ -114,12 +114,16 @@ class DemoRun:
         argv = [sys.executable, "-m", "orchard", *args]
         log.debug("running %s (log %s)", shlex.join(argv), log_file)
         with log_file.open("w") as err:
-            proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True,  # noqa: S603
-                                  env=self.child_env(), check=False)
+            proc = subprocess.run(
+                argv, stdout=subprocess.PIPE, stderr=err, text=True, env=self.child_env(), check=False
+            )
         if proc.returncode != 0:
             self.show_tail(log_file)
-            raise StageFailed(stage, f"`orchard {shlex.join(args)}` exited {proc.returncode}: "
-                                     f"{last_error(log_file)} (log: {log_file})", proc.returncode)
+            raise StageFailed(
+                stage,
+                f"`orchard {shlex.join(args)}` exited {proc.returncode}: {last_error(log_file)} (log: {log_file})",
+                proc.returncode,
+            )
         return proc.stdout
 
     def show_tail(self, log_file: Path) -> None:
@@ -135,8 +139,9 @@ class DemoRun:
         stage = Stage(name, round(time.monotonic() - began, 2), items, unit, work, command)
         self.stages.append(stage)
         rate = f", {stage.per_second:.1f} {unit}/s" if stage.per_second else ""
-        self.echo(f"    {name}: {human_seconds(stage.seconds)}"
-                  f"{f' ({items:,} {unit}{rate})' if items is not None else ''}")
+        self.echo(
+            f"    {name}: {human_seconds(stage.seconds)}{f' ({items:,} {unit}{rate})' if items is not None else ''}"
+        )
 
     # --- the stages ---------------------------------------------------------------------------
 
@@ -146,8 +151,9 @@ class DemoRun:
         try:
             rows = launcher.up(self.s)
         except OrchardError as exc:
-            raise StageFailed("stack", f"{exc} (see `orchard stack status` and `orchard stack logs NAME`)",
-                              exc.exit_status) from exc
+            raise StageFailed(
+                "stack", f"{exc} (see `orchard stack status` and `orchard stack logs NAME`)", exc.exit_status
+            ) from exc
         self.s = load_settings(home=self.s.home)  # the credentials may have been generated just now
         return len(rows), 0, "orchard stack up"  # work 0: a service count has no throughput
 
@@ -164,8 +170,19 @@ class DemoRun:
     def synth(self) -> tuple[int, None, str]:
         o = self.o
         out = dataset_dir(self.s, o)
-        args = ["dataset", "synth", str(out), "--classes", str(o.classes), "--per-class", str(o.per_class),
-                "--test-per-class", str(o.test_per_class), "--seed", str(o.synth_seed)]
+        args = [
+            "dataset",
+            "synth",
+            str(out),
+            "--classes",
+            str(o.classes),
+            "--per-class",
+            str(o.per_class),
+            "--test-per-class",
+            str(o.test_per_class),
+            "--seed",
+            str(o.synth_seed),
+        ]
         self.orchard("synth", *args)
         self.facts["source"] = out
         return o.classes * (o.per_class + o.test_per_class), None, "orchard " + shlex.join(args)
@@ -180,8 +197,11 @@ class DemoRun:
             log.warning("upload skipped %d files (duplicates or unsupported): see %s", counts["skipped"], report)
         items = sum(counts.get(k, 0) for k in ("uploaded", "present", "skipped", "failed"))
         if not counts.get("uploaded", 0) + counts.get("present", 0):
-            raise StageFailed("upload", f"no images found under {source} (expected <split>/<label>/<image>, "
-                                        f"e.g. Training/Apple/0_100.jpg; see {report})")
+            raise StageFailed(
+                "upload",
+                f"no images found under {source} (expected <split>/<label>/<image>, "
+                f"e.g. Training/Apple/0_100.jpg; see {report})",
+            )
         self.facts["upload"] = counts
         return items, None, "orchard " + shlex.join(args[:4])
 
@@ -195,7 +215,7 @@ class DemoRun:
             return call()
         except OrchardError as exc:
             raise StageFailed(stage, f"{exc} (log: {self.spark_log})", exc.exit_status) from exc
-        except Exception as exc:  # noqa: BLE001 - Py4J/Spark errors: one line here, the trace in the log
+        except Exception as exc:
             log.exception("stage %s failed", stage)
             first = (str(exc).strip().splitlines() or [""])[0]
             raise StageFailed(stage, f"{type(exc).__name__}: {first[:300]} (log: {self.spark_log})") from exc
@@ -245,8 +265,11 @@ class DemoRun:
         with stderr_to(self.spark_log):
             try:
                 self.timed("spark", "executors", partial(self.start_spark, holder))
-                for name, unit, body in (("train", "image-epochs", self.train), ("infer", "images", self.infer),
-                                         ("features", "images", self.features)):
+                for name, unit, body in (
+                    ("train", "image-epochs", self.train),
+                    ("infer", "images", self.infer),
+                    ("features", "images", self.features),
+                ):
                     self.timed(name, unit, partial(body, holder["spark"]))
             finally:
                 if "spark" in holder:
@@ -274,13 +297,18 @@ class DemoRun:
             if not self.stages:  # --report-only: keep the timings of the run that made this model, if known
                 self.stages = previous_stages(self.o.out / "summary.json", page.data)
             seconds = round(time.monotonic() - began, 2)
-            stage = Stage("report", seconds, page.data.totals.get("total"), "documents",
-                          command=f"orchard demo --report-only --dataset {shlex.quote(self.o.dataset)}")
+            stage = Stage(
+                "report",
+                seconds,
+                page.data.totals.get("total"),
+                "documents",
+                command=f"orchard demo --report-only --dataset {shlex.quote(self.o.dataset)}",
+            )
             page.data.stages = reporting.stage_rows([*self.stages, stage])
             path = reporting.write(page, self.o.out)
         except OrchardError as exc:
             raise StageFailed("report", str(exc), exc.exit_status) from exc
-        except Exception as exc:  # noqa: BLE001 - any failure here must still name the stage
+        except Exception as exc:
             log.debug("report failed", exc_info=True)
             raise StageFailed("report", f"{type(exc).__name__}: {exc}") from exc
         self.stages.append(stage)
@@ -330,15 +358,22 @@ def last_error(log_file: Path) -> str:
 def summary_lines(data, stages: list[Stage], page: Path) -> list[str]:
     """The terminal summary: dataset, model, accuracy, stage times, where the report is."""
     splits = " · ".join(f"{sp} {data.totals.get(sp, 0):,}" for sp in data.splits)
-    lines = ["", f"Orchard demo: dataset {data.dataset}",
-             f"  images    {data.totals.get('total', 0):,} ({splits}) in {data.classes} classes"]
+    lines = [
+        "",
+        f"Orchard demo: dataset {data.dataset}",
+        f"  images    {data.totals.get('total', 0):,} ({splits}) in {data.classes} classes",
+    ]
     if data.model:
         m = data.model
-        lines.append(f"  model     {m['version']} ({m.get('architecture')}, {m.get('params', 0):,} parameters, "
-                     f"{m.get('epochs')} epochs)")
+        lines.append(
+            f"  model     {m['version']} ({m.get('architecture')}, {m.get('params', 0):,} parameters, "
+            f"{m.get('epochs')} epochs)"
+        )
         acc = "-" if data.accuracy is None else f"{data.accuracy:.1%}"
-        lines.append(f"  accuracy  {acc} on {data.test_split} ({data.correct:,}/{data.predicted:,} predictions in "
-                     f"Elasticsearch); model evaluation {m.get('metrics', {}).get('test_accuracy', 0):.1%}")
+        lines.append(
+            f"  accuracy  {acc} on {data.test_split} ({data.correct:,}/{data.predicted:,} predictions in "
+            f"Elasticsearch); model evaluation {m.get('metrics', {}).get('test_accuracy', 0):.1%}"
+        )
     lines.append(f"  {'stage':<10}{'time':>12}{'items':>22}{'per second':>12}")
     for st in stages:
         items = f"{st.items:,} {st.unit}" if st.items is not None else ""
@@ -363,26 +398,64 @@ def stop_stack(s: Settings) -> None:
 @click.command()
 @click.option("--keep", is_flag=True, help="Leave the stack running afterwards [make demo KEEP=1].")
 @click.option("--dataset", default="demo", show_default=True, help="Dataset name (reused: re-runs are cheap).")
-@click.option("--classes", type=click.IntRange(2, 1000), default=DEFAULT_CLASSES, show_default=True,
-              help="Synthetic classes.")
-@click.option("--per-class", type=click.IntRange(1), default=DEFAULT_PER_CLASS, show_default=True,
-              help="Synthetic train images per class.")
-@click.option("--test-per-class", type=click.IntRange(1), default=DEFAULT_TEST_PER_CLASS, show_default=True,
-              help="Synthetic test images per class.")
+@click.option(
+    "--classes", type=click.IntRange(2, 1000), default=DEFAULT_CLASSES, show_default=True, help="Synthetic classes."
+)
+@click.option(
+    "--per-class",
+    type=click.IntRange(1),
+    default=DEFAULT_PER_CLASS,
+    show_default=True,
+    help="Synthetic train images per class.",
+)
+@click.option(
+    "--test-per-class",
+    type=click.IntRange(1),
+    default=DEFAULT_TEST_PER_CLASS,
+    show_default=True,
+    help="Synthetic test images per class.",
+)
 @click.option("--epochs", type=click.IntRange(1), default=DEFAULT_EPOCHS, show_default=True)
 @click.option("--seed", type=int, default=None, help="Synthesis seed [default: derived from --dataset].")
-@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A real class-per-folder tree (e.g. Fruits-360 with Training/ and Test/) instead of synthetic data.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/report"),
-              show_default=True, help="Report directory (index.html, summary.json, logs/).")
-@click.option("--no-stack", is_flag=True,
-              help="Use the services in the settings as they are (compose, AWS S3 + EMR): run `orchard setup` "
-                   "instead of starting and stopping the native stack.")
-@click.option("--report-only", is_flag=True,
-              help="Only rebuild the report of --dataset from a running stack (no stages, the stack is left as is).")
+@click.option(
+    "--source",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A real class-per-folder tree (e.g. Fruits-360 with Training/ and Test/) instead of synthetic data.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("out/report"),
+    show_default=True,
+    help="Report directory (index.html, summary.json, logs/).",
+)
+@click.option(
+    "--no-stack",
+    is_flag=True,
+    help="Use the services in the settings as they are (compose, AWS S3 + EMR): run `orchard setup` "
+    "instead of starting and stopping the native stack.",
+)
+@click.option(
+    "--report-only",
+    is_flag=True,
+    help="Only rebuild the report of --dataset from a running stack (no stages, the stack is left as is).",
+)
 @click.pass_context
-def demo(ctx: click.Context, keep: bool, dataset: str, classes: int, per_class: int, test_per_class: int,
-         epochs: int, seed: int | None, source: Path | None, out: Path, no_stack: bool, report_only: bool) -> int:
+def demo(
+    ctx: click.Context,
+    keep: bool,
+    dataset: str,
+    classes: int,
+    per_class: int,
+    test_per_class: int,
+    epochs: int,
+    seed: int | None,
+    source: Path | None,
+    out: Path,
+    no_stack: bool,
+    report_only: bool,
+) -> int:
     """The main job end to end: stack, synthetic data, upload, Elephas training, inference,
     features + PCA, and a self-contained HTML report (OUT/index.html)."""
     from orchard.app.cli import settings_from

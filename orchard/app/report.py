@@ -20,7 +20,7 @@ import socket
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
@@ -64,6 +64,7 @@ class Stage:
 
 # --- pure pieces ------------------------------------------------------------------------------------
 
+
 def confusion_matrix(cells: Iterable[tuple[str, str, int]], classes: Sequence[str]) -> np.ndarray:
     """Counts as a matrix: rows = true label, columns = predicted label, both in `classes` order.
 
@@ -85,8 +86,9 @@ def per_class_accuracy(matrix: np.ndarray, classes: Sequence[str]) -> list[dict]
     for i, label in enumerate(classes):
         total = int(matrix[i].sum())
         correct = int(matrix[i, i])
-        rows.append({"label": label, "correct": correct, "total": total,
-                     "accuracy": correct / total if total else None})
+        rows.append(
+            {"label": label, "correct": correct, "total": total, "accuracy": correct / total if total else None}
+        )
     return rows
 
 
@@ -121,8 +123,14 @@ def history_series(history: object) -> dict[str, list[float]]:
 
 def split_rows(counts: dict[str, dict[str, int]], splits: Sequence[str]) -> list[dict]:
     """Rows label -> {split: count, total} in label order, plus the totals row last."""
-    rows = [{"label": label, **{sp: by_split.get(sp, 0) for sp in splits},
-             "total": sum(by_split.get(sp, 0) for sp in splits)} for label, by_split in sorted(counts.items())]
+    rows = [
+        {
+            "label": label,
+            **{sp: by_split.get(sp, 0) for sp in splits},
+            "total": sum(by_split.get(sp, 0) for sp in splits),
+        }
+        for label, by_split in sorted(counts.items())
+    ]
     totals = {"label": "all classes", **{sp: sum(r[sp] for r in rows) for sp in splits}}
     totals["total"] = sum(totals[sp] for sp in splits)
     return rows + [totals]
@@ -147,6 +155,7 @@ def human_seconds(seconds: float | None) -> str:
 
 # --- Elasticsearch -------------------------------------------------------------------------------
 
+
 def dataset_filter(dataset: str, *more: dict) -> dict:
     """A bool query: dataset term plus extra filter clauses."""
     return {"bool": {"filter": [{"term": {"dataset": dataset}}, *more]}}
@@ -156,28 +165,51 @@ def latest_model(es, s: Settings, dataset: str) -> dict | None:
     """The newest model document trained on `dataset` (None if there is none)."""
     if not es.indices.exists(index=s.models_index):
         return None
-    response = es.search(index=s.models_index, size=1, query={"term": {"dataset": dataset}},
-                         sort=[{"created_at": {"order": "desc"}}, {"version": {"order": "desc"}}])
+    response = es.search(
+        index=s.models_index,
+        size=1,
+        query={"term": {"dataset": dataset}},
+        sort=[{"created_at": {"order": "desc"}}, {"version": {"order": "desc"}}],
+    )
     hits = response["hits"]["hits"]
     return hits[0]["_source"] if hits else None
 
 
 def split_counts(es, s: Settings, dataset: str) -> dict[str, dict[str, int]]:
     """{label: {split: documents}} of a dataset, by a terms aggregation."""
-    response = es.search(index=s.images_index, size=0, query=dataset_filter(dataset), aggs={
-        "label": {"terms": {"field": "label", "size": 10_000},
-                  "aggs": {"split": {"terms": {"field": "split", "size": 10}}}}})
-    return {b["key"]: {sb["key"]: sb["doc_count"] for sb in b["split"]["buckets"]}
-            for b in response["aggregations"]["label"]["buckets"]}
+    response = es.search(
+        index=s.images_index,
+        size=0,
+        query=dataset_filter(dataset),
+        aggs={
+            "label": {
+                "terms": {"field": "label", "size": 10_000},
+                "aggs": {"split": {"terms": {"field": "split", "size": 10}}},
+            }
+        },
+    )
+    return {
+        b["key"]: {sb["key"]: sb["doc_count"] for sb in b["split"]["buckets"]}
+        for b in response["aggregations"]["label"]["buckets"]
+    }
 
 
 def class_examples(es, s: Settings, dataset: str) -> dict[str, str]:
     """{label: key of its first image by key}, one top hit per class."""
-    response = es.search(index=s.images_index, size=0, query=dataset_filter(dataset), aggs={
-        "label": {"terms": {"field": "label", "size": 10_000}, "aggs": {"first": {"top_hits": {
-            "size": 1, "sort": [{"key": "asc"}], "_source": ["key"]}}}}})
-    return {b["key"]: b["first"]["hits"]["hits"][0]["_source"]["key"]
-            for b in response["aggregations"]["label"]["buckets"]}
+    response = es.search(
+        index=s.images_index,
+        size=0,
+        query=dataset_filter(dataset),
+        aggs={
+            "label": {
+                "terms": {"field": "label", "size": 10_000},
+                "aggs": {"first": {"top_hits": {"size": 1, "sort": [{"key": "asc"}], "_source": ["key"]}}},
+            }
+        },
+    )
+    return {
+        b["key"]: b["first"]["hits"]["hits"][0]["_source"]["key"] for b in response["aggregations"]["label"]["buckets"]
+    }
 
 
 def predicted_filter(version: str) -> list[dict]:
@@ -190,12 +222,15 @@ def confusion_cells(es, s: Settings, dataset: str, split: str, version: str) -> 
     query = dataset_filter(dataset, {"term": {"split": split}}, *predicted_filter(version))
     after = None
     while True:
-        composite = {"size": COMPOSITE_PAGE, "sources": [
-            {"true": {"terms": {"field": "label"}}}, {"pred": {"terms": {"field": "prediction.label"}}}]}
+        composite = {
+            "size": COMPOSITE_PAGE,
+            "sources": [{"true": {"terms": {"field": "label"}}}, {"pred": {"terms": {"field": "prediction.label"}}}],
+        }
         if after:
             composite["after"] = after
-        agg = es.search(index=s.images_index, size=0, query=query,
-                        aggs={"cells": {"composite": composite}})["aggregations"]["cells"]
+        agg = es.search(index=s.images_index, size=0, query=query, aggs={"cells": {"composite": composite}})[
+            "aggregations"
+        ]["cells"]
         for bucket in agg["buckets"]:
             yield bucket["key"]["true"], bucket["key"]["pred"], bucket["doc_count"]
         after = agg.get("after_key")
@@ -211,24 +246,44 @@ def count(es, s: Settings, query: dict) -> int:
 def agreement(classes: Sequence[str]) -> dict:
     """A query matching documents whose predicted label equals their true label (one clause per class:
     no scripts, so it also runs on a minimal Elasticsearch without the painless module)."""
-    return {"bool": {"should": [{"bool": {"filter": [{"term": {"label": c}}, {"term": {"prediction.label": c}}]}}
-                                for c in classes], "minimum_should_match": 1}}
+    return {
+        "bool": {
+            "should": [
+                {"bool": {"filter": [{"term": {"label": c}}, {"term": {"prediction.label": c}}]}} for c in classes
+            ],
+            "minimum_should_match": 1,
+        }
+    }
 
 
-def grid_hits(es, s: Settings, dataset: str, split: str, version: str, classes: Sequence[str],
-              size: int = GRID_SIZE) -> list[dict]:
+def grid_hits(
+    es, s: Settings, dataset: str, split: str, version: str, classes: Sequence[str], size: int = GRID_SIZE
+) -> list[dict]:
     """Up to `size` predicted images of a split: misclassified first (most confident first), then a
     fixed random sample of the correctly classified ones."""
     source = ["key", "label", "split", "prediction.label", "prediction.confidence"]
     base = [{"term": {"dataset": dataset}}, {"term": {"split": split}}, *predicted_filter(version)]
-    wrong = es.search(index=s.images_index, size=size, source_includes=source,
-                      query={"bool": {"filter": base, "must_not": [agreement(classes)]}},
-                      sort=[{"prediction.confidence": "desc"}, {"key": "asc"}])
+    wrong = es.search(
+        index=s.images_index,
+        size=size,
+        source_includes=source,
+        query={"bool": {"filter": base, "must_not": [agreement(classes)]}},
+        sort=[{"prediction.confidence": "desc"}, {"key": "asc"}],
+    )
     hits = wrong["hits"]["hits"]
     if len(hits) < size:
-        right = es.search(index=s.images_index, size=size - len(hits), source_includes=source, query={
-            "function_score": {"query": {"bool": {"filter": [*base, agreement(classes)]}},
-                               "random_score": {"seed": SAMPLE_SEED, "field": "id"}, "boost_mode": "replace"}})
+        right = es.search(
+            index=s.images_index,
+            size=size - len(hits),
+            source_includes=source,
+            query={
+                "function_score": {
+                    "query": {"bool": {"filter": [*base, agreement(classes)]}},
+                    "random_score": {"seed": SAMPLE_SEED, "field": "id"},
+                    "boost_mode": "replace",
+                }
+            },
+        )
         hits += right["hits"]["hits"]
     return [flat_hit(h) for h in hits]
 
@@ -237,60 +292,108 @@ def flat_hit(hit: dict) -> dict:
     """key, label, predicted, confidence, correct, score of a search hit."""
     src = hit["_source"]
     pred = src.get("prediction") or {}
-    return {"key": src.get("key"), "label": src.get("label"), "split": src.get("split"),
-            "predicted": pred.get("label"), "confidence": pred.get("confidence"),
-            "correct": pred.get("label") == src.get("label") if pred.get("label") else None,
-            "score": hit.get("_score")}
+    return {
+        "key": src.get("key"),
+        "label": src.get("label"),
+        "split": src.get("split"),
+        "predicted": pred.get("label"),
+        "confidence": pred.get("confidence"),
+        "correct": pred.get("label") == src.get("label") if pred.get("label") else None,
+        "score": hit.get("_score"),
+    }
 
 
 def pca_points(es, s: Settings, dataset: str, version: str, limit: int = SCATTER_POINTS) -> tuple[list[dict], int]:
     """(a fixed random sample of at most `limit` {x, y, label, split}, number of documents with PCA)."""
     query = dataset_filter(dataset, {"term": {"embedding_model": version}}, {"exists": {"field": "pca.x"}})
     total = count(es, s, query)
-    response = es.search(index=s.images_index, size=min(limit, 10_000), source_includes=["pca", "label", "split"],
-                         query={"function_score": {"query": query, "boost_mode": "replace",
-                                                   "random_score": {"seed": SAMPLE_SEED, "field": "id"}}})
-    points = [{"x": h["_source"]["pca"]["x"], "y": h["_source"]["pca"]["y"], "label": h["_source"]["label"],
-               "split": h["_source"].get("split")} for h in response["hits"]["hits"]]
+    response = es.search(
+        index=s.images_index,
+        size=min(limit, 10_000),
+        source_includes=["pca", "label", "split"],
+        query={
+            "function_score": {
+                "query": query,
+                "boost_mode": "replace",
+                "random_score": {"seed": SAMPLE_SEED, "field": "id"},
+            }
+        },
+    )
+    points = [
+        {
+            "x": h["_source"]["pca"]["x"],
+            "y": h["_source"]["pca"]["y"],
+            "label": h["_source"]["label"],
+            "split": h["_source"].get("split"),
+        }
+        for h in response["hits"]["hits"]
+    ]
     return points, total
 
 
 def knn_example(es, s: Settings, dataset: str, version: str, k: int = NEIGHBOURS) -> dict | None:
     """One test image (a fixed random pick) and its k nearest neighbours by embedding (cosine kNN)."""
     scope = [{"term": {"embedding_model": version}}, {"exists": {"field": "embedding"}}]
-    pick = es.search(index=s.images_index, size=1, source_includes=["key", "label", "split", "prediction", "embedding"],
-                     query={"function_score": {"query": dataset_filter(dataset, {"term": {"split": "test"}}, *scope),
-                                               "random_score": {"seed": SAMPLE_SEED, "field": "id"},
-                                               "boost_mode": "replace"}})["hits"]["hits"]
+    pick = es.search(
+        index=s.images_index,
+        size=1,
+        source_includes=["key", "label", "split", "prediction", "embedding"],
+        query={
+            "function_score": {
+                "query": dataset_filter(dataset, {"term": {"split": "test"}}, *scope),
+                "random_score": {"seed": SAMPLE_SEED, "field": "id"},
+                "boost_mode": "replace",
+            }
+        },
+    )["hits"]["hits"]
     if not pick:
         return None
     query_doc = pick[0]
-    knn = {"field": "embedding", "query_vector": query_doc["_source"]["embedding"], "k": k + 1,
-           "num_candidates": max(100, 10 * (k + 1)), "filter": dataset_filter(dataset, *scope)}
-    response = es.search(index=s.images_index, knn=knn, size=k + 1,
-                         source_includes=["key", "label", "split", "prediction"])
+    knn = {
+        "field": "embedding",
+        "query_vector": query_doc["_source"]["embedding"],
+        "k": k + 1,
+        "num_candidates": max(100, 10 * (k + 1)),
+        "filter": dataset_filter(dataset, *scope),
+    }
+    response = es.search(
+        index=s.images_index, knn=knn, size=k + 1, source_includes=["key", "label", "split", "prediction"]
+    )
     neighbours = [flat_hit(h) for h in response["hits"]["hits"] if h["_id"] != query_doc["_id"]][:k]
     return {"query": flat_hit(query_doc), "neighbours": neighbours}
 
 
 # --- the stack it ran on -----------------------------------------------------------------------------
 
+
 def stack_facts(es, s: Settings) -> dict:
     """Versions, nodes and endpoints of the services, and the machine the report was made on."""
     nodes = es.cat.nodes(format="json", h="name,version,heap.max")  # not GET /: the minimal distribution lacks it
     health = es.cluster.health()
     return {
-        "elasticsearch": {"version": ", ".join(sorted({n.get("version", "?") for n in nodes})),
-                          "cluster": health["cluster_name"],
-                          "nodes": len(nodes), "status": health["status"], "urls": s.es_urls,
-                          "heaps": sorted({n.get("heap.max") for n in nodes if n.get("heap.max")})},
-        "s3": {"endpoint": s.s3_url, "buckets": [s.images_bucket, s.features_bucket, s.models_bucket],
-               "servers": minio_servers(s)},
+        "elasticsearch": {
+            "version": ", ".join(sorted({n.get("version", "?") for n in nodes})),
+            "cluster": health["cluster_name"],
+            "nodes": len(nodes),
+            "status": health["status"],
+            "urls": s.es_urls,
+            "heaps": sorted({n.get("heap.max") for n in nodes if n.get("heap.max")}),
+        },
+        "s3": {
+            "endpoint": s.s3_url,
+            "buckets": [s.images_bucket, s.features_bucket, s.models_bucket],
+            "servers": minio_servers(s),
+        },
         "spark": {"master": s.spark_master_url, **spark_cluster(s)},
         "indices": [s.images_index, s.models_index],
         "software": {name: package_version(name) for name in SOFTWARE},
-        "machine": {"host": socket.gethostname(), "cpus": os.cpu_count(), "memory_gb": memory_gb(),
-                    "python": platform.python_version(), "os": platform.platform(terse=True)},
+        "machine": {
+            "host": socket.gethostname(),
+            "cpus": os.cpu_count(),
+            "memory_gb": memory_gb(),
+            "python": platform.python_version(),
+            "os": platform.platform(terse=True),
+        },
     }
 
 
@@ -319,11 +422,13 @@ def minio_servers(s: Settings) -> int | None:
         from minio.credentials import StaticProvider
 
         url = urlparse(s.s3_url)
-        admin = MinioAdmin(endpoint=url.netloc, secure=url.scheme == "https",
-                           credentials=StaticProvider(s.s3_access_key.get_secret_value(),
-                                                      s.s3_secret_key.get_secret_value()))
+        admin = MinioAdmin(
+            endpoint=url.netloc,
+            secure=url.scheme == "https",
+            credentials=StaticProvider(s.s3_access_key.get_secret_value(), s.s3_secret_key.get_secret_value()),
+        )
         return len(json.loads(admin.info()).get("servers", []))
-    except Exception as exc:  # noqa: BLE001 - optional detail: AWS S3 has no admin API
+    except Exception as exc:
         log.debug("MinIO admin info unavailable: %s", exc)
         return None
 
@@ -334,17 +439,22 @@ def spark_cluster(s: Settings) -> dict:
 
     host = urlparse(s.spark_master_url.replace("spark://", "http://")).hostname or s.bind_host
     try:
-        with urllib.request.urlopen(f"http://{host}:{s.spark_ui_port}/json/", timeout=3) as response:  # noqa: S310
+        with urllib.request.urlopen(f"http://{host}:{s.spark_ui_port}/json/", timeout=3) as response:
             body = json.loads(response.read())
     except (OSError, ValueError) as exc:
         log.debug("Spark master UI unavailable: %s", exc)
         return {}
     alive = [w for w in body.get("workers", []) if w.get("state") == "ALIVE"]
-    return {"workers": len(alive), "cores": sum(w.get("cores", 0) for w in alive),
-            "worker_memory_mb": sorted({w.get("memory") for w in alive}), "version": body.get("version", "")}
+    return {
+        "workers": len(alive),
+        "cores": sum(w.get("cores", 0) for w in alive),
+        "worker_memory_mb": sorted({w.get("memory") for w in alive}),
+        "version": body.get("version", ""),
+    }
 
 
 # --- thumbnails ------------------------------------------------------------------------------------
+
 
 def thumbnail_uri(s3, bucket: str, key: str, px: int = THUMB_PX) -> str | None:
     """A JPEG data URI of the image at `key`, shrunk to fit px x px (None if it cannot be read)."""
@@ -377,14 +487,22 @@ def thumbnails(s3, bucket: str, keys: Iterable[str]) -> dict[str, str | None]:
 
 # --- plots ---------------------------------------------------------------------------------------
 
+
 def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display: render to memory only
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False,
-                         "axes.titleweight": "bold", "figure.dpi": 110})
+    plt.rcParams.update(
+        {
+            "font.size": 10,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.titleweight": "bold",
+            "figure.dpi": 110,
+        }
+    )
     return plt
 
 
@@ -445,8 +563,9 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str]) -> str | None:
         high = matrix.max() / 2 if matrix.max() else 1
         for (i, j), value in np.ndenumerate(matrix):
             if value:
-                ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
-                        color="white" if value > high else "#1a202c")
+                ax.text(
+                    j, i, str(value), ha="center", va="center", fontsize=8, color="white" if value > high else "#1a202c"
+                )
     ax.spines[:].set_visible(False)
     fig.tight_layout()
     return png_uri(fig)
@@ -467,8 +586,15 @@ def plot_per_class(rows: list[dict]) -> str | None:
     ax.axvline(overall, color="#2d3748", linestyle="--", linewidth=1)
     for y, v in enumerate(values):
         inside = v > 0.8  # label inside the bar's end, in white, when there is no room after it
-        ax.text(v - 0.01 if inside else v + 0.01, y, f"{v:.0%}", va="center", ha="right" if inside else "left",
-                fontsize=8, color="white" if inside else "#1a202c")
+        ax.text(
+            v - 0.01 if inside else v + 0.01,
+            y,
+            f"{v:.0%}",
+            va="center",
+            ha="right" if inside else "left",
+            fontsize=8,
+            color="white" if inside else "#1a202c",
+        )
     ax.set_title(f"Accuracy per class (dashed: overall {overall:.1%})", fontsize=10)
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy on the test split")
@@ -492,8 +618,16 @@ def plot_pca(points: list[dict], classes: Sequence[str]) -> str | None:
         groups.setdefault((p["label"], SPLIT_MARKERS.get(p["split"], "s")), []).append(p)
     labelled: set[str] = set()
     for (label, marker), sel in sorted(groups.items(), key=lambda g: (g[0][0], "o^s".index(g[0][1]))):
-        ax.scatter([p["x"] for p in sel], [p["y"] for p in sel], s=size, marker=marker, alpha=0.75, linewidths=0,
-                   color=colours[label], label=None if label in labelled else _short(label))
+        ax.scatter(
+            [p["x"] for p in sel],
+            [p["y"] for p in sel],
+            s=size,
+            marker=marker,
+            alpha=0.75,
+            linewidths=0,
+            color=colours[label],
+            label=None if label in labelled else _short(label),
+        )
         labelled.add(label)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
@@ -509,6 +643,7 @@ def _short(label: str, width: int = 22) -> str:
 
 
 # --- assembling -----------------------------------------------------------------------------------
+
 
 @dataclass
 class ReportData:
@@ -541,12 +676,25 @@ def collect(es, s: Settings, dataset: str, stages: Sequence[Stage] = ()) -> tupl
     counts = split_counts(es, s, dataset)
     splits = ordered_splits({sp for by in counts.values() for sp in by})
     rows = split_rows(counts, splits)
-    data = ReportData(dataset=dataset, generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                      splits=splits, split_rows=rows, totals={k: v for k, v in rows[-1].items() if k != "label"},
-                      classes=len(counts), stack=stack_facts(es, s),
-                      stages=stage_rows(stages))
-    raw: dict = {"matrix": np.zeros((0, 0), dtype=np.int64), "axis": [], "points": [], "grid": [], "knn": None,
-                 "examples": class_examples(es, s, dataset), "series": {}}
+    data = ReportData(
+        dataset=dataset,
+        generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        splits=splits,
+        split_rows=rows,
+        totals={k: v for k, v in rows[-1].items() if k != "label"},
+        classes=len(counts),
+        stack=stack_facts(es, s),
+        stages=stage_rows(stages),
+    )
+    raw: dict = {
+        "matrix": np.zeros((0, 0), dtype=np.int64),
+        "axis": [],
+        "points": [],
+        "grid": [],
+        "knn": None,
+        "examples": class_examples(es, s, dataset),
+        "series": {},
+    }
     model = latest_model(es, s, dataset)
     if model is not None:
         add_model_figures(es, s, data, raw, model)
@@ -567,17 +715,26 @@ def add_model_figures(es, s: Settings, data: ReportData, raw: dict, model: dict)
     data.per_class = [r for r in per_class_accuracy(matrix, axis) if r["label"] in seen_true]
     points, data.pca_total = pca_points(es, s, data.dataset, version)
     data.pca_shown = len(points)
-    raw.update(matrix=matrix, axis=axis, points=points, series=history_series(model.get("history")),
-               grid=grid_hits(es, s, data.dataset, data.test_split, version, axis),
-               knn=knn_example(es, s, data.dataset, version))
+    raw.update(
+        matrix=matrix,
+        axis=axis,
+        points=points,
+        series=history_series(model.get("history")),
+        grid=grid_hits(es, s, data.dataset, data.test_split, version, axis),
+        knn=knn_example(es, s, data.dataset, version),
+    )
 
 
 def render_html(data: ReportData, plots: dict, grid: list[dict], knn: dict | None, examples: dict) -> str:
     """The self-contained page (Jinja2 template, autoescaped)."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]),
-                      trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=select_autoescape(["html", "j2"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["pct"] = lambda v, digits=1: "-" if v is None else f"{v * 100:.{digits}f}%"
     env.filters["secs"] = human_seconds
     env.filters["num"] = lambda v: "-" if v is None else f"{v:,}"
@@ -607,21 +764,32 @@ def prepare(s: Settings, dataset: str, stages: Sequence[Stage] = ()) -> Page:
     es = es_client(s)
     data, raw = collect(es, s, dataset, stages)
     if not data.totals.get("total"):
-        raise ConfigError(f"dataset {dataset!r} has no documents in {s.images_index}: upload it first "
-                          f"(orchard upload DIR --dataset {dataset})")
+        raise ConfigError(
+            f"dataset {dataset!r} has no documents in {s.images_index}: upload it first "
+            f"(orchard upload DIR --dataset {dataset})"
+        )
     keys = [h["key"] for h in raw["grid"]] + list(raw["examples"].values())
     if raw["knn"]:
         keys += [raw["knn"]["query"]["key"]] + [h["key"] for h in raw["knn"]["neighbours"]]
     thumbs = thumbnails(s3_client(s), s.images_bucket, keys)
-    plots = {"history": plot_history(raw["series"], (data.model or {}).get("metrics") or {}),
-             "confusion": plot_confusion(raw["matrix"], raw["axis"]),
-             "per_class": plot_per_class(data.per_class),
-             "pca": plot_pca(raw["points"], sorted({p["label"] for p in raw["points"]}))}
-    with_thumb = lambda hit: {**hit, "thumb": thumbs.get(hit["key"])}  # noqa: E731
-    knn = raw["knn"] and {"query": with_thumb(raw["knn"]["query"]),
-                          "neighbours": [with_thumb(h) for h in raw["knn"]["neighbours"]]}
-    return Page(data, plots, [with_thumb(h) for h in raw["grid"]], knn,
-                {label: thumbs.get(key) for label, key in raw["examples"].items()})
+    plots = {
+        "history": plot_history(raw["series"], (data.model or {}).get("metrics") or {}),
+        "confusion": plot_confusion(raw["matrix"], raw["axis"]),
+        "per_class": plot_per_class(data.per_class),
+        "pca": plot_pca(raw["points"], sorted({p["label"] for p in raw["points"]})),
+    }
+    with_thumb = lambda hit: {**hit, "thumb": thumbs.get(hit["key"])}
+    knn = raw["knn"] and {
+        "query": with_thumb(raw["knn"]["query"]),
+        "neighbours": [with_thumb(h) for h in raw["knn"]["neighbours"]],
+    }
+    return Page(
+        data,
+        plots,
+        [with_thumb(h) for h in raw["grid"]],
+        knn,
+        {label: thumbs.get(key) for label, key in raw["examples"].items()},
+    )
 
 
 def write(page: Page, out_dir: Path) -> Path:

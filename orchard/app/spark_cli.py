@@ -21,27 +21,49 @@ log = logging.getLogger(__name__)
 
 def spark_options(func):
     """Flags every Spark command shares."""
-    func = click.option("--conf", "conf", multiple=True, metavar="KEY=VALUE",
-                        help="Extra Spark conf (repeatable), e.g. spark.executor.memory=3g.")(func)
-    func = click.option("--images-per-partition", default=64, show_default=True, type=click.IntRange(1),
-                        help="Images per Spark task (smaller = finer retries after a lost executor).")(func)
+    func = click.option(
+        "--conf",
+        "conf",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Extra Spark conf (repeatable), e.g. spark.executor.memory=3g.",
+    )(func)
+    func = click.option(
+        "--images-per-partition",
+        default=64,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Images per Spark task (smaller = finer retries after a lost executor).",
+    )(func)
     func = click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")(func)
     return click.option("--dataset", required=True, help="Dataset name (first key component).")(func)
 
 
 def model_options(func):
     """Flags choosing the model: a registered version or a user-supplied Keras file."""
-    func = click.option("--labels", "labels_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                        help="With --model-file: class names (JSON list or one per line).")(func)
-    func = click.option("--preprocessing", default="scale01", show_default=True,
-                        help="With --model-file: preprocessing by name (scale01, mobilenet_v2, resnet50, ...).")(func)
-    func = click.option("--model-file", type=click.Path(dir_okay=False, path_type=Path),
-                        help="A user-supplied .keras model instead of --model (registered by content hash).")(func)
+    func = click.option(
+        "--labels",
+        "labels_file",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help="With --model-file: class names (JSON list or one per line).",
+    )(func)
+    func = click.option(
+        "--preprocessing",
+        default="scale01",
+        show_default=True,
+        help="With --model-file: preprocessing by name (scale01, mobilenet_v2, resnet50, ...).",
+    )(func)
+    func = click.option(
+        "--model-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="A user-supplied .keras model instead of --model (registered by content hash).",
+    )(func)
     return click.option("--model", "version", help="Model version id (see the models index).")(func)
 
 
-def resolve_model(s: Settings, version: str | None, model_file: Path | None, preprocessing: str,
-                  labels_file: Path | None) -> str:
+def resolve_model(
+    s: Settings, version: str | None, model_file: Path | None, preprocessing: str, labels_file: Path | None
+) -> str:
     """The model version to use; a --model-file is imported (uploaded and registered) first."""
     if bool(version) == bool(model_file):
         raise click.UsageError("give exactly one of --model VERSION or --model-file PATH")
@@ -83,19 +105,27 @@ def echo_summary(summary: dict, as_json: bool, keys: list[str]) -> None:
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--learning-rate", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.pass_context
-def train(ctx, dataset, train_split, test_split, epochs, batch_size, learning_rate, images_per_partition,
-          as_json, conf) -> int:
+def train(
+    ctx, dataset, train_split, test_split, epochs, batch_size, learning_rate, images_per_partition, as_json, conf
+) -> int:
     """Train the default CNN with Elephas on the train split, evaluate it on the test split, register it."""
     from orchard.spark_app.session import spark_session
     from orchard.spark_app.train import run_training
 
     s = settings_from(ctx)
     with spark_session(s, f"orchard-train-{dataset}", extra_conf(conf)) as spark:
-        doc = run_training(spark, s, dataset, train_split, test_split, epochs, batch_size, learning_rate,
-                           images_per_partition)
-    summary = {"version": doc["version"], **doc["metrics"], "classes": doc["num_classes"],
-               "train_images": doc["train_images"], "test_images": doc["test_images"], "params": doc["params"],
-               "model_uri": doc["model_uri"]}
+        doc = run_training(
+            spark, s, dataset, train_split, test_split, epochs, batch_size, learning_rate, images_per_partition
+        )
+    summary = {
+        "version": doc["version"],
+        **doc["metrics"],
+        "classes": doc["num_classes"],
+        "train_images": doc["train_images"],
+        "test_images": doc["test_images"],
+        "params": doc["params"],
+        "model_uri": doc["model_uri"],
+    }
     echo_summary(summary, as_json, list(summary))
     return ExitStatus.OK
 
@@ -107,8 +137,20 @@ def train(ctx, dataset, train_split, test_split, epochs, batch_size, learning_ra
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--force", is_flag=True, help="Overwrite predictions even when the same model already made them.")
 @click.pass_context
-def infer(ctx, dataset, version, model_file, preprocessing, labels_file, split, batch_size, force,
-          images_per_partition, as_json, conf) -> int:
+def infer(
+    ctx,
+    dataset,
+    version,
+    model_file,
+    preprocessing,
+    labels_file,
+    split,
+    batch_size,
+    force,
+    images_per_partition,
+    as_json,
+    conf,
+) -> int:
     """Predict every image of a dataset and write the predictions into its documents."""
     from orchard.spark_app.infer import raise_for_failures, run_inference
     from orchard.spark_app.session import spark_session
@@ -117,8 +159,21 @@ def infer(ctx, dataset, version, model_file, preprocessing, labels_file, split, 
     version = resolve_model(s, version, model_file, preprocessing, labels_file)
     with spark_session(s, f"orchard-infer-{dataset}", extra_conf(conf)) as spark:
         summary = run_inference(spark, s, dataset, version, split, batch_size, images_per_partition, force)
-    echo_summary(summary, as_json, ["model_version", "images", "updated", "unchanged", "errors", "failed",
-                                    "model_loads", "seconds", "images_per_second"])
+    echo_summary(
+        summary,
+        as_json,
+        [
+            "model_version",
+            "images",
+            "updated",
+            "unchanged",
+            "errors",
+            "failed",
+            "model_loads",
+            "seconds",
+            "images_per_second",
+        ],
+    )
     raise_for_failures(summary)
     return ExitStatus.OK
 
@@ -127,13 +182,31 @@ def infer(ctx, dataset, version, model_file, preprocessing, labels_file, split, 
 @spark_options
 @model_options
 @click.option("--split", default=None, help="Only this split (default: all).")
-@click.option("--variance", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Explained variance the kept PCA components must reach.")
+@click.option(
+    "--variance",
+    default=0.95,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Explained variance the kept PCA components must reach.",
+)
 @click.option("--layer", default=None, help="Embedding layer (default: `embedding`, else the penultimate).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.pass_context
-def features(ctx, dataset, version, model_file, preprocessing, labels_file, split, variance, layer, batch_size,
-             images_per_partition, as_json, conf) -> int:
+def features(
+    ctx,
+    dataset,
+    version,
+    model_file,
+    preprocessing,
+    labels_file,
+    split,
+    variance,
+    layer,
+    batch_size,
+    images_per_partition,
+    as_json,
+    conf,
+) -> int:
     """Embeddings to Parquet, PCA (k by explained variance) and 2-D coordinates into the documents."""
     from orchard.spark_app.features import run_features
     from orchard.spark_app.infer import raise_for_failures
@@ -142,14 +215,18 @@ def features(ctx, dataset, version, model_file, preprocessing, labels_file, spli
     s = settings_from(ctx)
     version = resolve_model(s, version, model_file, preprocessing, labels_file)
     with spark_session(s, f"orchard-features-{dataset}", extra_conf(conf)) as spark:
-        summary = run_features(spark, s, dataset, version, split, variance, batch_size, layer,
-                               images_per_partition)
+        summary = run_features(spark, s, dataset, version, split, variance, batch_size, layer, images_per_partition)
     if not as_json:
-        click.echo(f"PCA: k = {summary['k']} of {summary['dims']} components explain "
-                   f"{summary['explained_variance_k']:.1%} of the variance (threshold {variance:.0%}); "
-                   f"2-D explains {summary['explained_variance_2d']:.1%}")
-    echo_summary(summary, as_json, ["model_version", "images", "updated", "unchanged", "failed",
-                                    "embeddings_uri", "pca_uri", "seconds"])
+        click.echo(
+            f"PCA: k = {summary['k']} of {summary['dims']} components explain "
+            f"{summary['explained_variance_k']:.1%} of the variance (threshold {variance:.0%}); "
+            f"2-D explains {summary['explained_variance_2d']:.1%}"
+        )
+    echo_summary(
+        summary,
+        as_json,
+        ["model_version", "images", "updated", "unchanged", "failed", "embeddings_uri", "pca_uri", "seconds"],
+    )
     raise_for_failures(summary)
     return ExitStatus.OK
 
@@ -162,8 +239,9 @@ def features(ctx, dataset, version, model_file, preprocessing, labels_file, spli
 @click.option("--label", default=None, help="True label equals.")
 @click.option("--predicted", default=None, help="Predicted label equals.")
 @click.option("--min-confidence", default=None, type=click.FloatRange(0, 1))
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000),
-              help="Rows for filter-only searches.")
+@click.option(
+    "--limit", default=20, show_default=True, type=click.IntRange(1, 10000), help="Rows for filter-only searches."
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON list of rows (for scripts).")
 @click.pass_context
 def search(ctx, similar_to, k, dataset, split, label, predicted, min_confidence, limit, as_json) -> int:

@@ -21,8 +21,7 @@ def stack() -> None:
 def print_table(rows: list[launcher.ServiceStatus]) -> None:
     """The status rows as an aligned table on stdout."""
     header = ("SERVICE", "PID", "PORT", "HEALTH", "RSS_MB")
-    lines = [header] + [(r.service, str(r.pid or "-"), str(r.port), r.health, f"{r.rss_mb:.0f}")
-                        for r in rows]
+    lines = [header] + [(r.service, str(r.pid or "-"), str(r.port), r.health, f"{r.rss_mb:.0f}") for r in rows]
     lines.append(("total", "", "", "", f"{sum(r.rss_mb for r in rows):.0f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
@@ -31,12 +30,20 @@ def print_table(rows: list[launcher.ServiceStatus]) -> None:
 
 @stack.command()
 @click.option("--es-heap", default=None, help="Heap of each Elasticsearch node [ORCHARD_ES_HEAP, 1g].")
-@click.option("--workers", "spark_workers", type=int, default=None,
-              help="Spark workers [ORCHARD_SPARK_WORKERS, 2].")
-@click.option("--worker-memory", "spark_worker_memory", default=None,
-              help="Memory of each Spark worker [ORCHARD_SPARK_WORKER_MEMORY, 4g].")
-@click.option("--timeout", "health_timeout", type=float, default=None,
-              help="Seconds to wait for health [ORCHARD_HEALTH_TIMEOUT, 300].")
+@click.option("--workers", "spark_workers", type=int, default=None, help="Spark workers [ORCHARD_SPARK_WORKERS, 2].")
+@click.option(
+    "--worker-memory",
+    "spark_worker_memory",
+    default=None,
+    help="Memory of each Spark worker [ORCHARD_SPARK_WORKER_MEMORY, 4g].",
+)
+@click.option(
+    "--timeout",
+    "health_timeout",
+    type=float,
+    default=None,
+    help="Seconds to wait for health [ORCHARD_HEALTH_TIMEOUT, 300].",
+)
 @click.pass_context
 def up(ctx: click.Context, **flags) -> int:
     """Start every stopped service and wait until the whole stack is healthy."""
@@ -78,7 +85,7 @@ def logs(ctx: click.Context, service: str, lines: int, follow: bool) -> int:
     """Tail the log of SERVICE (e.g. minio1, es02, spark-worker-1, minio-lb)."""
     path = launcher.log_path(settings_from(ctx), service)
     argv = ["tail", "-n", str(lines), *(["-F"] if follow else []), str(path)]
-    return subprocess.call(argv)  # noqa: S603
+    return subprocess.call(argv)
 
 
 @click.command()

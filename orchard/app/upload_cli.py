@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,21 +36,34 @@ def dataset() -> None:
 
 @dataset.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--classes", type=click.IntRange(1, 1000), default=10, show_default=True,
-              help="Number of fruit classes (20 templates, then numbered colour/size variants).")
-@click.option("--per-class", type=click.IntRange(0), default=50, show_default=True,
-              help="Images per class in Training/.")
-@click.option("--test-per-class", type=click.IntRange(0), default=20, show_default=True,
-              help="Images per class in Test/.")
-@click.option("--size", type=click.IntRange(16, 1024), default=100, show_default=True,
-              help="Side of the square images in pixels.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Same seed and options -> byte-identical files.")
-@click.option("--workers", type=click.IntRange(1, 64), default=min(4, os.cpu_count() or 1), show_default=True,
-              help="Generator processes (the output does not depend on it).")
+@click.option(
+    "--classes",
+    type=click.IntRange(1, 1000),
+    default=10,
+    show_default=True,
+    help="Number of fruit classes (20 templates, then numbered colour/size variants).",
+)
+@click.option(
+    "--per-class", type=click.IntRange(0), default=50, show_default=True, help="Images per class in Training/."
+)
+@click.option(
+    "--test-per-class", type=click.IntRange(0), default=20, show_default=True, help="Images per class in Test/."
+)
+@click.option(
+    "--size", type=click.IntRange(16, 1024), default=100, show_default=True, help="Side of the square images in pixels."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed and options -> byte-identical files.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=min(4, os.cpu_count() or 1),
+    show_default=True,
+    help="Generator processes (the output does not depend on it).",
+)
 @click.pass_context
-def synth(ctx: click.Context, out: Path, classes: int, per_class: int, test_per_class: int,
-          size: int, seed: int, workers: int) -> int:
+def synth(
+    ctx: click.Context, out: Path, classes: int, per_class: int, test_per_class: int, size: int, seed: int, workers: int
+) -> int:
     """Write a Fruits-360-like dataset to OUT: OUT/Training/<Class>/<i>_<size>.jpg and OUT/Test/...
 
     JPEGs of one fruit on a white background: per-class shape, colour, texture, stem and size
@@ -62,31 +75,70 @@ def synth(ctx: click.Context, out: Path, classes: int, per_class: int, test_per_
     total = classes * (per_class + test_per_class)
     with progress_bar("img", total) as bar:
         summary = synthesize(out, classes, per_class, test_per_class, size, seed, workers, progress=bar.update)
-    click.echo(f"wrote {summary.files} images ({summary.bytes / 1e6:.1f} MB) of {len(summary.classes)} "
-               f"classes to {out}")
+    click.echo(
+        f"wrote {summary.files} images ({summary.bytes / 1e6:.1f} MB) of {len(summary.classes)} classes to {out}"
+    )
     return ExitStatus.OK
 
 
 @click.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option("--dataset", "dataset_name", default=None,
-              help="Dataset name, the first part of every key [default: SOURCE's name, slugified].")
-@click.option("--split", "default_split", default="train", show_default=True,
-              help="Split of files not under a split folder (train, test, val).")
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Labels of .npy stacks, one per row: a 1-D .npy or a text file, one label per line.")
-@click.option("--workers", type=click.IntRange(1, 64), default=8, show_default=True,
-              help="Parallel inspections and transfers.")
-@click.option("--batch-size", type=click.IntRange(1, 100_000), default=256, show_default=True,
-              help="Items planned and indexed together.")
+@click.option(
+    "--dataset",
+    "dataset_name",
+    default=None,
+    help="Dataset name, the first part of every key [default: SOURCE's name, slugified].",
+)
+@click.option(
+    "--split",
+    "default_split",
+    default="train",
+    show_default=True,
+    help="Split of files not under a split folder (train, test, val).",
+)
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Labels of .npy stacks, one per row: a 1-D .npy or a text file, one label per line.",
+)
+@click.option(
+    "--workers", type=click.IntRange(1, 64), default=8, show_default=True, help="Parallel inspections and transfers."
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 100_000),
+    default=256,
+    show_default=True,
+    help="Items planned and indexed together.",
+)
 @click.option("--strict", is_flag=True, help="Stop at the first failure (nothing after it is written).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Where to write the JSON report [default: $ORCHARD_HOME/reports/upload-<dataset>-<time>.json].")
-@click.option("--max-pixels", type=click.IntRange(0), default=None,
-              help="Decompression-bomb limit in pixels per image; 0 = none [default: Pillow's, 89.5 Mpx].")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the JSON report [default: $ORCHARD_HOME/reports/upload-<dataset>-<time>.json].",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(0),
+    default=None,
+    help="Decompression-bomb limit in pixels per image; 0 = none [default: Pillow's, 89.5 Mpx].",
+)
 @click.pass_context
-def upload(ctx: click.Context, source: Path, dataset_name: str | None, default_split: str, labels: Path | None,
-           workers: int, batch_size: int, strict: bool, report_path: Path | None, max_pixels: int | None) -> int:
+def upload(
+    ctx: click.Context,
+    source: Path,
+    dataset_name: str | None,
+    default_split: str,
+    labels: Path | None,
+    workers: int,
+    batch_size: int,
+    strict: bool,
+    report_path: Path | None,
+    max_pixels: int | None,
+) -> int:
     """Upload SOURCE into the images bucket and index every object in Elasticsearch.
 
     SOURCE is a class-per-folder tree ([<split>/]<label>/<file>, e.g. Fruits-360's
@@ -136,7 +188,9 @@ def run_upload(s: Settings, options: UploadOptions, source: Path, report_path: P
         except (KeyboardInterrupt, OrchardError):
             if uploader.report is not None:  # keep what was accounted so far
                 uploader.report.interrupted = True
-                log.error("partial report (%s): %s", uploader.report.summary(), write_report(uploader.report, report_path))
+                log.error(
+                    "partial report (%s): %s", uploader.report.summary(), write_report(uploader.report, report_path)
+                )
             raise
     click.echo(report.summary())
     click.echo(f"report: {write_report(report, report_path)}")
@@ -154,5 +208,5 @@ def allow_large_images(max_pixels: int) -> None:
 
 def default_report_path(home: Path, dataset_name: str) -> Path:
     """$ORCHARD_HOME/reports/upload-<dataset>-<UTC time>.json"""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     return home / "reports" / f"upload-{dataset_name}-{stamp}.json"

@@ -6,7 +6,6 @@ from urllib.parse import urlparse
 
 from orchard.core.settings import Settings
 
-
 # Elasticsearch statuses worth resending a write for: a full write queue (429) or a shard moving
 # after a node loss (502-504). Shared by the uploader and the Spark app's bulk writers.
 ES_RETRY_STATUS = (429, 502, 503, 504)
@@ -28,10 +27,13 @@ def s3_http_client(pool_size: int = 32):
     import urllib3
 
     return urllib3.PoolManager(
-        maxsize=pool_size, cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        maxsize=pool_size,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
         timeout=urllib3.Timeout(connect=10, read=READ_TIMEOUT_SECONDS),
-        retries=urllib3.Retry(total=3, connect=3, read=0, status=3, backoff_factor=0.2,
-                              status_forcelist=[500, 502, 504]),
+        retries=urllib3.Retry(
+            total=3, connect=3, read=0, status=3, backoff_factor=0.2, status_forcelist=[500, 502, 504]
+        ),
     )
 
 
@@ -78,8 +80,7 @@ def s3a_conf(s: Settings) -> dict[str, str]:
         "spark.hadoop.fs.s3a.endpoint.region": s.s3_region,
         "spark.hadoop.fs.s3a.path.style.access": "true",
         "spark.hadoop.fs.s3a.connection.ssl.enabled": str(endpoint.startswith("https")).lower(),
-        "spark.hadoop.fs.s3a.aws.credentials.provider":
-            "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
+        "spark.hadoop.fs.s3a.aws.credentials.provider": "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
         "spark.hadoop.fs.s3a.attempts.maximum": "10",
         "spark.hadoop.fs.s3a.retry.limit": "10",
     }

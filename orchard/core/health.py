@@ -23,7 +23,7 @@ def http_get(url: str, timeout: float = 3.0) -> tuple[int, bytes]:
     """GET `url`; returns (status, body). Connection failures raise OSError."""
     req = urllib.request.Request(url, headers={"Accept": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - local URLs
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()

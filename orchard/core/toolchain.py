@@ -28,7 +28,7 @@ class Toolchain:
     versions: dict[str, str]
 
     @classmethod
-    def from_cache(cls, cache_dir: Path) -> "Toolchain":
+    def from_cache(cls, cache_dir: Path) -> Toolchain:
         """The toolchain installed under `cache_dir` at the pinned versions."""
         return cls(cache_dir=cache_dir, versions=read_versions())
 

@@ -32,7 +32,7 @@ class ExecutorConfig:
     models_index: str
 
     @classmethod
-    def from_settings(cls, s: Settings) -> "ExecutorConfig":
+    def from_settings(cls, s: Settings) -> ExecutorConfig:
         """The executor view of the driver's settings (requires the S3 credentials)."""
         s.require("s3_access_key", "s3_secret_key")
         return cls(

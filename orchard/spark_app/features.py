@@ -71,10 +71,12 @@ def fit_pca(embeddings_df):
         raise ConfigError("no embeddings to fit PCA on (no decodable images?)")
     dims = int(first.d)
     vectors = embeddings_df.withColumn("features", array_to_vector("embedding"))
-    pipeline = Pipeline(stages=[
-        StandardScaler(withMean=True, withStd=False, inputCol="features", outputCol="centred"),
-        PCA(k=dims, inputCol="centred", outputCol="components"),
-    ]).fit(vectors)
+    pipeline = Pipeline(
+        stages=[
+            StandardScaler(withMean=True, withStd=False, inputCol="features", outputCol="centred"),
+            PCA(k=dims, inputCol="centred", outputCol="components"),
+        ]
+    ).fit(vectors)
     explained = pipeline.stages[-1].explainedVariance.toArray().tolist()
     return pipeline, explained, dims
 
@@ -85,10 +87,16 @@ def project(pipeline, embeddings_df, k: int):
     from pyspark.sql import functions as F
 
     components = vector_to_array(F.col("components"))
-    return (pipeline.transform(embeddings_df.withColumn("features", array_to_vector("embedding")))
-            .select("id", "key", "split", "label", "embedding",
-                    F.slice(components, 1, k).alias("pca"),
-                    components[0].alias("x"), components[1].alias("y")))
+    return pipeline.transform(embeddings_df.withColumn("features", array_to_vector("embedding"))).select(
+        "id",
+        "key",
+        "split",
+        "label",
+        "embedding",
+        F.slice(components, 1, k).alias("pca"),
+        components[0].alias("x"),
+        components[1].alias("y"),
+    )
 
 
 def feature_actions(index: str, version: str, rows: Iterable, tally: Tally) -> Iterator[tuple[dict, str, bool]]:
@@ -112,7 +120,8 @@ def write_partition(cfg: ExecutorConfig, version: str, chunk_size: int, rows: It
 def write_features(projected_df, cfg: ExecutorConfig, version: str, chunk_size: int = 200) -> Tally:
     """Write embedding + pca{x,y} into every image document from the executors; returns the counts."""
     return projected_df.rdd.mapPartitions(partial(write_partition, cfg, version, chunk_size)).fold(
-        Tally(), merge_tallies)
+        Tally(), merge_tallies
+    )
 
 
 def check_embedding_dims(s: Settings, dims: int) -> None:
@@ -125,12 +134,21 @@ def check_embedding_dims(s: Settings, dims: int) -> None:
         if existing and int(existing) != dims:
             raise ConfigError(
                 f"{s.images_index} stores {existing}-d embeddings (dense_vector dims are fixed per index); "
-                f"this model gives {dims}-d: use a model with {existing}-d features or another ORCHARD_IMAGES_INDEX")
+                f"this model gives {dims}-d: use a model with {existing}-d features or another ORCHARD_IMAGES_INDEX"
+            )
 
 
-def run_features(spark, s: Settings, dataset: str, version: str, split: str | None = None,
-                 threshold: float = 0.95, batch_size: int = 64, layer: str | None = None,
-                 images_per_partition: int = 64) -> dict:
+def run_features(
+    spark,
+    s: Settings,
+    dataset: str,
+    version: str,
+    split: str | None = None,
+    threshold: float = 0.95,
+    batch_size: int = 64,
+    layer: str | None = None,
+    images_per_partition: int = 64,
+) -> dict:
     """Embeddings -> Parquet -> PCA -> Parquet + documents; returns the run summary."""
     from orchard.spark_app.versions import load_version
 
@@ -153,18 +171,41 @@ def run_features(spark, s: Settings, dataset: str, version: str, split: str | No
     from orchard.core.clients import es_client
 
     es_client(s).indices.refresh(index=s.images_index)
-    return features_summary(version, dims, k, explained, threshold, skipped, tally, emb_uri, pca_uri,
-                            time.monotonic() - began)
+    return features_summary(
+        version, dims, k, explained, threshold, skipped, tally, emb_uri, pca_uri, time.monotonic() - began
+    )
 
 
-def features_summary(version: str, dims: int, k: int, explained: list[float], threshold: float, skipped: int,
-                     tally: Tally, emb_uri: str, pca_uri: str, seconds: float) -> dict:
+def features_summary(
+    version: str,
+    dims: int,
+    k: int,
+    explained: list[float],
+    threshold: float,
+    skipped: int,
+    tally: Tally,
+    emb_uri: str,
+    pca_uri: str,
+    seconds: float,
+) -> dict:
     """The run's figures as a dict (what `orchard features` prints)."""
     cumulative = np.cumsum(explained)
-    return {"model_version": version, "images": tally.written + tally.failed, "skipped_undecodable": skipped,
-            "dims": dims, "k": k, "threshold": threshold, "explained_variance_k": round(float(cumulative[k - 1]), 6),
-            "explained_variance_2d": round(float(cumulative[min(2, len(cumulative)) - 1]), 6),
-            "explained_variance": [round(float(v), 6) for v in explained[:k]],
-            "embeddings_uri": emb_uri, "pca_uri": pca_uri, "updated": tally.updated, "unchanged": tally.noop,
-            "failed": tally.failed, "failure_reasons": tally.reasons,
-            "failure_examples": [list(e) for e in tally.examples], "seconds": round(seconds, 1)}
+    return {
+        "model_version": version,
+        "images": tally.written + tally.failed,
+        "skipped_undecodable": skipped,
+        "dims": dims,
+        "k": k,
+        "threshold": threshold,
+        "explained_variance_k": round(float(cumulative[k - 1]), 6),
+        "explained_variance_2d": round(float(cumulative[min(2, len(cumulative)) - 1]), 6),
+        "explained_variance": [round(float(v), 6) for v in explained[:k]],
+        "embeddings_uri": emb_uri,
+        "pca_uri": pca_uri,
+        "updated": tally.updated,
+        "unchanged": tally.noop,
+        "failed": tally.failed,
+        "failure_reasons": tally.reasons,
+        "failure_examples": [list(e) for e in tally.examples],
+        "seconds": round(seconds, 1),
+    }

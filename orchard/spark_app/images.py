@@ -50,7 +50,7 @@ def key_of(path: str, bucket: str) -> str:
     for scheme in ("s3a://", "s3://", "s3n://"):
         prefix = f"{scheme}{bucket}/"
         if path.startswith(prefix):
-            return path[len(prefix):]
+            return path[len(prefix) :]
     raise ValueError(f"{path} is not in bucket {bucket}")
 
 
@@ -87,8 +87,9 @@ def decode_image(content: bytes, size: tuple[int, int], channels: int = 3) -> np
     return array[..., None] if channels == 1 else array
 
 
-def decode_rows(rows: Iterable, bucket: str, size: tuple[int, int],
-                channels: int = 3) -> Iterator[tuple[ImageRef, np.ndarray | None, str | None]]:
+def decode_rows(
+    rows: Iterable, bucket: str, size: tuple[int, int], channels: int = 3
+) -> Iterator[tuple[ImageRef, np.ndarray | None, str | None]]:
     """(ref, uint8 array or None, error or None) per (path, content) row, lazily (runs in executors)."""
     for row in rows:
         content = bytes(row[1])
@@ -99,8 +100,7 @@ def decode_rows(rows: Iterable, bucket: str, size: tuple[int, int],
             yield ref, None, str(exc)
 
 
-def read_image_files(spark, bucket: str, dataset: str, split: str | None = None,
-                     images_per_partition: int = 64):
+def read_image_files(spark, bucket: str, dataset: str, split: str | None = None, images_per_partition: int = 64):
     """DataFrame (path, content) of every image file of a dataset split, read through s3a.
 
     Only the file listing happens on the driver; the bytes are read by the executors.
@@ -118,5 +118,7 @@ def read_image_files(spark, bucket: str, dataset: str, split: str | None = None,
         if "PATH_NOT_FOUND" not in str(exc):
             raise
         what = f"dataset {dataset!r}" + (f" (split {split!r})" if split else "")
-        raise DatasetNotFound(f"{what} has no objects at {root}: upload it first (`orchard upload DIR "
-                              f"--dataset {dataset}`) or check --dataset/--split") from None
+        raise DatasetNotFound(
+            f"{what} has no objects at {root}: upload it first (`orchard upload DIR "
+            f"--dataset {dataset}`) or check --dataset/--split"
+        ) from None

@@ -13,16 +13,16 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 
 import numpy as np
 
 from orchard.core.errors import ItemsFailed
+from orchard.core.iterables import batched
 from orchard.core.settings import Settings
 from orchard.spark_app.context import ExecutorConfig, es_of
 from orchard.spark_app.images import ImageRef, decode_rows, read_image_files
-from orchard.core.iterables import batched
 from orchard.spark_app.preprocess import as_probabilities, cross_entropy_terms, preprocessor, top_k
 from orchard.spark_app.sink import Tally, log_retries, merge_tallies, tally_partition
 
@@ -53,23 +53,42 @@ class PredictSpec:
     top: int = 5
 
     @classmethod
-    def from_card(cls, cfg: ExecutorConfig, card: dict, batch_size: int) -> "PredictSpec":
+    def from_card(cls, cfg: ExecutorConfig, card: dict, batch_size: int) -> PredictSpec:
         """A spec for a model version from its card (labels.json)."""
-        return cls(cfg, card["version"], tuple(card["classes"]), card["preprocessing"], tuple(card["input_size"]),
-                   int(card.get("channels", 3)), batch_size, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        return cls(
+            cfg,
+            card["version"],
+            tuple(card["classes"]),
+            card["preprocessing"],
+            tuple(card["input_size"]),
+            int(card.get("channels", 3)),
+            batch_size,
+            datetime.now(UTC).isoformat(timespec="seconds"),
+        )
 
 
 def prediction_doc(spec: PredictSpec, top: list[tuple[str, float]]) -> dict:
     """The `prediction` object of one image (every field present, `error` null)."""
-    return {"label": top[0][0], "confidence": round(top[0][1], 6),
-            "top5": [{"label": label, "confidence": round(p, 6)} for label, p in top],
-            "model_version": spec.version, "predicted_at": spec.predicted_at, "error": None}
+    return {
+        "label": top[0][0],
+        "confidence": round(top[0][1], 6),
+        "top5": [{"label": label, "confidence": round(p, 6)} for label, p in top],
+        "model_version": spec.version,
+        "predicted_at": spec.predicted_at,
+        "error": None,
+    }
 
 
 def error_doc(spec: PredictSpec, error: str) -> dict:
     """The `prediction` object of an image that could not be predicted (no label, `error` set)."""
-    return {"label": None, "confidence": None, "top5": None, "model_version": spec.version,
-            "predicted_at": spec.predicted_at, "error": error}
+    return {
+        "label": None,
+        "confidence": None,
+        "top5": None,
+        "model_version": spec.version,
+        "predicted_at": spec.predicted_at,
+        "error": error,
+    }
 
 
 def same_prediction(stored: dict | None, new: dict) -> bool:
@@ -116,16 +135,22 @@ def predict(files_rdd, spec: PredictSpec, spark_model, loads=None):
 
 def update_action(index: str, ref: ImageRef, prediction: dict) -> dict:
     """The bulk partial update of one image document (id = content sha256)."""
-    return {"_op_type": "update", "_index": index, "_id": ref.id, "retry_on_conflict": 3,
-            "doc": {"prediction": prediction}}
+    return {
+        "_op_type": "update",
+        "_index": index,
+        "_id": ref.id,
+        "retry_on_conflict": 3,
+        "doc": {"prediction": prediction},
+    }
 
 
 def skip_unchanged(force: bool, es, chunk: list[tuple[dict, str, bool]]) -> tuple[list, Tally]:
     """Chunk selector: drop documents whose stored prediction is the same (counted as noop) and
     documents that do not exist (counted as failed); with `force`, only the missing ones."""
     ids = [action["_id"] for action, _, _ in chunk]
-    found = es.mget(index=chunk[0][0]["_index"], ids=ids,
-                    source_includes=[f"prediction.{f}" for f in SAME_WHEN_EQUAL])["docs"]
+    found = es.mget(index=chunk[0][0]["_index"], ids=ids, source_includes=[f"prediction.{f}" for f in SAME_WHEN_EQUAL])[
+        "docs"
+    ]
     stored = {d["_id"]: d for d in found}
     keep, tally = [], Tally()
     for item in chunk:
@@ -168,7 +193,7 @@ def score_partition(spec: PredictSpec, splits: frozenset[str] | None, outputs: I
                 add_score(scores, ref.split, (0, 0, 0.0, 1))
                 continue
             target = index[ref.label]
-            loss = float(cross_entropy_terms(probs[i:i + 1], np.array([target]))[0])
+            loss = float(cross_entropy_terms(probs[i : i + 1], np.array([target]))[0])
             add_score(scores, ref.split, (1, int(probs[i].argmax() == target), loss, 0))
     yield scores
 
@@ -193,17 +218,29 @@ def evaluate(files_rdd, spec: PredictSpec, spark_model, splits: set[str] | None 
     outputs = spark_model.predict_stream(inputs(files_rdd, spec), spec.batch_size)
     totals = outputs.mapPartitions(partial(score_partition, spec, wanted)).fold({}, merge_scores)
     results = {}
-    for split in (splits or totals):
+    for split in splits or totals:
         n, correct, loss, skipped = totals.get(split, (0, 0, 0.0, 0))
         if skipped:
             log.warning("evaluation of split %r skipped %d images (undecodable or unknown label)", split, skipped)
-        results[split] = {"images": n, "accuracy": correct / n if n else float("nan"),
-                          "loss": loss / n if n else float("nan"), "skipped": skipped}
+        results[split] = {
+            "images": n,
+            "accuracy": correct / n if n else float("nan"),
+            "loss": loss / n if n else float("nan"),
+            "skipped": skipped,
+        }
     return results
 
 
-def run_inference(spark, s: Settings, dataset: str, version: str, split: str | None = None,
-                  batch_size: int = 64, images_per_partition: int = 64, force: bool = False) -> dict:
+def run_inference(
+    spark,
+    s: Settings,
+    dataset: str,
+    version: str,
+    split: str | None = None,
+    batch_size: int = 64,
+    images_per_partition: int = 64,
+    force: bool = False,
+) -> dict:
     """Predict every image of a dataset (split) and write the predictions; returns the run summary
     (counts, failure reasons and examples; the caller decides the exit status)."""
     from orchard.spark_app.versions import load_version
@@ -214,8 +251,12 @@ def run_inference(spark, s: Settings, dataset: str, version: str, split: str | N
     spec = PredictSpec.from_card(cfg, card, batch_size)
     files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
     loads = spark.sparkContext.accumulator(0)
-    log.info("inference of %s with %s, %d partitions", dataset + (f"/{split}" if split else ""), version,
-             files.rdd.getNumPartitions())
+    log.info(
+        "inference of %s with %s, %d partitions",
+        dataset + (f"/{split}" if split else ""),
+        version,
+        files.rdd.getNumPartitions(),
+    )
     tally = write_predictions(predict(files.rdd, spec, spark_model, loads), cfg, force)
     log_retries(tally)
     from orchard.core.clients import es_client
@@ -227,13 +268,21 @@ def run_inference(spark, s: Settings, dataset: str, version: str, split: str | N
 def inference_summary(tally: Tally, version: str, loads: int, seconds: float, predicted_at: str = "") -> dict:
     """The run's figures as a dict (what `orchard infer` prints)."""
     images = tally.written + tally.failed
-    return {"model_version": version, "predicted_at": predicted_at, "images": images, "updated": tally.updated,
-            "unchanged": tally.noop,
-            "errors": tally.errors, "failed": tally.failed, "retried_writes": tally.retried,
-            "failure_reasons": tally.reasons,
-            "failure_examples": [list(e) for e in tally.examples],
-            "model_loads": loads, "seconds": round(seconds, 1),
-            "images_per_second": round(images / seconds, 1) if seconds > 0 else None}
+    return {
+        "model_version": version,
+        "predicted_at": predicted_at,
+        "images": images,
+        "updated": tally.updated,
+        "unchanged": tally.noop,
+        "errors": tally.errors,
+        "failed": tally.failed,
+        "retried_writes": tally.retried,
+        "failure_reasons": tally.reasons,
+        "failure_examples": [list(e) for e in tally.examples],
+        "model_loads": loads,
+        "seconds": round(seconds, 1),
+        "images_per_second": round(images / seconds, 1) if seconds > 0 else None,
+    }
 
 
 def raise_for_failures(summary: dict) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -33,16 +32,16 @@ from pathlib import Path
 for _key, _value in {"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"}.items():
     os.environ.setdefault(_key, _value)  # before TensorFlow is imported: no CUDA probing noise
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import keras  # noqa: E402
-from elephas.spark_model import SparkModel  # noqa: E402
-from elephas.utils.functional_utils import average_and_subtract  # noqa: E402
-from elephas.worker import SparkWorker  # noqa: E402
-from tensorflow.keras.optimizers import serialize as serialize_optimizer  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
+from elephas.spark_model import SparkModel
+from elephas.utils.functional_utils import average_and_subtract
+from elephas.worker import SparkWorker
+from tensorflow.keras.optimizers import serialize as serialize_optimizer
 
-from orchard.core.iterables import batched  # noqa: E402
-from orchard.spark_app.preprocess import mean_history  # noqa: E402
+from orchard.core.iterables import batched
+from orchard.spark_app.preprocess import mean_history
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +67,13 @@ def configure_tf(threads: int | None = 1) -> None:
         _threads_set = True
 
 
-def build_cnn(num_classes: int, input_shape: tuple[int, int, int] = (*DEFAULT_SIZE, 3),
-              embedding_dim: int = 128, learning_rate: float = 1e-3, seed: int | None = 0):
+def build_cnn(
+    num_classes: int,
+    input_shape: tuple[int, int, int] = (*DEFAULT_SIZE, 3),
+    embedding_dim: int = 128,
+    learning_rate: float = 1e-3,
+    seed: int | None = 0,
+):
     """The default compiled CNN for 100x100 RGB (~450k parameters), softmax over `num_classes`.
 
     Five conv+pool blocks, global average pooling, a linear 128-d `embedding` layer (linear, so no
@@ -91,8 +95,7 @@ def build_cnn(num_classes: int, input_shape: tuple[int, int, int] = (*DEFAULT_SI
     x = layers.Activation("relu")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     model = keras.Model(inputs, outputs, name="orchard_cnn")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="categorical_crossentropy", metrics=["accuracy"])
     return model
 
 
@@ -129,8 +132,13 @@ def input_spec(model) -> tuple[tuple[int, int], int]:
 def describe(model) -> dict:
     """Shape facts of a model: input size, channels, classes, parameters, embedding width."""
     size, channels = input_spec(model)
-    return {"input_size": list(size), "channels": channels, "num_classes": int(model.output_shape[-1]),
-            "params": int(model.count_params()), "embedding_dim": int(embedding_layer(model).output.shape[-1])}
+    return {
+        "input_size": list(size),
+        "channels": channels,
+        "num_classes": int(model.output_shape[-1]),
+        "params": int(model.count_params()),
+        "embedding_dim": int(embedding_layer(model).output.shape[-1]),
+    }
 
 
 def embedding_layer(model, name: str | None = None):
@@ -258,8 +266,9 @@ class OrchardSparkModel(SparkModel):
         parameters = rdd.context.broadcast(net.get_weights())
         for epoch in range(1, epochs + 1):
             began = time.monotonic()
-            worker = ThreadLimitedWorker(model_json, parameters, config, optimizer, self.master_loss,
-                                         self.master_metrics, self.custom_objects)
+            worker = ThreadLimitedWorker(
+                model_json, parameters, config, optimizer, self.master_loss, self.master_metrics, self.custom_objects
+            )
             outcomes = rdd.mapPartitions(worker.train).collect()  # one (deltas, history) per worker
             histories = [history for _, history in outcomes if history]
             self.training_histories.extend(histories)
@@ -275,7 +284,7 @@ class OrchardSparkModel(SparkModel):
         net = self._master_network
         return ShippedModel(uuid.uuid4().hex, net.to_json(), sc.broadcast(net.get_weights()))
 
-    def predict_stream(self, rdd, batch_size: int = 64, layer: str | None | bool = False, loads=None):
+    def predict_stream(self, rdd, batch_size: int = 64, layer: str | bool | None = False, loads=None):
         """Streaming predict returning an RDD: the extension Elephas' `predict` lacks.
 
         `rdd` holds (meta, preprocessed x or None); the result holds (meta, model output or None),
@@ -286,12 +295,17 @@ class OrchardSparkModel(SparkModel):
         return rdd.mapPartitions(partial(stream_partition, self.shipped(rdd.context), batch_size, layer, loads))
 
     def _log_epoch(self, epoch: int, epochs: int, histories: list[dict], seconds: float) -> None:
-        metrics = {"epoch": epoch, **mean_history(histories), "workers": len(histories),
-                   "seconds": round(seconds, 2)}
+        metrics = {"epoch": epoch, **mean_history(histories), "workers": len(histories), "seconds": round(seconds, 2)}
         self.epoch_metrics.append(metrics)
-        log.info("epoch %d/%d: loss %.4f, accuracy %.4f (mean of %d workers, %.1fs)", epoch, epochs,
-                 metrics.get("loss", float("nan")), metrics.get("accuracy", float("nan")),
-                 len(histories), seconds)
+        log.info(
+            "epoch %d/%d: loss %.4f, accuracy %.4f (mean of %d workers, %.1fs)",
+            epoch,
+            epochs,
+            metrics.get("loss", float("nan")),
+            metrics.get("accuracy", float("nan")),
+            len(histories),
+            seconds,
+        )
 
 
 def train_elephas(model, rdd, epochs: int, batch_size: int, num_workers: int) -> OrchardSparkModel:

@@ -6,7 +6,7 @@ No TensorFlow here, so executors and unit tests can use them cheaply.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -113,7 +113,6 @@ def choose_k(explained: Sequence[float], threshold: float) -> int:
         if total >= threshold - 1e-9:
             return i
     return len(explained)
-
 
 
 def finite(value: float) -> float | None:

@@ -8,12 +8,11 @@ version that is in the index is always complete in the bucket.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -26,14 +25,18 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE, LABELS_FILE, METRICS_FILE = "model.keras", "labels.json", "metrics.json"
 
-_retrying = retry(reraise=True, stop=stop_after_attempt(6), wait=wait_exponential(multiplier=0.5, max=20),
-                  retry=retry_if_exception_type((ConnectionError, OSError)))
+_retrying = retry(
+    reraise=True,
+    stop=stop_after_attempt(6),
+    wait=wait_exponential(multiplier=0.5, max=20),
+    retry=retry_if_exception_type((ConnectionError, OSError)),
+)
 
 
 def new_version(prefix: str, digest: str, now: datetime | None = None) -> str:
     """A version id `<prefix>-<UTC yyyymmddHHMMSS>-<8 hex of digest>`."""
-    now = now or datetime.now(timezone.utc)
-    return f"{prefix}-{now.astimezone(timezone.utc):%Y%m%d%H%M%S}-{digest[:8]}"
+    now = now or datetime.now(UTC)
+    return f"{prefix}-{now.astimezone(UTC):%Y%m%d%H%M%S}-{digest[:8]}"
 
 
 def user_version(path: Path, digest: str) -> str:
@@ -97,8 +100,12 @@ def download_model(s: Settings, card: dict, dest_dir: Path) -> Path:
 
 def register(s: Settings, version: str, card: dict, metrics: dict | None, registry_doc: dict) -> dict:
     """Upload metrics.json (if any), then index the version's registry document; returns that document."""
-    doc = {"version": version, "model_uri": uri(s, version, card.get("model_file", MODEL_FILE)),
-           "label_map_uri": uri(s, version, LABELS_FILE), **registry_doc}
+    doc = {
+        "version": version,
+        "model_uri": uri(s, version, card.get("model_file", MODEL_FILE)),
+        "label_map_uri": uri(s, version, LABELS_FILE),
+        **registry_doc,
+    }
     if metrics is not None:
         put_json(s, f"{version}/{METRICS_FILE}", metrics)
         doc["metrics_uri"] = uri(s, version, METRICS_FILE)
@@ -107,8 +114,7 @@ def register(s: Settings, version: str, card: dict, metrics: dict | None, regist
     return doc
 
 
-def publish(s: Settings, version: str, model_path: Path, card: dict, metrics: dict | None,
-            registry_doc: dict) -> dict:
+def publish(s: Settings, version: str, model_path: Path, card: dict, metrics: dict | None, registry_doc: dict) -> dict:
     """Upload model and card, then register the version; returns the registry document."""
     put_file(s, f"{version}/{card.get('model_file', MODEL_FILE)}", model_path)
     put_json(s, f"{version}/{LABELS_FILE}", card)

@@ -5,12 +5,27 @@ from __future__ import annotations
 
 from orchard.core.errors import ConfigError
 
-SOURCE_FIELDS = ["key", "dataset", "split", "label", "prediction.label", "prediction.confidence",
-                 "prediction.model_version", "prediction.error", "embedding_model", "pca"]
+SOURCE_FIELDS = [
+    "key",
+    "dataset",
+    "split",
+    "label",
+    "prediction.label",
+    "prediction.confidence",
+    "prediction.model_version",
+    "prediction.error",
+    "embedding_model",
+    "pca",
+]
 
 
-def filters(dataset: str | None = None, split: str | None = None, label: str | None = None,
-            predicted: str | None = None, min_confidence: float | None = None) -> list[dict]:
+def filters(
+    dataset: str | None = None,
+    split: str | None = None,
+    label: str | None = None,
+    predicted: str | None = None,
+    min_confidence: float | None = None,
+) -> list[dict]:
     """Elasticsearch filter clauses for the given criteria (None = no constraint)."""
     clauses: list[dict] = []
     for field, value in (("dataset", dataset), ("split", split), ("label", label), ("prediction.label", predicted)):
@@ -23,9 +38,12 @@ def filters(dataset: str | None = None, split: str | None = None, label: str | N
 
 def find_document(es, index: str, key_or_id: str) -> dict:
     """The hit of the image with this key (or document id) including its embedding; ConfigError if none."""
-    response = es.search(index=index, size=2, query={"bool": {"should": [
-        {"term": {"key": key_or_id}}, {"ids": {"values": [key_or_id]}}]}},
-        source_includes=["key", "embedding", "embedding_model"])
+    response = es.search(
+        index=index,
+        size=2,
+        query={"bool": {"should": [{"term": {"key": key_or_id}}, {"ids": {"values": [key_or_id]}}]}},
+        source_includes=["key", "embedding", "embedding_model"],
+    )
     hits = response["hits"]["hits"]
     if not hits:
         raise ConfigError(f"no image with key or id {key_or_id!r} in {index}")
@@ -40,13 +58,18 @@ def similar(es, index: str, key_or_id: str, k: int = 10, clauses: list[dict] | N
     source = own["_source"]
     # k + 1: the image itself is among the neighbours, and is put first explicitly below, because
     # with exact ties (identical embeddings) the ANN order between equal scores is arbitrary.
-    knn = {"field": "embedding", "query_vector": source["embedding"], "k": k + 1,
-           "num_candidates": max(100, 10 * (k + 1))}
+    knn = {
+        "field": "embedding",
+        "query_vector": source["embedding"],
+        "k": k + 1,
+        "num_candidates": max(100, 10 * (k + 1)),
+    }
     if clauses:
         knn["filter"] = {"bool": {"filter": clauses}}
     if source.get("embedding_model"):  # compare only embeddings of the same model
         knn.setdefault("filter", {"bool": {"filter": []}})["bool"]["filter"].append(
-            {"term": {"embedding_model": source["embedding_model"]}})
+            {"term": {"embedding_model": source["embedding_model"]}}
+        )
     if quantized(es, index):
         # Scores from int8/int4/bbq HNSW are approximate (an image could score below its own near
         # duplicate); rescoring the candidates with the stored float vectors makes them exact.
@@ -72,9 +95,14 @@ def quantized(es, index: str) -> bool:
 
 def matching(es, index: str, clauses: list[dict], limit: int = 20) -> list[dict]:
     """Images matching the filters, most confident prediction first, then by key."""
-    response = es.search(index=index, size=limit, query={"bool": {"filter": clauses}},
-                         sort=[{"prediction.confidence": {"order": "desc", "missing": "_last"}}, {"key": "asc"}],
-                         source_includes=SOURCE_FIELDS, track_total_hits=True)
+    response = es.search(
+        index=index,
+        size=limit,
+        query={"bool": {"filter": clauses}},
+        sort=[{"prediction.confidence": {"order": "desc", "missing": "_last"}}, {"key": "asc"}],
+        source_includes=SOURCE_FIELDS,
+        track_total_hits=True,
+    )
     return [result_row(hit) for hit in response["hits"]["hits"]]
 
 
@@ -83,10 +111,18 @@ def result_row(hit: dict) -> dict:
     src = hit["_source"]
     pred = src.get("prediction") or {}
     pca = src.get("pca") or {}
-    return {"score": hit.get("_score"), "id": hit["_id"], "key": src.get("key"), "label": src.get("label"),
-            "predicted": pred.get("label"), "confidence": pred.get("confidence"),
-            "model_version": pred.get("model_version"), "error": pred.get("error"),
-            "x": pca.get("x"), "y": pca.get("y")}
+    return {
+        "score": hit.get("_score"),
+        "id": hit["_id"],
+        "key": src.get("key"),
+        "label": src.get("label"),
+        "predicted": pred.get("label"),
+        "confidence": pred.get("confidence"),
+        "model_version": pred.get("model_version"),
+        "error": pred.get("error"),
+        "x": pca.get("x"),
+        "y": pca.get("y"),
+    }
 
 
 def format_table(rows: list[dict]) -> str:

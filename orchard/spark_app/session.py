@@ -99,8 +99,7 @@ def build_session(s: Settings, app_name: str, extra_conf: dict[str, str] | None 
     spark.sparkContext.setLogLevel("WARN")
     zip_dir = Path(tempfile.mkdtemp(prefix="orchard-pyfiles-"))
     spark.sparkContext.addPyFile(str(package_zip(zip_dir)))
-    log.info("spark session %s on %s (app id %s)", app_name, s.spark_master_url,
-             spark.sparkContext.applicationId)
+    log.info("spark session %s on %s (app id %s)", app_name, s.spark_master_url, spark.sparkContext.applicationId)
     return spark
 
 

@@ -51,14 +51,20 @@ class Tally:
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append((where, reason))
 
-    def merge(self, other: "Tally") -> "Tally":
+    def merge(self, other: Tally) -> Tally:
         """The sum of two tallies (used by RDD.reduce)."""
         reasons = dict(self.reasons)
         for reason, n in other.reasons.items():
             reasons[reason] = reasons.get(reason, 0) + n
-        return Tally(self.updated + other.updated, self.noop + other.noop, self.failed + other.failed,
-                     self.errors + other.errors, self.retried + other.retried, reasons,
-                     (self.examples + other.examples)[:MAX_EXAMPLES])
+        return Tally(
+            self.updated + other.updated,
+            self.noop + other.noop,
+            self.failed + other.failed,
+            self.errors + other.errors,
+            self.retried + other.retried,
+            reasons,
+            (self.examples + other.examples)[:MAX_EXAMPLES],
+        )
 
 
 def merge_tallies(a: Tally, b: Tally) -> Tally:
@@ -78,7 +84,8 @@ def failure_reason(info: dict) -> str:
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
-    from elastic_transport import ConnectionError as EsConnectionError, ConnectionTimeout
+    from elastic_transport import ConnectionError as EsConnectionError
+    from elastic_transport import ConnectionTimeout
 
     return (EsConnectionError, ConnectionTimeout, ConnectionError, TimeoutError, OSError)
 
@@ -86,14 +93,14 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 def send_once(es, actions: list[dict], labels: dict[str, str], tally: Tally, last: bool) -> list[dict]:
     """One bulk request for `actions`, counted into `tally`; the actions rejected with a retryable
     status (none if `last`: those are counted as failed). Raises on transport errors."""
-    from elasticsearch.helpers import streaming_bulk
-
     from elasticsearch import ApiError
+    from elasticsearch.helpers import streaming_bulk
 
     by_id = {str(action["_id"]): action for action in actions}
     rejected = []
-    results = streaming_bulk(es, actions, chunk_size=len(actions), max_retries=0, raise_on_error=False,
-                             raise_on_exception=True)
+    results = streaming_bulk(
+        es, actions, chunk_size=len(actions), max_retries=0, raise_on_error=False, raise_on_exception=True
+    )
     try:
         items = list(results)  # one request: the chunk is already in memory, so are its results
     except ApiError as exc:  # the whole request refused (e.g. 429 before any item ran)
@@ -126,8 +133,14 @@ def send_chunk(es, actions: list[dict], labels: dict[str, str]) -> Tally:
         if not pending:
             break
         wait = min(BACKOFF_SECONDS[1], BACKOFF_SECONDS[0] * 2 ** (attempt - 1))
-        log.warning("Elasticsearch rejected %d of %d writes (429 too many requests / shard unavailable): "
-                    "retry %d/%d in %.0fs", len(pending), len(actions), attempt, MAX_RESENDS, wait)
+        log.warning(
+            "Elasticsearch rejected %d of %d writes (429 too many requests / shard unavailable): retry %d/%d in %.0fs",
+            len(pending),
+            len(actions),
+            attempt,
+            MAX_RESENDS,
+            wait,
+        )
         tally.retried += len(pending)
         time.sleep(wait)
     return tally
@@ -147,8 +160,9 @@ def process_chunk(es, chunk: list[tuple[dict, str, bool]], select: Selector | No
     return tally
 
 
-def write_actions(es, items: Iterable[tuple[dict, str, bool]], chunk_size: int = 500,
-                  select: Selector | None = None) -> Tally:
+def write_actions(
+    es, items: Iterable[tuple[dict, str, bool]], chunk_size: int = 500, select: Selector | None = None
+) -> Tally:
     """Bulk-send (action, key, is_error) items in chunks; the tally of the whole stream.
 
     `key` names the image in failure reports; `is_error` marks documents that get an error field;
@@ -156,7 +170,9 @@ def write_actions(es, items: Iterable[tuple[dict, str, bool]], chunk_size: int =
     A chunk is redone as a whole after connection errors (idempotent: same ids, same content).
     """
     redo = retry(
-        reraise=True, stop=stop_after_attempt(6), wait=wait_exponential(multiplier=1, max=30),
+        reraise=True,
+        stop=stop_after_attempt(6),
+        wait=wait_exponential(multiplier=1, max=30),
         retry=retry_if_exception_type(_transport_errors()),
         before_sleep=before_sleep_log(log, logging.WARNING),
     )(process_chunk)
@@ -168,8 +184,9 @@ def write_actions(es, items: Iterable[tuple[dict, str, bool]], chunk_size: int =
     return total
 
 
-def tally_partition(es_factory, items: Iterator[tuple[dict, str, bool]], chunk_size: int,
-                    select: Selector | None = None) -> Iterator[Tally]:
+def tally_partition(
+    es_factory, items: Iterator[tuple[dict, str, bool]], chunk_size: int, select: Selector | None = None
+) -> Iterator[Tally]:
     """mapPartitions body: write the partition's items and yield its one tally."""
     yield write_actions(es_factory(), items, chunk_size, select)
 
@@ -177,5 +194,8 @@ def tally_partition(es_factory, items: Iterator[tuple[dict, str, bool]], chunk_s
 def log_retries(tally: Tally) -> None:
     """Driver side: one warning line if the executors had to resend rejected writes."""
     if tally.retried:
-        log.warning("Elasticsearch rejected %d document writes (429 / shard unavailable) that the executors "
-                    "retried with backoff (see the executor logs)", tally.retried)
+        log.warning(
+            "Elasticsearch rejected %d document writes (429 / shard unavailable) that the executors "
+            "retried with backoff (see the executor logs)",
+            tally.retried,
+        )

@@ -14,7 +14,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -43,8 +43,9 @@ def discover_classes(files_df) -> list[str]:
     return sorted(row.label for row in labels.collect() if row.label)
 
 
-def labelled_examples(bucket: str, classes: tuple[str, ...], preprocessing: str, size: tuple[int, int],
-                      rows: Iterable, skipped=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def labelled_examples(
+    bucket: str, classes: tuple[str, ...], preprocessing: str, size: tuple[int, int], rows: Iterable, skipped=None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """mapPartitions body: (preprocessed image, one-hot label) per decodable image of a known class."""
     index = label_map(classes)
     prep = preprocessor(preprocessing)
@@ -64,23 +65,43 @@ def train_rdd(files_df, bucket: str, classes: list[str], skipped=None):
     return files_df.rdd.mapPartitions(body)
 
 
-def fit(spark, s: Settings, dataset: str, split: str, epochs: int, batch_size: int,
-        learning_rate: float, images_per_partition: int):
+def fit(
+    spark,
+    s: Settings,
+    dataset: str,
+    split: str,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    images_per_partition: int,
+):
     """Train the default CNN with Elephas; returns (Elephas model, classes, workers)."""
     from orchard.spark_app import model as keras_model
 
     files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
     classes = discover_classes(files)
     if len(classes) < 2:
-        raise ConfigError(f"{dataset}/{split}: found {len(classes)} labels under s3a://{s.images_bucket}/"
-                          f"{dataset}/{split}/; training needs at least 2 (is the split name right?)")
+        raise ConfigError(
+            f"{dataset}/{split}: found {len(classes)} labels under s3a://{s.images_bucket}/"
+            f"{dataset}/{split}/; training needs at least 2 (is the split name right?)"
+        )
     workers = executor_count(spark)
     skipped = spark.sparkContext.accumulator(0)
     net = keras_model.build_cnn(len(classes), learning_rate=learning_rate)
-    log.info("training %s (%d parameters) on %s/%s: %d classes, %d epochs, batch %d, %d Elephas workers",
-             keras_model.ARCHITECTURE, net.count_params(), dataset, split, len(classes), epochs, batch_size, workers)
-    spark_model = keras_model.train_elephas(net, train_rdd(files, s.images_bucket, classes, skipped),
-                                            epochs, batch_size, workers)
+    log.info(
+        "training %s (%d parameters) on %s/%s: %d classes, %d epochs, batch %d, %d Elephas workers",
+        keras_model.ARCHITECTURE,
+        net.count_params(),
+        dataset,
+        split,
+        len(classes),
+        epochs,
+        batch_size,
+        workers,
+    )
+    spark_model = keras_model.train_elephas(
+        net, train_rdd(files, s.images_bucket, classes, skipped), epochs, batch_size, workers
+    )
     if skipped.value:
         log.warning("%d train images were skipped (undecodable)", skipped.value)
     return spark_model, classes, workers
@@ -90,13 +111,27 @@ def model_card(version: str, classes: list[str], net) -> dict:
     """labels.json of a version trained here."""
     from orchard.spark_app import model as keras_model
 
-    return {"version": version, "classes": classes, "label_map": label_map(classes),
-            "preprocessing": PREPROCESSING, "architecture": keras_model.ARCHITECTURE,
-            "model_file": registry.MODEL_FILE, **keras_model.describe(net)}
+    return {
+        "version": version,
+        "classes": classes,
+        "label_map": label_map(classes),
+        "preprocessing": PREPROCESSING,
+        "architecture": keras_model.ARCHITECTURE,
+        "model_file": registry.MODEL_FILE,
+        **keras_model.describe(net),
+    }
 
 
-def evaluate_splits(spark, s: Settings, dataset: str, spark_model, card: dict, splits: dict[str, str],
-                    batch_size: int, images_per_partition: int) -> dict[str, dict]:
+def evaluate_splits(
+    spark,
+    s: Settings,
+    dataset: str,
+    spark_model,
+    card: dict,
+    splits: dict[str, str],
+    batch_size: int,
+    images_per_partition: int,
+) -> dict[str, dict]:
     """Streaming evaluation of the trained model on named splits ({"train": "train", "test": "test"}),
     in one pass over the dataset."""
     cfg = ExecutorConfig.from_settings(s)
@@ -105,20 +140,35 @@ def evaluate_splits(spark, s: Settings, dataset: str, spark_model, card: dict, s
     by_split = evaluate(files.rdd, spec, spark_model, set(splits.values()))
     results = {name: by_split[split] for name, split in splits.items()}
     for name, split in splits.items():
-        log.info("%s split %r: accuracy %.4f, loss %.4f on %d images", name, split,
-                 results[name]["accuracy"], results[name]["loss"], results[name]["images"])
+        log.info(
+            "%s split %r: accuracy %.4f, loss %.4f on %d images",
+            name,
+            split,
+            results[name]["accuracy"],
+            results[name]["loss"],
+            results[name]["images"],
+        )
     return results
 
 
-def run_training(spark, s: Settings, dataset: str, train_split: str = "train", test_split: str = "test",
-                 epochs: int = 5, batch_size: int = 16, learning_rate: float = 1e-3,
-                 images_per_partition: int = 64) -> dict:
+def run_training(
+    spark,
+    s: Settings,
+    dataset: str,
+    train_split: str = "train",
+    test_split: str = "test",
+    epochs: int = 5,
+    batch_size: int = 16,
+    learning_rate: float = 1e-3,
+    images_per_partition: int = 64,
+) -> dict:
     """Train, save, evaluate and register a model version; returns the registry document."""
     from orchard.spark_app import model as keras_model
 
     began = time.monotonic()
-    spark_model, classes, workers = fit(spark, s, dataset, train_split, epochs, batch_size,
-                                        learning_rate, images_per_partition)
+    spark_model, classes, workers = fit(
+        spark, s, dataset, train_split, epochs, batch_size, learning_rate, images_per_partition
+    )
     net, history = spark_model.master_network, spark_model.epoch_metrics
     version = registry.new_version("cnn", keras_model.weights_digest(net))
     card = model_card(version, classes, net)
@@ -127,28 +177,65 @@ def run_training(spark, s: Settings, dataset: str, train_split: str = "train", t
         registry.put_file(s, f"{version}/{registry.MODEL_FILE}", path)
     registry.put_json(s, f"{version}/{registry.LABELS_FILE}", card)
     card["model_uri"] = registry.uri(s, version, registry.MODEL_FILE)
-    scores = evaluate_splits(spark, s, dataset, spark_model, card, {"train": train_split, "test": test_split},
-                             batch_size=64, images_per_partition=images_per_partition)
-    metrics = {"test_accuracy": scores["test"]["accuracy"], "test_loss": scores["test"]["loss"],
-               "train_accuracy": scores["train"]["accuracy"], "train_loss": scores["train"]["loss"]}
+    scores = evaluate_splits(
+        spark,
+        s,
+        dataset,
+        spark_model,
+        card,
+        {"train": train_split, "test": test_split},
+        batch_size=64,
+        images_per_partition=images_per_partition,
+    )
+    metrics = {
+        "test_accuracy": scores["test"]["accuracy"],
+        "test_loss": scores["test"]["loss"],
+        "train_accuracy": scores["train"]["accuracy"],
+        "train_loss": scores["train"]["loss"],
+    }
     doc = registry_document(dataset, train_split, test_split, card, net, epochs, scores, metrics, history)
-    registry.register(s, version, card, {**metrics, "chance": 1 / len(classes), "epochs": history,
-                                         "elephas_workers": workers,
-                                         "seconds": round(time.monotonic() - began, 1)}, doc)
+    registry.register(
+        s,
+        version,
+        card,
+        {
+            **metrics,
+            "chance": 1 / len(classes),
+            "epochs": history,
+            "elephas_workers": workers,
+            "seconds": round(time.monotonic() - began, 1),
+        },
+        doc,
+    )
     return {**doc, "version": version, "model_uri": card["model_uri"]}
 
 
-def registry_document(dataset: str, train_split: str, test_split: str, card: dict, net, epochs: int,
-                      scores: dict, metrics: dict, history: list[dict]) -> dict:
+def registry_document(
+    dataset: str,
+    train_split: str,
+    test_split: str,
+    card: dict,
+    net,
+    epochs: int,
+    scores: dict,
+    metrics: dict,
+    history: list[dict],
+) -> dict:
     """The models-index document of a trained version (fields of es_mappings/models.json)."""
     if not scores["test"]["images"]:
         raise ConfigError(f"{dataset}/{test_split}: no test images to evaluate on")
     return {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dataset": dataset, "train_split": train_split, "test_split": test_split,
-        "classes": card["classes"], "num_classes": len(card["classes"]), "architecture": card["architecture"],
-        "params": int(net.count_params()), "epochs": epochs,
-        "train_images": scores["train"]["images"], "test_images": scores["test"]["images"],
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "dataset": dataset,
+        "train_split": train_split,
+        "test_split": test_split,
+        "classes": card["classes"],
+        "num_classes": len(card["classes"]),
+        "architecture": card["architecture"],
+        "params": int(net.count_params()),
+        "epochs": epochs,
+        "train_images": scores["train"]["images"],
+        "test_images": scores["test"]["images"],
         "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
         "history": json.loads(json.dumps(history)),
     }

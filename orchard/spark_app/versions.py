@@ -7,7 +7,7 @@ code, no storage), so neither of those imports the other.
 from __future__ import annotations
 
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from orchard.core.errors import ConfigError
@@ -53,12 +53,24 @@ def import_model_file(s: Settings, path: Path, preprocessing: str, labels_path: 
         raise ConfigError(f"{path}: not a loadable Keras model: {exc}") from None
     classes = read_class_names(labels_path) if labels_path else [f"class_{i}" for i in range(facts["num_classes"])]
     if len(classes) != facts["num_classes"]:
-        raise ConfigError(f"{labels_path}: {len(classes)} class names, but the model has {facts['num_classes']} outputs")
+        raise ConfigError(
+            f"{labels_path}: {len(classes)} class names, but the model has {facts['num_classes']} outputs"
+        )
     version = registry.user_version(path, sha256_file(path))
-    card = {"version": version, "classes": classes, "preprocessing": preprocessing,
-            "model_file": f"model{path.suffix.lower()}",
-            "architecture": f"user:{path.name}", **facts}
-    registry_doc = {"created_at": datetime.now(timezone.utc).isoformat(), "classes": classes,
-                    "num_classes": len(classes), "architecture": card["architecture"], "params": facts["params"]}
+    card = {
+        "version": version,
+        "classes": classes,
+        "preprocessing": preprocessing,
+        "model_file": f"model{path.suffix.lower()}",
+        "architecture": f"user:{path.name}",
+        **facts,
+    }
+    registry_doc = {
+        "created_at": datetime.now(UTC).isoformat(),
+        "classes": classes,
+        "num_classes": len(classes),
+        "architecture": card["architecture"],
+        "params": facts["params"],
+    }
     registry.publish(s, version, path, card, None, registry_doc)
     return version

@@ -14,19 +14,24 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from orchard.core.files import read_env_file
 from orchard.core.errors import ConfigError, ServiceUnavailable
-from orchard.core.settings import Settings
-from orchard.stack import process
+from orchard.core.files import read_env_file
 from orchard.core.health import CLUSTER_PROBES, Probe, probe_url
+from orchard.core.settings import Settings
+from orchard.core.toolchain import Toolchain
+from orchard.stack import process
 from orchard.stack.services import Layout, Service, all_services, copy_es_config_dir, user_group
 from orchard.stack.setup import setup_stack
-from orchard.core.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
 
-CLUSTER_OF_KIND = {"minio": "minio", "lb": "minio", "elasticsearch": "elasticsearch",
-                   "spark-master": "spark", "spark-worker": "spark"}
+CLUSTER_OF_KIND = {
+    "minio": "minio",
+    "lb": "minio",
+    "elasticsearch": "elasticsearch",
+    "spark-master": "spark",
+    "spark-worker": "spark",
+}
 
 
 @dataclass(frozen=True)
@@ -65,10 +70,12 @@ def with_credentials(s: Settings) -> Settings:
     if s.s3_access_key and s.s3_secret_key:
         return s
     creds = read_env_file(s.credentials_file)
-    return s.model_copy(update={
-        "s3_access_key": SecretStr(creds["ORCHARD_S3_ACCESS_KEY"]),
-        "s3_secret_key": SecretStr(creds["ORCHARD_S3_SECRET_KEY"]),
-    })
+    return s.model_copy(
+        update={
+            "s3_access_key": SecretStr(creds["ORCHARD_S3_ACCESS_KEY"]),
+            "s3_secret_key": SecretStr(creds["ORCHARD_S3_SECRET_KEY"]),
+        }
+    )
 
 
 def stack_services(s: Settings) -> tuple[Toolchain, Layout, list[Service]]:
@@ -106,8 +113,7 @@ def grant_traverse(path: Path, user: str) -> None:
         if parent.stat().st_mode & 0o001:
             continue
         try:
-            subprocess.run(["setfacl", "-m", f"u:{user}:x", str(parent)], check=True,
-                           capture_output=True)
+            subprocess.run(["setfacl", "-m", f"u:{user}:x", str(parent)], check=True, capture_output=True)
         except (OSError, subprocess.CalledProcessError) as exc:
             raise ConfigError(f"cannot let {user} reach {parent} (setfacl: {exc}); run `make deps`") from exc
 
@@ -131,8 +137,7 @@ def start(service: Service, layout: Layout, tools: Toolchain, host: str) -> bool
             f"(set a different ORCHARD_*_PORT or stop it)"
         )
     prepare(service, layout, tools)
-    pid = process.spawn(service.argv, service.env, layout.log_file(service.name), pid_file,
-                        cwd=service.cwd)
+    pid = process.spawn(service.argv, service.env, layout.log_file(service.name), pid_file, cwd=service.cwd)
     log.info("started %-15s pid %-7d port %d", service.name, pid, service.port)
     return True
 
@@ -165,14 +170,20 @@ def wait_for_stack(s: Settings, layout: Layout, services: list[Service], deadlin
         if now >= deadline:
             raise ServiceUnavailable(f"{name} not healthy after {s.health_timeout:.0f}s: {reason}")
         if now >= next_report:  # progress on a long wait, without flooding the log
-            log.info("waiting for %s (%d left, %.0fs to deadline): %s", name,
-                     len(pending) + len(clusters), deadline - now, reason[:160])
+            log.info(
+                "waiting for %s (%d left, %.0fs to deadline): %s",
+                name,
+                len(pending) + len(clusters),
+                deadline - now,
+                reason[:160],
+            )
             next_report = now + 15
         time.sleep(2)
 
 
-def _first_failure(s: Settings, layout: Layout, pending: dict[str, Service],
-                   clusters: set[str]) -> tuple[str, str] | None:
+def _first_failure(
+    s: Settings, layout: Layout, pending: dict[str, Service], clusters: set[str]
+) -> tuple[str, str] | None:
     """Check what is still pending, drop what passed; the first failure as (name, reason)."""
     for name, svc in list(pending.items()):
         if not process.running_pid(layout.pid_file(name)):
@@ -231,9 +242,17 @@ def status(s: Settings) -> list[ServiceStatus]:
             rows.append(ServiceStatus(svc.name, svc.kind, None, svc.port, "down"))
             continue
         probe = probe_url(svc.health_url)
-        rows.append(ServiceStatus(svc.name, svc.kind, pid, svc.port,
-                                  "healthy" if probe.ok else "unhealthy",
-                                  process.rss_mb(pid), probe.detail))
+        rows.append(
+            ServiceStatus(
+                svc.name,
+                svc.kind,
+                pid,
+                svc.port,
+                "healthy" if probe.ok else "unhealthy",
+                process.rss_mb(pid),
+                probe.detail,
+            )
+        )
     return rows
 
 

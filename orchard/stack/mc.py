@@ -26,12 +26,14 @@ def mc_env(s: Settings, endpoint: str | None = None) -> dict[str, str]:
     return env
 
 
-def run_mc(s: Settings, *args: str, endpoint: str | None = None, timeout: float = 120,
-           check: bool = True) -> subprocess.CompletedProcess:
+def run_mc(
+    s: Settings, *args: str, endpoint: str | None = None, timeout: float = 120, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run `mc ARGS` (use the alias `orchard`); returns the completed process."""
     mc = str(Toolchain.from_cache(s.cache_dir).mc)
-    return subprocess.run([mc, *args], env=mc_env(s, endpoint), capture_output=True, text=True,
-                          timeout=timeout, check=check)
+    return subprocess.run(
+        [mc, *args], env=mc_env(s, endpoint), capture_output=True, text=True, timeout=timeout, check=check
+    )
 
 
 def mc_json(s: Settings, *args: str, **kwargs) -> list[dict]:

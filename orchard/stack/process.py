@@ -51,17 +51,21 @@ def running_pid(pid_file: Path) -> int | None:
     return record.pid if record and record.process() else None
 
 
-def spawn(argv: list[str], env: dict[str, str], log_file: Path, pid_file: Path,
-          cwd: Path | None = None) -> int:
+def spawn(argv: list[str], env: dict[str, str], log_file: Path, pid_file: Path, cwd: Path | None = None) -> int:
     """Start `argv` detached in its own session, output appended to `log_file`; returns the pid."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as out:
         out.write(f"\n--- orchard: starting {' '.join(argv)}\n".encode())
         out.flush()
-        proc = subprocess.Popen(  # noqa: S603 - argv is built by the launcher, not a shell
-            argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     create_time = psutil.Process(proc.pid).create_time()
     pid_file.write_text(json.dumps({"pid": proc.pid, "create_time": create_time, "argv": argv}))

@@ -77,8 +77,7 @@ def base_env(tools: Toolchain) -> dict[str, str]:
 def minio_services(s: Settings, tools: Toolchain, layout: Layout, creds: dict[str, str]) -> list[Service]:
     """4 MinIO server processes forming one distributed, erasure-coded deployment."""
     endpoints = [
-        f"http://{s.bind_host}:{s.minio_node_port + i}{layout.data / f'minio{i + 1}'}"
-        for i in range(s.minio_nodes)
+        f"http://{s.bind_host}:{s.minio_node_port + i}{layout.data / f'minio{i + 1}'}" for i in range(s.minio_nodes)
     ]
     services = []
     for i in range(s.minio_nodes):
@@ -93,12 +92,26 @@ def minio_services(s: Settings, tools: Toolchain, layout: Layout, creds: dict[st
             # and waits forever; this names the endpoint that is this process's own.
             "_MINIO_SERVER_LOCAL": f"{s.bind_host}:{port}",
         }
-        argv = [str(tools.minio), "server", "--quiet", "--address", f"{s.bind_host}:{port}",
-                "--console-address", f"{s.bind_host}:{s.minio_console_port + i}", *endpoints]
-        services.append(Service(
-            name=f"minio{i + 1}", kind="minio", argv=argv, port=port, env=env,
-            health_url=f"http://{s.bind_host}:{port}/minio/health/live",
-        ))
+        argv = [
+            str(tools.minio),
+            "server",
+            "--quiet",
+            "--address",
+            f"{s.bind_host}:{port}",
+            "--console-address",
+            f"{s.bind_host}:{s.minio_console_port + i}",
+            *endpoints,
+        ]
+        services.append(
+            Service(
+                name=f"minio{i + 1}",
+                kind="minio",
+                argv=argv,
+                port=port,
+                env=env,
+                health_url=f"http://{s.bind_host}:{port}/minio/health/live",
+            )
+        )
     return services
 
 
@@ -154,14 +167,17 @@ http {{
 def lb_service(s: Settings, tools: Toolchain, layout: Layout) -> Service:
     """nginx as the single S3 endpoint, failing over between MinIO nodes."""
     servers = "\n".join(
-        f"    server {s.bind_host}:{s.minio_node_port + i} max_fails=1 fail_timeout=5s;"
-        for i in range(s.minio_nodes)
+        f"    server {s.bind_host}:{s.minio_node_port + i} max_fails=1 fail_timeout=5s;" for i in range(s.minio_nodes)
     )
     tmp = layout.tmp / "nginx"
     conf = layout.conf / "nginx.conf"
     text = NGINX_CONF.format(tmp=tmp, servers=servers, host=s.bind_host, port=s.minio_port)
     return Service(
-        name="minio-lb", kind="lb", port=s.minio_port, env=base_env(tools), files={conf: text},
+        name="minio-lb",
+        kind="lb",
+        port=s.minio_port,
+        env=base_env(tools),
+        files={conf: text},
         argv=[str(tools.nginx), "-c", str(conf), "-p", str(layout.home)],
         health_url=f"http://{s.bind_host}:{s.minio_port}/minio/health/live",
     )
@@ -212,12 +228,19 @@ def es_services(s: Settings, tools: Toolchain, layout: Layout) -> list[Service]:
             "ES_JAVA_OPTS": f"-Xms{s.es_heap} -Xmx{s.es_heap}",
             "ES_TMPDIR": str(layout.tmp / name),
         }
-        services.append(Service(
-            name=name, kind="elasticsearch", port=port, env=env,
-            files={layout.conf / name / "elasticsearch.yml": es_config(s, layout, i)},
-            argv=drop_privileges([str(tools.es_home / "bin" / "elasticsearch")], run_as),
-            health_url=f"http://{s.bind_host}:{port}/_cluster/health?local=true", run_as=run_as, cwd=layout.logs / name,
-        ))
+        services.append(
+            Service(
+                name=name,
+                kind="elasticsearch",
+                port=port,
+                env=env,
+                files={layout.conf / name / "elasticsearch.yml": es_config(s, layout, i)},
+                argv=drop_privileges([str(tools.es_home / "bin" / "elasticsearch")], run_as),
+                health_url=f"http://{s.bind_host}:{port}/_cluster/health?local=true",
+                run_as=run_as,
+                cwd=layout.logs / name,
+            )
+        )
     return services
 
 
@@ -261,25 +284,54 @@ def spark_services(s: Settings, tools: Toolchain, layout: Layout) -> list[Servic
         "SPARK_WORKER_OPTS": "-Dspark.worker.cleanup.enabled=true -Dspark.worker.cleanup.appDataTtl=86400",
     }
     master = Service(
-        name="spark-master", kind="spark-master", port=s.spark_master_port, env=env,
-        files={layout.conf / "spark" / "spark-defaults.conf": spark_defaults(s, tools),
-               layout.conf / "spark" / "spark-env.sh": spark_env(s)},
-        argv=[spark_class, "org.apache.spark.deploy.master.Master", "--host", s.bind_host,
-              "--port", str(s.spark_master_port), "--webui-port", str(s.spark_ui_port)],
+        name="spark-master",
+        kind="spark-master",
+        port=s.spark_master_port,
+        env=env,
+        files={
+            layout.conf / "spark" / "spark-defaults.conf": spark_defaults(s, tools),
+            layout.conf / "spark" / "spark-env.sh": spark_env(s),
+        },
+        argv=[
+            spark_class,
+            "org.apache.spark.deploy.master.Master",
+            "--host",
+            s.bind_host,
+            "--port",
+            str(s.spark_master_port),
+            "--webui-port",
+            str(s.spark_ui_port),
+        ],
         health_url=f"http://{s.bind_host}:{s.spark_ui_port}/json/",
     )
     workers = []
     for i in range(s.spark_workers):
         ui = s.spark_worker_ui_port + i
         name = f"spark-worker-{i + 1}"
-        workers.append(Service(
-            name=name, kind="spark-worker", port=ui, env=env,
-            argv=[spark_class, "org.apache.spark.deploy.worker.Worker", "--host", s.bind_host,
-                  "--webui-port", str(ui), "--cores", str(s.spark_worker_cores),
-                  "--memory", s.spark_worker_memory, "--work-dir", str(layout.data / name),
-                  s.spark_master_url],
-            health_url=f"http://{s.bind_host}:{ui}/json/",
-        ))
+        workers.append(
+            Service(
+                name=name,
+                kind="spark-worker",
+                port=ui,
+                env=env,
+                argv=[
+                    spark_class,
+                    "org.apache.spark.deploy.worker.Worker",
+                    "--host",
+                    s.bind_host,
+                    "--webui-port",
+                    str(ui),
+                    "--cores",
+                    str(s.spark_worker_cores),
+                    "--memory",
+                    s.spark_worker_memory,
+                    "--work-dir",
+                    str(layout.data / name),
+                    s.spark_master_url,
+                ],
+                health_url=f"http://{s.bind_host}:{ui}/json/",
+            )
+        )
     return [master, *workers]
 
 

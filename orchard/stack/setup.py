@@ -45,7 +45,9 @@ def template_bodies(s: Settings, mappings_dir: Path = MAPPINGS_DIR) -> dict[str,
 
 
 _retrying = retry(
-    reraise=True, stop=stop_after_delay(120), wait=wait_exponential(multiplier=0.5, max=10),
+    reraise=True,
+    stop=stop_after_delay(120),
+    wait=wait_exponential(multiplier=0.5, max=10),
     retry=retry_if_exception_type((ConnectionError, OSError)),
 )
 
@@ -83,9 +85,9 @@ def setup_stack(s: Settings) -> None:
     s.require("s3_access_key", "s3_secret_key")
     try:
         ensure_buckets(s)
-    except Exception as exc:  # noqa: BLE001 - reported as a one-line reason
+    except Exception as exc:
         raise ServiceUnavailable(f"minio setup at {s.s3_url} failed: {exc}") from exc
     try:
         apply_templates(s)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ServiceUnavailable(f"elasticsearch setup at {s.es_urls[0]} failed: {exc}") from exc

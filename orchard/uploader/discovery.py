@@ -44,9 +44,13 @@ from orchard.uploader.report import Outcome, Problem
 log = logging.getLogger(__name__)
 
 SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "test": "test", "testing": "test",
-    "val": "val", "valid": "val", "validation": "val",
+    "train": "train",
+    "training": "train",
+    "test": "test",
+    "testing": "test",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
 }
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 ARRAY_SUFFIX = ".npy"
@@ -185,8 +189,9 @@ def _kind(entry: os.DirEntry, found: Discovery) -> str:
 class Walker:
     """Walks one upload root into a Discovery (see the module docstring for the rules)."""
 
-    def __init__(self, dataset: str, default_split: str, labels: Sequence[str] | None = None,
-                 exclude: Sequence[Path] = ()) -> None:
+    def __init__(
+        self, dataset: str, default_split: str, labels: Sequence[str] | None = None, exclude: Sequence[Path] = ()
+    ) -> None:
         self.dataset = dataset
         self.default_split = default_split
         self.labels = list(labels) if labels is not None else None
@@ -213,8 +218,11 @@ class Walker:
             if kind == "dir" and entry.name in splits:
                 self._split_dir(Path(entry.path), normalise_split(entry.name), _scan(Path(entry.path), self.found))
             elif kind == "dir":
-                self._fail_tree(Path(entry.path), "not_split",
-                                f"not a split folder ({', '.join(sorted(splits))} are): expected {LAYOUT}")
+                self._fail_tree(
+                    Path(entry.path),
+                    "not_split",
+                    f"not a split folder ({', '.join(sorted(splits))} are): expected {LAYOUT}",
+                )
             elif kind == "file":
                 self._loose_file(Path(entry.path), self.default_split)
 
@@ -269,8 +277,7 @@ class Walker:
                 continue
             self._add(path, split, label, text, f"{stem}_{row:0{width}d}.npy", row)
 
-    def _add(self, path: Path, split: str, label: str, label_text: str, name: str,
-             row: int | None = None) -> None:
+    def _add(self, path: Path, split: str, label: str, label_text: str, name: str, row: int | None = None) -> None:
         problem = name_problem(name)
         if problem:
             self.found.fail(path, "bad_name", problem)
@@ -310,11 +317,21 @@ def _files_under(directory: Path, found: Discovery) -> Iterator[Path]:
             yield Path(entry.path)
 
 
-def discover(root: Path, dataset: str, default_split: str = "train", labels: Sequence[str] | None = None,
-             exclude: Sequence[Path] = ()) -> Discovery:
+def discover(
+    root: Path,
+    dataset: str,
+    default_split: str = "train",
+    labels: Sequence[str] | None = None,
+    exclude: Sequence[Path] = (),
+) -> Discovery:
     """Work items (sorted by key) and problems for everything under `root`."""
     check_dataset(dataset)
     found = Walker(dataset, default_split, labels, exclude).walk(root.absolute())
-    log.info("discovered %d items under %s (%d problems, %d ignored)",
-             len(found.items), root, len(found.problems), found.ignored)
+    log.info(
+        "discovered %d items under %s (%d problems, %d ignored)",
+        len(found.items),
+        root,
+        len(found.problems),
+        found.ignored,
+    )
     return found

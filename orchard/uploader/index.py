@@ -38,8 +38,12 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (TransportError, ConnectionError))
 
 
-es_retry = retry(reraise=True, retry=retry_if_exception(is_transient), stop=stop_after_attempt(6),
-                 wait=wait_exponential(multiplier=0.5, max=15))
+es_retry = retry(
+    reraise=True,
+    retry=retry_if_exception(is_transient),
+    stop=stop_after_attempt(6),
+    wait=wait_exponential(multiplier=0.5, max=15),
+)
 
 
 def s3a_uri(bucket: str, key: str) -> str:
@@ -84,11 +88,23 @@ def existing_documents(es: Elasticsearch, index: str, ids: Iterable[str]) -> dic
 
 def _bulk_once(es: Elasticsearch, index: str, docs: dict[str, dict], results: dict[str, str]) -> None:
     """One streaming_bulk pass over the docs without a result yet; fills `results` in place."""
-    actions = ({"_op_type": "create", "_index": index, "_id": doc_id, "_source": doc}
-               for doc_id, doc in docs.items() if doc_id not in results)
-    for ok, info in streaming_bulk(es, actions, chunk_size=500, max_retries=8, initial_backoff=0.5,
-                                   max_backoff=20, retry_on_status=ES_RETRY_STATUS, raise_on_error=False,
-                                   raise_on_exception=False, yield_ok=True):
+    actions = (
+        {"_op_type": "create", "_index": index, "_id": doc_id, "_source": doc}
+        for doc_id, doc in docs.items()
+        if doc_id not in results
+    )
+    for ok, info in streaming_bulk(
+        es,
+        actions,
+        chunk_size=500,
+        max_retries=8,
+        initial_backoff=0.5,
+        max_backoff=20,
+        retry_on_status=ES_RETRY_STATUS,
+        raise_on_error=False,
+        raise_on_exception=False,
+        yield_ok=True,
+    ):
         outcome = info.get("create", {})
         doc_id, status = outcome.get("_id"), outcome.get("status")
         if ok:
@@ -114,8 +130,12 @@ def create_documents(es: Elasticsearch, index: str, docs: dict[str, dict]) -> di
     idempotent: a retried document that did get written answers 409).
     """
     results: dict[str, str] = {}
-    retrying = Retrying(reraise=True, retry=retry_if_exception(is_transient), stop=stop_after_attempt(5),
-                        wait=wait_exponential(multiplier=1, max=30))
+    retrying = Retrying(
+        reraise=True,
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(5),
+        wait=wait_exponential(multiplier=1, max=30),
+    )
     try:
         for attempt in retrying:
             with attempt:

@@ -33,12 +33,26 @@ DEFAULT_VERIFY_PIXELS = 16_000_000
 # Leading bytes of the image formats we accept: a file starting with one of these that Pillow
 # cannot read is a *corrupt* image; anything else is *not an image* at all.
 MAGIC = {
-    b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png", b"GIF87a": "gif", b"GIF89a": "gif",
-    b"BM": "bmp", b"II*\x00": "tiff", b"MM\x00*": "tiff", b"RIFF": "webp", b"\x93NUMPY": "npy",
+    b"\xff\xd8\xff": "jpeg",
+    b"\x89PNG\r\n\x1a\n": "png",
+    b"GIF87a": "gif",
+    b"GIF89a": "gif",
+    b"BM": "bmp",
+    b"II*\x00": "tiff",
+    b"MM\x00*": "tiff",
+    b"RIFF": "webp",
+    b"\x93NUMPY": "npy",
 }
 NPY_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "bmp": "image/bmp",
-                 "tiff": "image/tiff", "webp": "image/webp", "npy": "application/x-npy"}
+CONTENT_TYPES = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "gif": "image/gif",
+    "bmp": "image/bmp",
+    "tiff": "image/tiff",
+    "webp": "image/webp",
+    "npy": "application/x-npy",
+}
 
 
 class BadInput(Exception):
@@ -90,7 +104,9 @@ def inspect_item(item: WorkItem, limits: Limits = Limits()) -> Inspected:
     """Hash and parse `item`; raises BadInput with the reason it cannot be uploaded."""
     if item.row is not None:
         data = read_stack_row(item.path, item.row)
-        return _inspected(item, data, hashlib.sha256(data).hexdigest(), len(data), npy_properties(io.BytesIO(data), len(data)))
+        return _inspected(
+            item, data, hashlib.sha256(data).hexdigest(), len(data), npy_properties(io.BytesIO(data), len(data))
+        )
     size = _file_size(item.path)
     if size == 0:
         raise BadInput("empty", "empty file (0 bytes)")
@@ -173,9 +189,11 @@ def image_properties(fh: BinaryIO, announced: str | None, limits: Limits) -> Pro
     with image:
         width, height = image.size
         if limits.max_pixels and width * height > limits.max_pixels:
-            raise BadInput("decompression_bomb",
-                           f"decompression bomb: {width}x{height} = {width * height} pixels "
-                           f"exceeds the limit of {limits.max_pixels}")
+            raise BadInput(
+                "decompression_bomb",
+                f"decompression bomb: {width}x{height} = {width * height} pixels "
+                f"exceeds the limit of {limits.max_pixels}",
+            )
         props = Properties(image.format.lower(), width, height, len(image.getbands()), image.mode)
         _verify(image, fh, limits)
     return props

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,10 +37,10 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 from tenacity import retry_if_exception
 
-from orchard.core.iterables import batched
 from orchard.core.errors import ConfigError, ServiceUnavailable
-from orchard.core.settings import Settings
 from orchard.core.health import probe_minio_cluster
+from orchard.core.iterables import batched
+from orchard.core.settings import Settings
 from orchard.uploader import index, transfer
 from orchard.uploader.discovery import WorkItem, discover, read_labels
 from orchard.uploader.inspection import BadInput, Inspected, Limits, inspect_item
@@ -53,8 +53,15 @@ UPLOAD_ERRORS = (S3Error, ServerError, InvalidResponseError, urllib3.exceptions.
 # This many S3 writes failing in a row (after their retries) means MinIO refuses writes (write quorum
 # lost, credentials revoked, disk full): stop instead of failing every remaining file slowly.
 ABORT_AFTER_FAILED_WRITES = 16
-SERVICE_ERRORS = (S3Error, ServerError, InvalidResponseError, urllib3.exceptions.HTTPError, ConnectionError,
-                  ApiError, TransportError)
+SERVICE_ERRORS = (
+    S3Error,
+    ServerError,
+    InvalidResponseError,
+    urllib3.exceptions.HTTPError,
+    ConnectionError,
+    ApiError,
+    TransportError,
+)
 
 
 class ProgressBar(Protocol):
@@ -98,8 +105,14 @@ class Plan:
 class Uploader:
     """One `orchard upload` run against one bucket and one index."""
 
-    def __init__(self, settings: Settings, options: UploadOptions, s3: Minio, es: Elasticsearch,
-                 progress: ProgressBar | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        options: UploadOptions,
+        s3: Minio,
+        es: Elasticsearch,
+        progress: ProgressBar | None = None,
+    ) -> None:
         self.options = options
         self.bucket = settings.images_bucket
         self.index = settings.images_index
@@ -174,14 +187,17 @@ class Uploader:
         if self.writes_unavailable:
             return self.writes_unavailable
         if self.failed_writes_in_a_row >= ABORT_AFTER_FAILED_WRITES:
-            return f"MinIO refused the last {self.failed_writes_in_a_row} writes in a row ({self.last_write_error[:200]})"
+            return (
+                f"MinIO refused the last {self.failed_writes_in_a_row} writes in a row ({self.last_write_error[:200]})"
+            )
         return ""
 
     def writes_refused(self) -> ServiceUnavailable:
         """The error that stops a run whose writes MinIO refuses (write quorum lost, keys revoked...)."""
         return ServiceUnavailable(
             f"upload stopped: {self.stop_reason}; files not yet sent were not attempted. Re-run the same command "
-            "once `orchard stack status` shows the MinIO nodes up (stored files are skipped).")
+            "once `orchard stack status` shows the MinIO nodes up (stored files are skipped)."
+        )
 
     def _worth_retrying(self, exc: BaseException) -> bool:
         """Retry a failed write if the error is transient and MinIO still has write quorum."""
@@ -209,8 +225,10 @@ class Uploader:
         probe = probe_minio_cluster(self.settings)
         if probe.ok or not probe.detail.endswith("HTTP 503"):
             return ""
-        return (f"MinIO has no write quorum (GET {self.settings.s3_url}/minio/health/cluster answered 503: "
-                "too many nodes or drives are down)")
+        return (
+            f"MinIO has no write quorum (GET {self.settings.s3_url}/minio/health/cluster answered 503: "
+            "too many nodes or drives are down)"
+        )
 
     def _count_write(self, error: Exception | None) -> None:
         with self._writes:
@@ -240,11 +258,12 @@ class Uploader:
             raise ConfigError(f"bucket {self.bucket!r} does not exist: run `orchard setup`")
         problem = self.write_quorum_problem()
         if problem:  # reads work, writes would hang then fail: say so before sending anything
-            raise ServiceUnavailable(f"{problem}: nothing was uploaded. Re-run once `orchard stack status` "
-                                     "shows the MinIO nodes up.")
+            raise ServiceUnavailable(
+                f"{problem}: nothing was uploaded. Re-run once `orchard stack status` shows the MinIO nodes up."
+            )
         try:
             has_index = index.index_exists(self.es, self.index)
-        except Exception as exc:  # noqa: BLE001 - any client error here means "cannot reach ES"
+        except Exception as exc:
             raise ServiceUnavailable(f"Elasticsearch at {self.settings.es_urls[0]} is unreachable: {exc}") from None
         if not has_index:
             raise ConfigError(f"index {self.index!r} does not exist: run `orchard setup`")
@@ -279,13 +298,19 @@ class Uploader:
         item = info.item
         duplicate_of = self._duplicate_of(info, existing.get(info.sha256))
         if duplicate_of:
-            self.report.record(Outcome.SKIPPED, Problem(item.source, "duplicate", f"duplicate content of {duplicate_of}",
-                                                        Outcome.SKIPPED, item.key))
+            self.report.record(
+                Outcome.SKIPPED,
+                Problem(item.source, "duplicate", f"duplicate content of {duplicate_of}", Outcome.SKIPPED, item.key),
+            )
             return None
         self.seen[info.sha256] = item.source
         remote = self.remote.get(item.key)
-        plan = Plan(info, remote, need_object=remote is None or remote.sha256 != info.sha256,
-                    need_doc=info.sha256 not in existing)
+        plan = Plan(
+            info,
+            remote,
+            need_object=remote is None or remote.sha256 != info.sha256,
+            need_doc=info.sha256 not in existing,
+        )
         if plan.need_object or plan.need_doc:
             return plan
         self.report.record(Outcome.PRESENT)
@@ -323,14 +348,19 @@ class Uploader:
 
     def _index(self, stored: list[tuple[Plan, transfer.Stored]]) -> None:
         """Create the documents of stored objects and account for every item of the batch."""
-        docs = {plan.info.sha256: index.build_document(plan.info, self.bucket, result.etag, result.uploaded_at)
-                for plan, result in stored if plan.need_doc}
+        docs = {
+            plan.info.sha256: index.build_document(plan.info, self.bucket, result.etag, result.uploaded_at)
+            for plan, result in stored
+            if plan.need_doc
+        }
         results = index.create_documents(self.es, self.index, docs) if docs else {}
         for plan, _ in stored:
             item = plan.info.item
             status = results.get(plan.info.sha256, index.PRESENT)
             if status not in (index.CREATED, index.PRESENT):
-                self.report.record(Outcome.FAILED, Problem(item.source, "index_error", status, Outcome.FAILED, item.key))
+                self.report.record(
+                    Outcome.FAILED, Problem(item.source, "index_error", status, Outcome.FAILED, item.key)
+                )
                 continue
             if plan.need_object:
                 self.report.bytes_uploaded += plan.info.size

@@ -20,7 +20,7 @@ import os
 import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,12 @@ class Problem:
 
 def utc_now() -> str:
     """Current UTC time in the ISO-8601 form stored in documents and reports."""
-    return format_time(datetime.now(timezone.utc))
+    return format_time(datetime.now(UTC))
 
 
 def format_time(moment: datetime) -> str:
     """ISO-8601 UTC with milliseconds and a Z suffix."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 @dataclass
@@ -108,8 +108,10 @@ class Report:
     def summary(self) -> str:
         """The final one-line summary printed by `orchard upload`."""
         c = self.counts
-        text = (f"{self.dataset}: uploaded {c['uploaded']}, already present {c['present']}, "
-                f"skipped {c['skipped']}, failed {c['failed']}")
+        text = (
+            f"{self.dataset}: uploaded {c['uploaded']}, already present {c['present']}, "
+            f"skipped {c['skipped']}, failed {c['failed']}"
+        )
         if self.not_attempted:
             text += f", not attempted {self.not_attempted}"
         if self.ignored:
@@ -123,11 +125,16 @@ class Report:
     def to_dict(self) -> dict:
         """The JSON report: counts plus every failure and skip with its reason."""
         return {
-            "dataset": self.dataset, "source": self.source, "bucket": self.bucket, "index": self.index,
-            "started_at": self.started_at, "finished_at": self.finished_at,
+            "dataset": self.dataset,
+            "source": self.source,
+            "bucket": self.bucket,
+            "index": self.index,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
             "counts": {o.value: self.counts[o.value] for o in Outcome} | {"ignored": self.ignored},
             "not_attempted": self.not_attempted,
-            "bytes_uploaded": self.bytes_uploaded, "stopped_early": self.stopped_early,
+            "bytes_uploaded": self.bytes_uploaded,
+            "stopped_early": self.stopped_early,
             "interrupted": self.interrupted,
             "failures": [_problem_dict(p) for p in self.failures()],
             "skipped": [_problem_dict(p) for p in self.skips()],

@@ -58,8 +58,7 @@ TEMPLATES: tuple[Template, ...] = (
     Template("Kiwi", "ellipse", (128, 98, 52), "fuzz", (0.52, 0.66), 1.25, "none", (90, 70, 35)),
     Template("Tomato", "ellipse", (218, 42, 30), "smooth", (0.58, 0.76), 1.15, "leaf", (250, 120, 90)),
     Template("Apple Golden", "ellipse", (222, 190, 64), "speckle", (0.60, 0.78), 1.05, "stem", (200, 150, 50)),
-    Template("Apple Granny Smith", "ellipse", (124, 192, 72), "speckle", (0.60, 0.78), 1.05, "stem",
-             (200, 220, 140)),
+    Template("Apple Granny Smith", "ellipse", (124, 192, 72), "speckle", (0.60, 0.78), 1.05, "stem", (200, 220, 140)),
     Template("Plum", "ellipse", (92, 32, 82), "smooth", (0.46, 0.60), 0.90, "stem", (140, 100, 150)),
     Template("Peach", "ellipse", (240, 168, 112), "fuzz", (0.58, 0.74), 1.0, "none", (220, 70, 60)),
     Template("Avocado", "pear", (62, 84, 34), "bumps", (0.66, 0.84), 0.68, "stem", (40, 55, 20)),
@@ -102,12 +101,15 @@ def class_specs(classes: int, seed: int) -> list[ClassSpec]:
         shift = rng.normal(0, 10 + 14 * min(variant, 1), 3)  # variants drift further
         scale = 1.0 + (rng.uniform(-0.08, 0.08) if variant else 0.0)
         name = template.name if variant == 0 else f"{template.name} {variant + 1}"
-        specs.append(ClassSpec(
-            name=name, template=template,
-            rgb=tuple(float(np.clip(c + s, 8, 250)) for c, s in zip(template.rgb, shift)),
-            size=(template.size[0] * scale, min(template.size[1] * scale, 0.95)),
-            aspect=template.aspect * float(rng.uniform(0.95, 1.05)),
-        ))
+        specs.append(
+            ClassSpec(
+                name=name,
+                template=template,
+                rgb=tuple(float(np.clip(c + s, 8, 250)) for c, s in zip(template.rgb, shift)),
+                size=(template.size[0] * scale, min(template.size[1] * scale, 0.95)),
+                aspect=template.aspect * float(rng.uniform(0.95, 1.05)),
+            )
+        )
     return specs
 
 
@@ -141,7 +143,7 @@ def _body_distance(shape: str, x: np.ndarray, y: np.ndarray, a: float, b: float)
         return np.minimum(bottom, top)
     if shape == "cone":  # strawberry: wide shoulders, pointed bottom
         t = np.clip((y / b + 1) / 2, 0, 1)
-        half_width = a * np.clip(1.15 - t ** 1.6, 0.02, 1.0)
+        half_width = a * np.clip(1.15 - t**1.6, 0.02, 1.0)
         return np.maximum(np.abs(x) / half_width, np.abs(y) / b)
     if shape == "crescent":  # banana: a disc minus an offset disc
         outer = np.sqrt((x / a) ** 2 + ((y + 0.15 * b) / b) ** 2)
@@ -157,8 +159,9 @@ def _low_freq_noise(n: int, rng: np.random.Generator, cells: int) -> np.ndarray:
     return np.asarray(big, dtype=np.float32) / 127.5 - 1.0
 
 
-def _texture(kind: str, x: np.ndarray, y: np.ndarray, box: tuple[float, float, float, float],
-             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _texture(
+    kind: str, x: np.ndarray, y: np.ndarray, box: tuple[float, float, float, float], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """(brightness multiplier, accent-colour weight in [0, 1]) of the surface texture.
 
     x, y are body coordinates (the body spans [-1, 1]); box = (centre x, centre y, a, b) in
@@ -169,7 +172,9 @@ def _texture(kind: str, x: np.ndarray, y: np.ndarray, box: tuple[float, float, f
     accent = np.zeros_like(x)
     if kind == "streaks":
         phase = rng.uniform(0, 6.3)
-        accent = np.clip(0.5 + 0.5 * np.sin(x * rng.uniform(14, 22) + phase + 2 * _low_freq_noise(n, rng, 6)), 0, 1) * 0.35
+        accent = (
+            np.clip(0.5 + 0.5 * np.sin(x * rng.uniform(14, 22) + phase + 2 * _low_freq_noise(n, rng, 6)), 0, 1) * 0.35
+        )
     elif kind == "stripes":
         shade = 1.0 + 0.08 * np.sin(x * rng.uniform(10, 16) + rng.uniform(0, 6.3))
     elif kind in ("pores", "fuzz", "bumps"):
@@ -204,8 +209,9 @@ def _lighting(x: np.ndarray, y: np.ndarray, a: float, b: float, rng: np.random.G
     return 1.18 - 0.42 * np.clip(r, 0, 1.6) ** 1.5
 
 
-def _draw_stem(canvas: np.ndarray, x: np.ndarray, y: np.ndarray, top: float, kind: str,
-               rng: np.random.Generator) -> None:
+def _draw_stem(
+    canvas: np.ndarray, x: np.ndarray, y: np.ndarray, top: float, kind: str, rng: np.random.Generator
+) -> None:
     """Paint the stem / leaf / crown / cap above (or at) the body top, in place."""
     if kind == "none":
         return
@@ -281,8 +287,9 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
-def write_class(out: Path, spec: ClassSpec, class_index: int, counts: dict[str, int],
-                size: int, seed: int) -> tuple[int, int]:
+def write_class(
+    out: Path, spec: ClassSpec, class_index: int, counts: dict[str, int], size: int, seed: int
+) -> tuple[int, int]:
     """Write every image of one class; returns (files, bytes)."""
     files = total = 0
     for split, count in counts.items():
@@ -295,9 +302,16 @@ def write_class(out: Path, spec: ClassSpec, class_index: int, counts: dict[str, 
     return files, total
 
 
-def synthesize(out: Path, classes: int = 10, per_class: int = 50, test_per_class: int = 20,
-               size: int = 100, seed: int = 0, workers: int = 1,
-               progress: Callable[[int], object] | None = None) -> SynthSummary:
+def synthesize(
+    out: Path,
+    classes: int = 10,
+    per_class: int = 50,
+    test_per_class: int = 20,
+    size: int = 100,
+    seed: int = 0,
+    workers: int = 1,
+    progress: Callable[[int], object] | None = None,
+) -> SynthSummary:
     """Write the dataset under `out` (one process per class when workers > 1).
 
     Returns what was written; re-running with the same arguments rewrites nothing, and the
@@ -319,8 +333,9 @@ def synthesize(out: Path, classes: int = 10, per_class: int = 50, test_per_class
     return summary
 
 
-def _add_results(summary: SynthSummary, results: Iterable[tuple[int, int]],
-                 progress: Callable[[int], object] | None) -> None:
+def _add_results(
+    summary: SynthSummary, results: Iterable[tuple[int, int]], progress: Callable[[int], object] | None
+) -> None:
     for files, total in results:
         summary.files += files
         summary.bytes += total

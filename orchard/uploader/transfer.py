@@ -35,11 +35,21 @@ from orchard.uploader.report import format_time, utc_now
 log = logging.getLogger(__name__)
 
 SHA_META = "sha256"
-TRANSIENT_CODES = frozenset({
-    "SlowDown", "SlowDownRead", "SlowDownWrite", "InternalError", "ServiceUnavailable",
-    "RequestTimeout", "RequestTimeTooSkewed", "XMinioServerNotInitialized", "OperationTimedOut",
-    "XMinioReadQuorum", "XMinioWriteQuorum",
-})
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "SlowDownRead",
+        "SlowDownWrite",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "XMinioServerNotInitialized",
+        "OperationTimedOut",
+        "XMinioReadQuorum",
+        "XMinioWriteQuorum",
+    }
+)
 PREFIXES_CACHED = 4  # items arrive sorted by key, so only the current label folder is hot
 
 
@@ -60,9 +70,11 @@ def _log_retry(state: RetryCallState) -> None:
 # SlowDownWrite to every PUT, and a file must fail with that reason in seconds, not minutes.
 RETRY_SECONDS = 30
 s3_retry = retry(
-    reraise=True, retry=retry_if_exception(is_transient),
+    reraise=True,
+    retry=retry_if_exception(is_transient),
     stop=stop_after_attempt(6) | stop_after_delay(RETRY_SECONDS),
-    wait=wait_exponential(multiplier=0.5, max=15), before_sleep=_log_retry,
+    wait=wait_exponential(multiplier=0.5, max=15),
+    before_sleep=_log_retry,
 )
 
 
@@ -127,8 +139,13 @@ class RemoteIndex:
         for obj in objects:
             if obj.is_dir:
                 continue
-            found[obj.object_name] = Remote(obj.object_name, _meta_sha(obj.metadata), (obj.etag or "").strip('"'),
-                                            obj.size or 0, _time(obj.last_modified))
+            found[obj.object_name] = Remote(
+                obj.object_name,
+                _meta_sha(obj.metadata),
+                (obj.etag or "").strip('"'),
+                obj.size or 0,
+                _time(obj.last_modified),
+            )
         return found
 
     @s3_retry
@@ -140,8 +157,9 @@ class RemoteIndex:
             if exc.code in ("NoSuchKey", "NoSuchObject"):  # deleted since the listing
                 return None
             raise
-        return Remote(key, _meta_sha(stat.metadata) or "", (stat.etag or "").strip('"'), stat.size or 0,
-                      _time(stat.last_modified))
+        return Remote(
+            key, _meta_sha(stat.metadata) or "", (stat.etag or "").strip('"'), stat.size or 0, _time(stat.last_modified)
+        )
 
 
 @s3_retry
@@ -150,11 +168,11 @@ def put(client: Minio, bucket: str, info: Inspected) -> Stored:
     key = info.item.key
     metadata = {SHA_META: info.sha256}
     if info.data is not None:
-        result = client.put_object(bucket, key, io.BytesIO(info.data), len(info.data),
-                                   content_type=info.content_type, metadata=metadata)
+        result = client.put_object(
+            bucket, key, io.BytesIO(info.data), len(info.data), content_type=info.content_type, metadata=metadata
+        )
     else:
-        result = client.fput_object(bucket, key, str(info.item.path), content_type=info.content_type,
-                                    metadata=metadata)
+        result = client.fput_object(bucket, key, str(info.item.path), content_type=info.content_type, metadata=metadata)
     return Stored(etag=(result.etag or "").strip('"'), uploaded_at=utc_now())
 
 

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,9 @@ import pytest
 import urllib3
 from minio.error import InvalidResponseError, S3Error, ServerError
 
+from orchard.core.health import get_json
 from orchard.core.settings import ENV_PREFIX, Settings, load_settings
 from orchard.stack import launcher, process
-from orchard.core.health import get_json
 from orchard.stack.mc import mc_json, run_mc
 from orchard.stack.services import Layout
 
@@ -47,10 +47,16 @@ ORCHARD = REPO / "bin" / "orchard"
 
 # The chaos stack: its own ports and smaller heaps (it runs beside the default stack on 2 cores).
 CHAOS_OVERRIDES: dict[str, Any] = {
-    "minio_port": 19400, "minio_node_port": 19401, "minio_console_port": 19411,
-    "es_http_port": 19420, "es_transport_port": 19430,
-    "spark_master_port": 19477, "spark_ui_port": 19480, "spark_worker_ui_port": 19481,
-    "es_heap": "512m", "spark_worker_memory": "2g",
+    "minio_port": 19400,
+    "minio_node_port": 19401,
+    "minio_console_port": 19411,
+    "es_http_port": 19420,
+    "es_transport_port": 19430,
+    "spark_master_port": 19477,
+    "spark_ui_port": 19480,
+    "spark_worker_ui_port": 19481,
+    "es_heap": "512m",
+    "spark_worker_memory": "2g",
 }
 # Spark conf of every job here: executors must fit the 2g workers, small tasks retry finely.
 SPARK_CONF = ("--conf", "spark.executor.memory=1g", "--conf", "spark.driver.memory=1g")
@@ -79,8 +85,9 @@ class Ledger:
 
     def write(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "results.json").write_text(json.dumps({"rows": self.rows, "figures": self.figures},
-                                                           indent=2, default=str) + "\n")
+        (directory / "results.json").write_text(
+            json.dumps({"rows": self.rows, "figures": self.figures}, indent=2, default=str) + "\n"
+        )
         (directory / "results.md").write_text(self.markdown())
 
 
@@ -106,7 +113,7 @@ def ledger() -> Iterator[Ledger]:
 # --------------------------------------------------------------------------------------------
 # Running the CLI against the chaos stack.
 # --------------------------------------------------------------------------------------------
-COMMANDS: list["Background"] = []  # every CLI command of the session (for the security checks)
+COMMANDS: list[Background] = []  # every CLI command of the session (for the security checks)
 SECRETS: set[str] = set()  # secrets the session created, besides the stack's own (never in a log)
 # Files that hold secrets by design, or binary data: not logs.
 NOT_LOGS = re.compile(r"(credentials\.env$|/data/minio\d/|/data/es\d\d/|\.(jpg|png|npy|keras|parquet|crc)$)")
@@ -151,8 +158,9 @@ class Background:
         self.log_path = log_dir / f"{name}.log"
         self._out = open(log_dir / f"{name}.stdout", "w+b")
         self._err = open(log_dir / f"{name}.stderr", "w+b")
-        self.proc = subprocess.Popen(argv, env=env, stdout=self._out, stderr=self._err, cwd=REPO,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=self._out, stderr=self._err, cwd=REPO, start_new_session=True
+        )
         self.listening: set[str] = set()  # ip:port of every socket the command's processes listened on
         COMMANDS.append(self)
         threading.Thread(target=self._watch_sockets, daemon=True).start()
@@ -163,8 +171,11 @@ class Background:
             try:
                 family = psutil.Process(self.proc.pid).children(recursive=True)
                 pids = {self.proc.pid, *(p.pid for p in family)}
-                self.listening |= {f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connections(kind="inet")
-                                   if c.status == psutil.CONN_LISTEN and c.pid in pids}
+                self.listening |= {
+                    f"{c.laddr.ip}:{c.laddr.port}"
+                    for c in psutil.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN and c.pid in pids
+                }
             except psutil.Error:
                 pass
             time.sleep(1.0)
@@ -333,10 +344,14 @@ def assert_not_default(s: Settings) -> None:
     """Refuse to touch the shared default stack (its home or its ports)."""
     default_home = Settings.model_fields["home"].default_factory()
     shared = s.home.resolve() == Path(default_home).resolve() or any(
-        getattr(s, k) == v for k, v in DEFAULT_PORTS.items())
+        getattr(s, k) == v for k, v in DEFAULT_PORTS.items()
+    )
     if shared:
-        pytest.exit(f"chaos suite refused to act on the shared stack ({s.home}, ports {s.minio_port}/"
-                    f"{s.es_http_port}/{s.spark_master_port})", returncode=3)
+        pytest.exit(
+            f"chaos suite refused to act on the shared stack ({s.home}, ports {s.minio_port}/"
+            f"{s.es_http_port}/{s.spark_master_port})",
+            returncode=3,
+        )
 
 
 def stop_stale_stacks() -> None:
@@ -365,7 +380,7 @@ def chaos(ledger: Ledger) -> Iterator[ChaosStack]:
         yield stack
         return
     stop_stale_stacks()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     stack = ChaosStack(OUT / f"run-{stamp}")
     began = time.monotonic()
     try:
@@ -380,8 +395,9 @@ def chaos(ledger: Ledger) -> Iterator[ChaosStack]:
         shutil.rmtree(keep, ignore_errors=True)
         for source in (stack.home / "logs", stack.cli_dir):
             if source.exists():
-                shutil.copytree(source, keep / source.name, dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns("*.hprof"))
+                shutil.copytree(
+                    source, keep / source.name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.hprof")
+                )
         for executor_log in stack.layout.data.glob("spark-worker-*/app-*/*/std*"):  # executors' output
             target = keep / "executors" / executor_log.relative_to(stack.layout.data)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -394,8 +410,13 @@ def chaos(ledger: Ledger) -> Iterator[ChaosStack]:
 # --------------------------------------------------------------------------------------------
 # Waiting, hashing, counting.
 # --------------------------------------------------------------------------------------------
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
-             while_: Callable[[], bool] | None = None) -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.2,
+    while_: Callable[[], bool] | None = None,
+) -> Any:
     """Poll until `predicate()` is truthy (returns it); fail naming `what` on timeout or when
     `while_()` turns false first (e.g. the command under test already exited)."""
     deadline = time.monotonic() + timeout
@@ -499,12 +520,24 @@ def read_json_line(text: str) -> dict:
 # --------------------------------------------------------------------------------------------
 # Datasets and the shared model.
 # --------------------------------------------------------------------------------------------
-def synth(chaos: ChaosStack, name: str, per_class: int, seed: int, classes: int = 3,
-          test_per_class: int = 0) -> Path:
+def synth(chaos: ChaosStack, name: str, per_class: int, seed: int, classes: int = 3, test_per_class: int = 0) -> Path:
     """`orchard dataset synth` into the run's data dir; returns the tree."""
     out = chaos.data_dir / name
-    run = chaos.cli("dataset", "synth", str(out), "--classes", str(classes), "--per-class", str(per_class),
-                    "--test-per-class", str(test_per_class), "--seed", str(seed), "--workers", "2")
+    run = chaos.cli(
+        "dataset",
+        "synth",
+        str(out),
+        "--classes",
+        str(classes),
+        "--per-class",
+        str(per_class),
+        "--test-per-class",
+        str(test_per_class),
+        "--seed",
+        str(seed),
+        "--workers",
+        "2",
+    )
     assert run.returncode == 0, run.tail()
     return out
 
@@ -521,8 +554,20 @@ def upload(chaos: ChaosStack, tree: Path, dataset: str, *extra: str, timeout: fl
 
 def infer_args(dataset: str, version: str, *extra: str) -> tuple[str, ...]:
     """`orchard infer` with small tasks (a lost executor costs little) and the chaos Spark conf."""
-    return ("infer", "--dataset", dataset, "--model", version, "--images-per-partition", "8",
-            "--batch-size", "8", "--json", *SPARK_CONF, *extra)
+    return (
+        "infer",
+        "--dataset",
+        dataset,
+        "--model",
+        version,
+        "--images-per-partition",
+        "8",
+        "--batch-size",
+        "8",
+        "--json",
+        *SPARK_CONF,
+        *extra,
+    )
 
 
 SEEDED_IMAGES = 120
@@ -566,7 +611,19 @@ def model_version(chaos: ChaosStack) -> str:
     dataset = chaos.dataset("chaos-train")
     tree = synth(chaos, dataset, per_class=16, test_per_class=4, seed=chaos.seed(1000))
     upload(chaos, tree, dataset)
-    run = chaos.cli("train", "--dataset", dataset, "--epochs", "1", "--batch-size", "8",
-                    "--images-per-partition", "16", "--json", *SPARK_CONF, timeout=900)
+    run = chaos.cli(
+        "train",
+        "--dataset",
+        dataset,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--images-per-partition",
+        "16",
+        "--json",
+        *SPARK_CONF,
+        timeout=900,
+    )
     assert run.returncode == 0, run.tail()
     return read_json_line(run.stdout)["version"]

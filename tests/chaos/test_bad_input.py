@@ -35,8 +35,14 @@ BAD = {
     "zz-duplicate.jpg": ("skipped", "duplicate"),
 }
 # good files with an unusual shape -> the colour mode their document must record
-SPECIAL = {"alpha.png": "RGBA", "gray.jpg": "L", "cmyk.jpg": "CMYK", "deep.png": "I;16",
-           "with space.jpg": "RGB", "ünïcødé 日本.jpg": "RGB"}
+SPECIAL = {
+    "alpha.png": "RGBA",
+    "gray.jpg": "L",
+    "cmyk.jpg": "CMYK",
+    "deep.png": "I;16",
+    "with space.jpg": "RGB",
+    "ünïcødé 日本.jpg": "RGB",
+}
 
 
 def picture(rng: np.random.Generator, size: int = 64) -> Image.Image:
@@ -62,8 +68,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def bomb_png(side: int = 100_000) -> bytes:
     """A tiny PNG whose header declares side x side RGB pixels (10 Gpx): a decompression bomb."""
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
-            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def make_tree(root: Path, seed: int) -> dict[str, Path]:
@@ -102,8 +112,9 @@ def make_tree(root: Path, seed: int) -> dict[str, Path]:
     return files
 
 
-def test_bad_input_gets_its_reason_and_every_good_file_is_predicted(chaos: ChaosStack, model_version: str,
-                                                                     ledger: Ledger, tmp_path: Path):
+def test_bad_input_gets_its_reason_and_every_good_file_is_predicted(
+    chaos: ChaosStack, model_version: str, ledger: Ledger, tmp_path: Path
+):
     dataset = chaos.dataset("bad-input")
     files = make_tree(chaos.data_dir / dataset, chaos.seed(6000))
     good = sorted(set(files) - set(BAD))
@@ -115,8 +126,9 @@ def test_bad_input_gets_its_reason_and_every_good_file_is_predicted(chaos: Chaos
     report = json.loads(report_path.read_text())
     outcomes = {Path(p["path"]).name: (p["outcome"], p["code"]) for p in report["failures"] + report["skipped"]}
     outcomes = {unicodedata.normalize("NFC", k): v for k, v in outcomes.items()}
-    assert outcomes == BAD, {k: (outcomes.get(k), BAD.get(k)) for k in set(outcomes) | set(BAD)
-                             if outcomes.get(k) != BAD.get(k)}
+    assert outcomes == BAD, {
+        k: (outcomes.get(k), BAD.get(k)) for k in set(outcomes) | set(BAD) if outcomes.get(k) != BAD.get(k)
+    }
     assert report["counts"]["uploaded"] == len(good), report["counts"]
     for problem in report["failures"] + report["skipped"]:
         line = f"{problem['path']}: {problem['reason']}"
@@ -124,7 +136,9 @@ def test_bad_input_gets_its_reason_and_every_good_file_is_predicted(chaos: Chaos
         assert "\n" not in problem["reason"]
 
     es, index = chaos.es(), chaos.settings.images_index
-    docs = {unicodedata.normalize("NFC", k.rsplit("/", 1)[1]): hit for k, hit in dataset_docs(es, index, dataset).items()}
+    docs = {
+        unicodedata.normalize("NFC", k.rsplit("/", 1)[1]): hit for k, hit in dataset_docs(es, index, dataset).items()
+    }
     assert set(docs) == set(good), set(docs) ^ set(good)
     modes = {name: docs[name]["_source"]["color_mode"] for name in SPECIAL}
     assert modes == SPECIAL
@@ -136,10 +150,12 @@ def test_bad_input_gets_its_reason_and_every_good_file_is_predicted(chaos: Chaos
     assert summary["images"] == len(good) and summary["errors"] == 0 and summary["failed"] == 0, summary
     problems = prediction_problems(dataset_docs(es, index, dataset), model_version)
     assert not problems, problems
-    ledger.record("bad input (truncated, 0 bytes, text as .jpg, decompression bomb, symlink, duplicate) "
-                  "beside unusual good files (alpha, gray, CMYK, 16-bit, spaces/Unicode) through upload + infer",
-                  f"{len(files)} files: {len(BAD)} refused with their reason, {len(good)} uploaded and predicted",
-                  len(good) - len(docs) + len(problems))
+    ledger.record(
+        "bad input (truncated, 0 bytes, text as .jpg, decompression bomb, symlink, duplicate) "
+        "beside unusual good files (alpha, gray, CMYK, 16-bit, spaces/Unicode) through upload + infer",
+        f"{len(files)} files: {len(BAD)} refused with their reason, {len(good)} uploaded and predicted",
+        len(good) - len(docs) + len(problems),
+    )
 
 
 def test_infer_of_an_unknown_dataset_fails_with_one_line(chaos: ChaosStack, model_version: str):

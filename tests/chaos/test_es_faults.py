@@ -20,8 +20,18 @@ from pathlib import Path
 import pytest
 
 from conftest import (
-    SEEDED_IMAGES, ChaosStack, Ledger, assert_every_image_predicted, count_predicted, dataset_docs, infer_args,
-    prediction_problems, seeded_dataset, synth, upload_args, wait_for,
+    SEEDED_IMAGES,
+    ChaosStack,
+    Ledger,
+    assert_every_image_predicted,
+    count_predicted,
+    dataset_docs,
+    infer_args,
+    prediction_problems,
+    seeded_dataset,
+    synth,
+    upload_args,
+    wait_for,
 )
 
 pytestmark = pytest.mark.chaos
@@ -92,8 +102,12 @@ def test_infer_survives_an_es_node_killed_midway(es_stack: ChaosStack, model_ver
     es, index, images = chaos.es(), chaos.settings.images_index, SEEDED_IMAGES
 
     job = chaos.start(*infer_args(dataset, model_version))
-    wait_for(lambda: count_predicted(es, index, dataset) > 0, timeout=600,
-             what="the first predictions to be written", while_=job.running)
+    wait_for(
+        lambda: count_predicted(es, index, dataset) > 0,
+        timeout=600,
+        what="the first predictions to be written",
+        while_=job.running,
+    )
     done_before = count_predicted(es, index, dataset)
     victim, primaries = primaries_by_node(chaos).most_common(1)[0]
     chaos.kill(victim)
@@ -102,9 +116,12 @@ def test_infer_survives_an_es_node_killed_midway(es_stack: ChaosStack, model_ver
     problems = prediction_problems(docs, model_version)
     chaos.up()  # restarts the killed node and waits for green with 3 nodes
     health = chaos.es().cluster.health(wait_for_status="green", timeout="120s")
-    ledger.record(f"SIGKILL {victim} (1 of 3 ES nodes, {primaries} of 3 primaries) during `orchard infer`",
-                  f"{images} documents ({done_before} predicted before the kill); cluster {health['status']} "
-                  f"with {health['number_of_nodes']} nodes after restart", images - len(docs) + len(problems))
+    ledger.record(
+        f"SIGKILL {victim} (1 of 3 ES nodes, {primaries} of 3 primaries) during `orchard infer`",
+        f"{images} documents ({done_before} predicted before the kill); cluster {health['status']} "
+        f"with {health['number_of_nodes']} nodes after restart",
+        images - len(docs) + len(problems),
+    )
 
     assert_every_image_predicted(run, docs, problems, images)
     assert health["status"] == "green" and health["number_of_nodes"] == 3, health
@@ -121,7 +138,7 @@ class NoisyNeighbour:
         self.sent = 0
         self._workers: list[threading.Thread] = []
 
-    def __enter__(self) -> "NoisyNeighbour":
+    def __enter__(self) -> NoisyNeighbour:
         es = self.chaos.es()
         if not es.indices.exists(index=NOISE_INDEX):
             es.indices.create(index=NOISE_INDEX, settings={"number_of_shards": 3, "number_of_replicas": 0})
@@ -155,8 +172,9 @@ class NoisyNeighbour:
                 time.sleep(0.05)
 
 
-def test_tiny_write_queue_forces_429s_and_nothing_is_lost(es_stack: ChaosStack, model_version: str,
-                                                         ledger: Ledger, tmp_path: Path):
+def test_tiny_write_queue_forces_429s_and_nothing_is_lost(
+    es_stack: ChaosStack, model_version: str, ledger: Ledger, tmp_path: Path
+):
     chaos = es_stack
     dataset = chaos.dataset("es-429")
     tree = synth(chaos, dataset, per_class=40, seed=chaos.seed(4100))  # 120 images
@@ -176,11 +194,12 @@ def test_tiny_write_queue_forces_429s_and_nothing_is_lost(es_stack: ChaosStack, 
     infer_log = inferred.stderr + executor_logs(chaos, app_id_of(inferred.stderr))
     infer_retries = [ln for ln in infer_log.splitlines() if RETRY_LINE.search(ln)]
     restart_es(chaos)  # back to the default queue before anything can fail
-    ledger.record("ES write queue of 1 + a noisy bulk neighbour (HTTP 429) during `orchard upload` and "
-                  "`orchard infer`",
-                  f"120 documents; {rejected} shard writes rejected; 429 retries logged: upload "
-                  f"{len(upload_retries)}, infer {len(infer_retries)}",
-                  120 - len(docs) + len(problems))
+    ledger.record(
+        "ES write queue of 1 + a noisy bulk neighbour (HTTP 429) during `orchard upload` and `orchard infer`",
+        f"120 documents; {rejected} shard writes rejected; 429 retries logged: upload "
+        f"{len(upload_retries)}, infer {len(infer_retries)}",
+        120 - len(docs) + len(problems),
+    )
 
     assert write_queue_sizes(chaos) == {None}
     assert up.returncode == 0, up.tail()

@@ -112,8 +112,10 @@ def test_concurrent_upload_clients(chaos: ChaosStack, ledger: Ledger, tmp_path: 
     chaos.up()
     clients = [Client(i, chaos.dataset(f"load-{i}")) for i in range(CLIENTS)]
     began = time.monotonic()
-    threads = [threading.Thread(target=run_client, args=(chaos, c, began + BUDGET_S, chaos.seed(7000), tmp_path))
-               for c in clients]
+    threads = [
+        threading.Thread(target=run_client, args=(chaos, c, began + BUDGET_S, chaos.seed(7000), tmp_path))
+        for c in clients
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -128,10 +130,11 @@ def test_concurrent_upload_clients(chaos: ChaosStack, ledger: Ledger, tmp_path: 
     lost = lost_files(chaos, clients)
     es, index = chaos.es(), chaos.settings.images_index
     missing_docs = sum(len(c.files) - count_docs(es, index, c.dataset) for c in clients)
-    ledger.record(f"load: {CLIENTS} concurrent `orchard upload` clients for {BUDGET_S:.0f}s against the "
-                  "4-node MinIO (127.0.0.1)",
-                  f"{total} files in {elapsed:.0f}s = {rate:.1f} files/s, {len(errors)} errors",
-                  len(lost) + missing_docs)
+    ledger.record(
+        f"load: {CLIENTS} concurrent `orchard upload` clients for {BUDGET_S:.0f}s against the 4-node MinIO (127.0.0.1)",
+        f"{total} files in {elapsed:.0f}s = {rate:.1f} files/s, {len(errors)} errors",
+        len(lost) + missing_docs,
+    )
     assert total >= CLIENTS * CHUNK, "every client should have uploaded at least one chunk"
     assert not errors, errors
     assert not lost, f"{len(lost)} files lost: {dict(list(lost.items())[:5])}"

@@ -18,8 +18,16 @@ from pathlib import Path
 import pytest
 
 from conftest import (
-    ChaosStack, Ledger, count_docs, files_by_key, object_keys, sha256_file, synth, unreadable_objects,
-    upload_args, wait_for,
+    ChaosStack,
+    Ledger,
+    count_docs,
+    files_by_key,
+    object_keys,
+    sha256_file,
+    synth,
+    unreadable_objects,
+    upload_args,
+    wait_for,
 )
 
 pytestmark = pytest.mark.chaos
@@ -66,17 +74,23 @@ def test_upload_survives_a_node_killed_midway(minio_stack: ChaosStack, ledger: L
     report = tmp_path / "report.json"
 
     job = chaos.start(*upload_args(tree, dataset, "--workers", "2", "--batch-size", "10", "--report", str(report)))
-    wait_for(lambda: len(object_keys(client, bucket, f"{dataset}/")) >= len(files) // 10,
-             timeout=300, what="a tenth of the objects to be stored", while_=job.running)
+    wait_for(
+        lambda: len(object_keys(client, bucket, f"{dataset}/")) >= len(files) // 10,
+        timeout=300,
+        what="a tenth of the objects to be stored",
+        while_=job.running,
+    )
     chaos.kill(FIRST)
     before = len(object_keys(client, bucket, f"{dataset}/"))
     assert before < len(files), "the upload finished before the node was killed"
     run = job.wait(timeout=600)
     lost = unreadable_objects(client, bucket, State.expected)
     docs = count_docs(chaos.es(), chaos.settings.images_index, dataset)
-    ledger.record(f"SIGKILL {FIRST} (1 of 4 MinIO nodes) during `orchard upload`",
-                  f"{len(files)} files ({before} stored before the kill, {len(files) - before} after)",
-                  len(lost) + len(files) - docs)
+    ledger.record(
+        f"SIGKILL {FIRST} (1 of 4 MinIO nodes) during `orchard upload`",
+        f"{len(files)} files ({before} stored before the kill, {len(files) - before} after)",
+        len(lost) + len(files) - docs,
+    )
 
     assert run.returncode == 0, run.tail()
     counts = json.loads(report.read_text())["counts"]
@@ -117,13 +131,20 @@ def test_two_nodes_down_reads_work_writes_fail_clearly(minio_stack: ChaosStack, 
     why = (reasons[0] if reasons else errors[-1]).split("Caused by ")[-1][:90]
     assert not any("502" in r for r in reasons), f"the load balancer hid MinIO's answer: {reasons[:3]}"
 
-    mc_put = chaos.mc("cp", str(sorted(probe.rglob("*.jpg"))[0]), f"orchard/{chaos.settings.images_bucket}/{probe_name}/mc.jpg",
-                      timeout=180, check=False)
+    mc_put = chaos.mc(
+        "cp",
+        str(sorted(probe.rglob("*.jpg"))[0]),
+        f"orchard/{chaos.settings.images_bucket}/{probe_name}/mc.jpg",
+        timeout=180,
+        check=False,
+    )
     assert mc_put.returncode != 0, "mc wrote an object without write quorum"
-    ledger.record(f"SIGKILL {SECOND} too (2 of 4 down): reads, and a write attempt",
-                  f"{len(State.expected)} objects read back; 18-file upload stopped after {took:.0f} s, exit {result.returncode}, "
-                  f"{len(reasons)} failed with a reason, {body['not_attempted']} not attempted (\"{why}\")",
-                  len(lost))
+    ledger.record(
+        f"SIGKILL {SECOND} too (2 of 4 down): reads, and a write attempt",
+        f"{len(State.expected)} objects read back; 18-file upload stopped after {took:.0f} s, exit {result.returncode}, "
+        f'{len(reasons)} failed with a reason, {body["not_attempted"]} not attempted ("{why}")',
+        len(lost),
+    )
 
 
 def test_restarted_nodes_heal_and_nothing_is_lost(minio_stack: ChaosStack, ledger: Ledger):
@@ -141,9 +162,12 @@ def test_restarted_nodes_heal_and_nothing_is_lost(minio_stack: ChaosStack, ledge
     lost = unreadable_objects(chaos.s3(), chaos.settings.images_bucket, State.expected)
     chaos.up()
     assert not lost, f"{len(lost)} objects unreadable from the healed nodes: {dict(list(lost.items())[:5])}"
-    ledger.record(f"restart {FIRST}+{SECOND}, `mc admin heal -r orchard`, then SIGKILL {'+'.join(OTHERS)} "
-                  "and read everything from the healed drives",
-                  f"{len(State.expected)} objects on 4/4 drives after {attempts} heal run(s) ({summary})", len(lost))
+    ledger.record(
+        f"restart {FIRST}+{SECOND}, `mc admin heal -r orchard`, then SIGKILL {'+'.join(OTHERS)} "
+        "and read everything from the healed drives",
+        f"{len(State.expected)} objects on 4/4 drives after {attempts} heal run(s) ({summary})",
+        len(lost),
+    )
 
 
 def fully_connected(chaos: ChaosStack) -> bool:
@@ -151,8 +175,11 @@ def fully_connected(chaos: ChaosStack) -> bool:
     info = chaos.mc_json("admin", "info", "orchard", check=False)
     servers = info[0].get("info", {}).get("servers", []) if info else []
     return len(servers) == len(MINIO_NODES) and all(
-        s.get("state") == "online" and set(s.get("network", {}).values()) == {"online"}
-        and all(d.get("state") == "ok" for d in s.get("drives", [])) for s in servers)
+        s.get("state") == "online"
+        and set(s.get("network", {}).values()) == {"online"}
+        and all(d.get("state") == "ok" for d in s.get("drives", []))
+        for s in servers
+    )
 
 
 def heal_until_complete(chaos: ChaosStack, keys: list[str], attempts: int = 5) -> tuple[int, str]:

@@ -25,7 +25,16 @@ import psutil
 import pytest
 
 from conftest import (
-    COMMANDS, NOT_LOGS, REPO, SECRETS, ChaosStack, Ledger, find_secrets, infer_args, synth, upload_args,
+    COMMANDS,
+    NOT_LOGS,
+    REPO,
+    SECRETS,
+    ChaosStack,
+    Ledger,
+    find_secrets,
+    infer_args,
+    synth,
+    upload_args,
 )
 from orchard.core.toolchain import Toolchain
 
@@ -46,15 +55,17 @@ WELL_KNOWN = ("minioadmin", "changeme", "elastic:elastic", "password123")
 def compose_env(tmp_path_factory) -> Path:
     """A compose .env written by the real `make secrets` script (random secrets)."""
     path = tmp_path_factory.mktemp("compose") / ".env"
-    result = subprocess.run(["bash", str(REPO / "compose" / "make-secrets.sh"), str(path)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(REPO / "compose" / "make-secrets.sh"), str(path)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return path
 
 
 def env_values(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines()
-                if "=" in line and not line.startswith("#"))
+    return dict(
+        line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +74,23 @@ def compose_model(compose_env: Path) -> dict:
     tool = Toolchain.from_cache(Path(os.environ.get("ORCHARD_CACHE_DIR") or Path.home() / ".cache" / "orchard"))
     binary = tool.cache_dir / "bin" / "docker-compose"
     assert binary.exists(), f"{binary} is missing: run `make deps`"
-    result = subprocess.run([str(binary), "-f", str(COMPOSE_FILE), "--env-file", str(compose_env),
-                             "--profile", "jobs", "config", "--format", "json"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            str(binary),
+            "-f",
+            str(COMPOSE_FILE),
+            "--env-file",
+            str(compose_env),
+            "--profile",
+            "jobs",
+            "config",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -116,25 +141,35 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
     from minio import Minio
     from minio.error import S3Error
 
-    keys = {"uploader": ("chaos-uploader", secrets.token_urlsafe(24)), "spark": ("chaos-spark", secrets.token_urlsafe(24))}
+    keys = {
+        "uploader": ("chaos-uploader", secrets.token_urlsafe(24)),
+        "spark": ("chaos-spark", secrets.token_urlsafe(24)),
+    }
     s = chaos.settings
     tools = Toolchain.from_cache(s.cache_dir)
-    env = {**os.environ, "PATH": f"{tools.mc.parent}:{os.environ.get('PATH', '')}",
-           "MINIO_SETUP_ENDPOINT": s.s3_url,
-           "MINIO_ROOT_USER": s.s3_access_key.get_secret_value(),
-           "MINIO_ROOT_PASSWORD": s.s3_secret_key.get_secret_value(),
-           "UPLOADER_S3_ACCESS_KEY": keys["uploader"][0], "UPLOADER_S3_SECRET_KEY": keys["uploader"][1],
-           "SPARK_S3_ACCESS_KEY": keys["spark"][0], "SPARK_S3_SECRET_KEY": keys["spark"][1],
-           "ORCHARD_IMAGES_BUCKET": s.images_bucket, "ORCHARD_FEATURES_BUCKET": s.features_bucket,
-           "ORCHARD_MODELS_BUCKET": s.models_bucket}
+    env = {
+        **os.environ,
+        "PATH": f"{tools.mc.parent}:{os.environ.get('PATH', '')}",
+        "MINIO_SETUP_ENDPOINT": s.s3_url,
+        "MINIO_ROOT_USER": s.s3_access_key.get_secret_value(),
+        "MINIO_ROOT_PASSWORD": s.s3_secret_key.get_secret_value(),
+        "UPLOADER_S3_ACCESS_KEY": keys["uploader"][0],
+        "UPLOADER_S3_SECRET_KEY": keys["uploader"][1],
+        "SPARK_S3_ACCESS_KEY": keys["spark"][0],
+        "SPARK_S3_SECRET_KEY": keys["spark"][1],
+        "ORCHARD_IMAGES_BUCKET": s.images_bucket,
+        "ORCHARD_FEATURES_BUCKET": s.features_bucket,
+        "ORCHARD_MODELS_BUCKET": s.models_bucket,
+    }
     setup = subprocess.run(["bash", str(MINIO_SETUP)], env=env, capture_output=True, text=True, timeout=300)
     assert setup.returncode == 0, setup.stderr
     (chaos.cli_dir / "minio-setup.log").write_text(setup.stdout + setup.stderr)
     SECRETS.update(v for _, v in keys.values())
 
     host = s.s3_url.split("://", 1)[1]
-    client = {name: Minio(host, access_key=k, secret_key=v, secure=False, region=s.s3_region)
-              for name, (k, v) in keys.items()}
+    client = {
+        name: Minio(host, access_key=k, secret_key=v, secure=False, region=s.s3_region) for name, (k, v) in keys.items()
+    }
 
     def allowed(action) -> bool:
         try:
@@ -151,7 +186,10 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
         ("uploader", "write images"): (put("uploader", s.images_bucket), True),
         ("uploader", "write models"): (put("uploader", s.models_bucket), False),
         ("uploader", "write features"): (put("uploader", s.features_bucket), False),
-        ("uploader", "delete images"): (lambda: client["uploader"].remove_object(s.images_bucket, "chaos-scope/probe.txt"), False),
+        ("uploader", "delete images"): (
+            lambda: client["uploader"].remove_object(s.images_bucket, "chaos-scope/probe.txt"),
+            False,
+        ),
         ("spark", "read images"): (lambda: client["spark"].stat_object(s.images_bucket, "chaos-scope/probe.txt"), True),
         ("spark", "write images"): (put("spark", s.images_bucket), False),
         ("spark", "write features"): (put("spark", s.features_bucket), True),
@@ -169,9 +207,11 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
             break
         time.sleep(2)
     assert got == expected, {c: (got[c], expected[c]) for c in matrix if got[c] != expected[c]}
-    ledger.record("security: compose's minio-setup run on the chaos MinIO; each scoped key tried",
-                  f"{len(matrix)} permission checks (uploader: images only; spark: read images, "
-                  "write features/models)", 0)
+    ledger.record(
+        "security: compose's minio-setup run on the chaos MinIO; each scoped key tried",
+        f"{len(matrix)} permission checks (uploader: images only; spark: read images, write features/models)",
+        0,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +229,7 @@ def test_native_credentials_file_is_private(chaos: ChaosStack):
 
 def is_loopback(ip: str) -> bool:
     """127.0.0.0/8, ::1 or an IPv4-mapped loopback address (::ffff:127.0.0.1: Java's dual stack)."""
-    address = ipaddress.ip_address(ip.split("%")[0])
+    address = ipaddress.ip_address(ip.split("%", maxsplit=1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     return address.is_loopback
@@ -213,8 +253,9 @@ def test_native_stack_listens_on_loopback_only(chaos: ChaosStack):
     listening = {}
     for name, procs in stack_processes(chaos).items():
         pids = {p.pid for p in procs}
-        listening[name] = [c.laddr for c in psutil.net_connections(kind="inet")
-                           if c.status == psutil.CONN_LISTEN and c.pid in pids]
+        listening[name] = [
+            c.laddr for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids
+        ]
     assert all(listening.values()), f"services without a listening socket: {[n for n, a in listening.items() if not a]}"
     wide = {n: [f"{a.ip}:{a.port}" for a in addrs if not is_loopback(a.ip)] for n, addrs in listening.items()}
     wide = {n: a for n, a in wide.items() if a}
@@ -236,10 +277,12 @@ def test_spark_drivers_listen_on_loopback_only(chaos: ChaosStack, model_version:
         assert uploaded.returncode == 0, uploaded.tail()
         assert chaos.cli(*infer_args(dataset, model_version)).returncode == 0
     commands = spark_commands()
-    assert commands and all(len(c.listening) >= 3 for c in commands), \
+    assert commands and all(len(c.listening) >= 3 for c in commands), (
         "a Spark command whose driver sockets (RPC, block manager, UI) were not seen"
-    wide = {" ".join(c.argv[1:3]): sorted(a for a in c.listening if not is_loopback(a.rsplit(":", 1)[0]))
-            for c in commands}
+    )
+    wide = {
+        " ".join(c.argv[1:3]): sorted(a for a in c.listening if not is_loopback(a.rsplit(":", 1)[0])) for c in commands
+    }
     wide = {k: v for k, v in wide.items() if v}
     assert not wide, f"Spark drivers listening beyond loopback: {wide}"
 
@@ -255,8 +298,12 @@ def test_logs_never_print_secrets(chaos: ChaosStack, ledger: Ledger, tmp_path: P
     tree = synth(chaos, dataset, per_class=2, seed=chaos.seed(8000))
     verbose = chaos.cli("-vv", *upload_args(tree, dataset))
     assert verbose.returncode == 0, verbose.tail()
-    failing = chaos.cli("-vv", *upload_args(tree, dataset + "-unreachable"), timeout=600,
-                        env={"ORCHARD_S3_ENDPOINT": "http://127.0.0.1:9"})  # nothing listens there
+    failing = chaos.cli(
+        "-vv",
+        *upload_args(tree, dataset + "-unreachable"),
+        timeout=600,
+        env={"ORCHARD_S3_ENDPOINT": "http://127.0.0.1:9"},
+    )  # nothing listens there
     assert failing.returncode != 0, failing.tail()
 
     # The scanner must find a planted secret, or a clean result means nothing.
@@ -268,5 +315,8 @@ def test_logs_never_print_secrets(chaos: ChaosStack, ledger: Ledger, tmp_path: P
     assert len(scanned) > 10
     leaks = find_secrets(chaos.run_dir, values)
     assert not leaks, "secrets in logs:\n" + "\n".join(leaks)
-    ledger.record("security: grep every log of the session (services, CLI at -vv, executors, reports) "
-                  "for the secrets", f"{len(scanned)} files, {len(values)} secrets", len(leaks))
+    ledger.record(
+        "security: grep every log of the session (services, CLI at -vv, executors, reports) for the secrets",
+        f"{len(scanned)} files, {len(values)} secrets",
+        len(leaks),
+    )

@@ -14,8 +14,16 @@ import logging
 import pytest
 
 from conftest import (
-    SEEDED_IMAGES, ChaosStack, Ledger, assert_every_image_predicted, count_predicted, dataset_docs, infer_args,
-    prediction_problems, seeded_dataset, wait_for,
+    SEEDED_IMAGES,
+    ChaosStack,
+    Ledger,
+    assert_every_image_predicted,
+    count_predicted,
+    dataset_docs,
+    infer_args,
+    prediction_problems,
+    seeded_dataset,
+    wait_for,
 )
 
 pytestmark = pytest.mark.chaos
@@ -53,13 +61,25 @@ def test_infer_survives_a_lost_worker(spark_stack: ChaosStack, model_version: st
     es, index, images = chaos.es(), chaos.settings.images_index, SEEDED_IMAGES
 
     job = chaos.start(*infer_args(dataset, model_version))
-    app = wait_for(lambda: running_app(chaos, f"orchard-infer-{dataset}"), timeout=300,
-                   what="the infer application to be RUNNING", while_=job.running)
+    app = wait_for(
+        lambda: running_app(chaos, f"orchard-infer-{dataset}"),
+        timeout=300,
+        what="the infer application to be RUNNING",
+        while_=job.running,
+    )
     port = chaos.settings.spark_worker_ui_port  # spark-worker-1
-    wait_for(lambda: executors_on(chaos, port, app["id"]) > 0, timeout=300,
-             what=f"an executor of {app['id']} on {VICTIM}", while_=job.running)
-    wait_for(lambda: count_predicted(es, index, dataset) > 0, timeout=600,
-             what="the first predictions to be written", while_=job.running)
+    wait_for(
+        lambda: executors_on(chaos, port, app["id"]) > 0,
+        timeout=300,
+        what=f"an executor of {app['id']} on {VICTIM}",
+        while_=job.running,
+    )
+    wait_for(
+        lambda: count_predicted(es, index, dataset) > 0,
+        timeout=600,
+        what="the first predictions to be written",
+        while_=job.running,
+    )
     done_before = count_predicted(es, index, dataset)
     assert done_before < images and executors_on(chaos, port, app["id"]) > 0, "nothing left to lose"
     chaos.kill(VICTIM)
@@ -68,9 +88,11 @@ def test_infer_survives_a_lost_worker(spark_stack: ChaosStack, model_version: st
     problems = prediction_problems(docs, model_version)
     twice = sum(1 for p in problems.values() if "written more than once" in p)
     chaos.up()  # the worker rejoins
-    ledger.record(f"SIGKILL {VICTIM} with its executor and Python workers during `orchard infer`",
-                  f"{images} documents ({done_before} predicted before the kill), "
-                  f"{twice} written twice with different results", images - len(docs) + len(problems))
+    ledger.record(
+        f"SIGKILL {VICTIM} with its executor and Python workers during `orchard infer`",
+        f"{images} documents ({done_before} predicted before the kill), {twice} written twice with different results",
+        images - len(docs) + len(problems),
+    )
 
     assert_every_image_predicted(run, docs, problems, images)
     assert int(chaos.spark_master().get("aliveworkers", 0)) >= chaos.settings.spark_workers

@@ -39,9 +39,18 @@ REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT_DIR = REPO / "out" / "test-report"
 CLASSES, PER_CLASS, TEST_PER_CLASS, EPOCHS = 3, 12, 6, 2
 WIDTH = 1400
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--force-device-scale-factor=1"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+]
 
 # Appended to a copy of the page: after load, record on <body> whether every image decoded and where
 # the plots and thumbnails are, so the screenshot can be checked box by box.
@@ -93,8 +102,13 @@ def chromium() -> str:
 def run_chromium(*args: str) -> subprocess.CompletedProcess:
     """Chromium headless with a throw-away profile."""
     with tempfile.TemporaryDirectory(prefix="orchard-chromium-") as profile:
-        return subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                              capture_output=True, text=True, timeout=180, check=False)
+        return subprocess.run(
+            [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
 
 
 def delete_ids(es, index: str, query: dict) -> list[dict]:
@@ -111,8 +125,11 @@ def delete_dataset(s: Settings, dataset: str) -> None:
     es, s3 = es_client(s), s3_client(s)
     delete_ids(es, s.images_index, {"term": {"dataset": dataset}})
     versions = [src["version"] for src in delete_ids(es, s.models_index, {"term": {"dataset": dataset}})]
-    for bucket, prefixes in ((s.images_bucket, [f"{dataset}/"]), (s.features_bucket, [f"{dataset}/"]),
-                             (s.models_bucket, [f"{v}/" for v in versions])):
+    for bucket, prefixes in (
+        (s.images_bucket, [f"{dataset}/"]),
+        (s.features_bucket, [f"{dataset}/"]),
+        (s.models_bucket, [f"{v}/" for v in versions]),
+    ):
         for prefix in prefixes:
             names = [DeleteObject(o.object_name) for o in s3.list_objects(bucket, prefix=prefix, recursive=True)]
             errors = list(s3.remove_objects(bucket, names))
@@ -127,9 +144,27 @@ def demo_run(stack: Settings, tmp_path_factory):
     dataset = f"it-report-{uuid.uuid4().hex[:8]}"
     out = tmp_path_factory.mktemp("report")
     env = {**os.environ, "PYTHONPATH": str(REPO), "ORCHARD_HOME": str(stack.home)}
-    argv = [sys.executable, "-m", "orchard", "demo", "--keep", "--dataset", dataset,
-            "--classes", str(CLASSES), "--per-class", str(PER_CLASS), "--test-per-class", str(TEST_PER_CLASS),
-            "--epochs", str(EPOCHS), "--seed", str(random.randrange(10**6, 10**9)), "--out", str(out)]
+    argv = [
+        sys.executable,
+        "-m",
+        "orchard",
+        "demo",
+        "--keep",
+        "--dataset",
+        dataset,
+        "--classes",
+        str(CLASSES),
+        "--per-class",
+        str(PER_CLASS),
+        "--test-per-class",
+        str(TEST_PER_CLASS),
+        "--epochs",
+        str(EPOCHS),
+        "--seed",
+        str(random.randrange(10**6, 10**9)),
+        "--out",
+        str(out),
+    ]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800, check=False)
         assert proc.returncode == 0, f"demo exited {proc.returncode}:\n{proc.stderr[-3000:]}"
@@ -150,8 +185,12 @@ def test_report_counts_and_accuracy_equal_elasticsearch(stack: Settings, demo_ru
     es = es_client(stack)
     ds = {"term": {"dataset": dataset}}
 
-    labels = [b["key"] for b in es.search(index=stack.images_index, size=0, query=ds, aggs={
-        "l": {"terms": {"field": "label", "size": 100}}})["aggregations"]["l"]["buckets"]]
+    labels = [
+        b["key"]
+        for b in es.search(
+            index=stack.images_index, size=0, query=ds, aggs={"l": {"terms": {"field": "label", "size": 100}}}
+        )["aggregations"]["l"]["buckets"]
+    ]
     assert len(labels) == CLASSES
     assert int(cells.metrics["classes"]) == len(labels)
     assert int(cells.metrics["images"]) == es_count(es, stack, ds) == CLASSES * (PER_CLASS + TEST_PER_CLASS)
@@ -162,15 +201,24 @@ def test_report_counts_and_accuracy_equal_elasticsearch(stack: Settings, demo_ru
     for split in ("train", "test"):
         assert int(cells.counts[f"all classes|{split}"]) == es_count(es, stack, ds, {"term": {"split": split}})
 
-    model = es.search(index=stack.models_index, size=1, query=ds,
-                      sort=[{"created_at": "desc"}])["hits"]["hits"][0]["_source"]
+    model = es.search(index=stack.models_index, size=1, query=ds, sort=[{"created_at": "desc"}])["hits"]["hits"][0][
+        "_source"
+    ]
     assert model["version"] in html
-    predicted = [ds, {"term": {"split": "test"}}, {"term": {"prediction.model_version": model["version"]}},
-                 {"exists": {"field": "prediction.label"}}]
+    predicted = [
+        ds,
+        {"term": {"split": "test"}},
+        {"term": {"prediction.model_version": model["version"]}},
+        {"exists": {"field": "prediction.label"}},
+    ]
     total = es_count(es, stack, *predicted)
-    per_class = {label: (es_count(es, stack, *predicted, {"term": {"label": label}},
-                                  {"term": {"prediction.label": label}}),
-                         es_count(es, stack, *predicted, {"term": {"label": label}})) for label in labels}
+    per_class = {
+        label: (
+            es_count(es, stack, *predicted, {"term": {"label": label}}, {"term": {"prediction.label": label}}),
+            es_count(es, stack, *predicted, {"term": {"label": label}}),
+        )
+        for label in labels
+    }
     correct = sum(c for c, _ in per_class.values())
     assert total == CLASSES * TEST_PER_CLASS  # every test image was predicted by the newest model
     assert int(cells.metrics["predicted"]) == total
@@ -183,8 +231,16 @@ def test_report_counts_and_accuracy_equal_elasticsearch(stack: Settings, demo_ru
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["correct"] == correct and summary["predicted"] == total
-    assert [st["name"] for st in summary["stages"]] == ["stack up", "synth", "upload", "spark", "train",
-                                                        "infer", "features", "report"]
+    assert [st["name"] for st in summary["stages"]] == [
+        "stack up",
+        "synth",
+        "upload",
+        "spark",
+        "train",
+        "infer",
+        "features",
+        "report",
+    ]
     assert f"{correct}/{total} predictions" in stdout and str(out / "index.html") in stdout
 
 
@@ -215,5 +271,5 @@ def test_report_renders_in_chromium_with_visible_images_and_plots(demo_run) -> N
     for box in images:
         x, y, w, h = (int(round(box[k])) for k in ("x", "y", "w", "h"))
         assert w > 20 and h > 20, f"{box['id'] or box['alt']} is {w}x{h} px on the page"
-        region = pixels[y:y + h, x:x + w]
+        region = pixels[y : y + h, x : x + w]
         assert region.size and region.std() > 8, f"{box['id'] or box['alt']} looks blank in {shot}"

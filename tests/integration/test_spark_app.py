@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +74,21 @@ def put_undecodable(s: Settings, dataset: str) -> str:
     sha = hashlib.sha256(data).hexdigest()
     key = f"{dataset}/test/lime/broken.jpg"
     s3_client(s).put_object(s.images_bucket, key, io.BytesIO(data), len(data), content_type="image/jpeg")
-    doc = {"id": sha, "dataset": dataset, "split": "test", "label": "lime", "label_text": "Lime",
-           "bucket": s.images_bucket, "key": key, "uri": f"s3a://{s.images_bucket}/{key}", "bytes": len(data),
-           "format": "JPEG", "sha256": sha, "uploaded_at": datetime.now(timezone.utc).isoformat(),
-           "source_path": "test_spark_app.py"}
+    doc = {
+        "id": sha,
+        "dataset": dataset,
+        "split": "test",
+        "label": "lime",
+        "label_text": "Lime",
+        "bucket": s.images_bucket,
+        "key": key,
+        "uri": f"s3a://{s.images_bucket}/{key}",
+        "bytes": len(data),
+        "format": "JPEG",
+        "sha256": sha,
+        "uploaded_at": datetime.now(UTC).isoformat(),
+        "source_path": "test_spark_app.py",
+    }
     es_client(s).index(index=s.images_index, id=sha, document=doc, op_type="create", refresh="wait_for")
     return key
 
@@ -98,8 +109,12 @@ def delete_documents(s: Settings, dataset: str) -> None:
 
     es = es_client(s)
     hits = scan(es, index=s.images_index, query={"query": {"term": {"dataset": dataset}}}, _source=False)
-    bulk(es, ({"_op_type": "delete", "_index": s.images_index, "_id": h["_id"]} for h in hits),
-         raise_on_error=False, refresh=True)
+    bulk(
+        es,
+        ({"_op_type": "delete", "_index": s.images_index, "_id": h["_id"]} for h in hits),
+        raise_on_error=False,
+        refresh=True,
+    )
 
 
 def clean_up(ds: Dataset) -> None:
@@ -120,8 +135,21 @@ def dataset(stack: Settings, tmp_path_factory) -> Dataset:
     token = secrets.token_hex(3)
     name, seed = f"it-spark-{token}", int(token, 16) % 100_000
     root = tmp_path_factory.mktemp("synth") / "fruits"
-    ok(orchard("dataset", "synth", str(root), "--classes", str(CLASSES), "--per-class", str(TRAIN_PER_CLASS),
-               "--test-per-class", str(TEST_PER_CLASS), "--seed", str(seed)))
+    ok(
+        orchard(
+            "dataset",
+            "synth",
+            str(root),
+            "--classes",
+            str(CLASSES),
+            "--per-class",
+            str(TRAIN_PER_CLASS),
+            "--test-per-class",
+            str(TEST_PER_CLASS),
+            "--seed",
+            str(seed),
+        )
+    )
     ds = Dataset(name, stack, corrupt_key="")
     try:
         ok(orchard("upload", str(root), "--dataset", name))
@@ -135,8 +163,9 @@ def docs_of(ds: Dataset, **terms) -> list[dict]:
     """Every document of the dataset (optionally filtered by term), with _seq_no."""
     es = es_client(ds.settings)
     query = {"bool": {"filter": [{"term": {"dataset": ds.name}}] + [{"term": {k: v}} for k, v in terms.items()]}}
-    response = es.search(index=ds.settings.images_index, query=query, size=1000, seq_no_primary_term=True,
-                         source_excludes=["embedding"])
+    response = es.search(
+        index=ds.settings.images_index, query=query, size=1000, seq_no_primary_term=True, source_excludes=["embedding"]
+    )
     return response["hits"]["hits"]
 
 
@@ -153,6 +182,7 @@ def object_count(ds: Dataset) -> int:
 
 # --- training ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained(dataset: Dataset) -> dict:
     proc = ok(orchard("train", "--dataset", dataset.name, "--epochs", str(EPOCHS), "--batch-size", "8", "--json"))
@@ -165,13 +195,20 @@ def trained(dataset: Dataset) -> dict:
 def test_training_reaches_accuracy_well_above_chance(dataset: Dataset, trained: dict):
     doc, summary = trained["doc"], trained["summary"]
     chance = 1 / CLASSES
-    print(f"test accuracy {doc['metrics']['test_accuracy']:.3f} (chance {chance:.2f}, "
-          f"threshold {ACCURACY_FACTOR * chance:.2f})")
+    print(
+        f"test accuracy {doc['metrics']['test_accuracy']:.3f} (chance {chance:.2f}, "
+        f"threshold {ACCURACY_FACTOR * chance:.2f})"
+    )
     assert doc["metrics"]["test_accuracy"] >= ACCURACY_FACTOR * chance
     assert doc["num_classes"] == CLASSES and len(doc["classes"]) == CLASSES
     assert doc["train_images"] == CLASSES * TRAIN_PER_CLASS
     assert doc["test_images"] == CLASSES * TEST_PER_CLASS  # the undecodable one is skipped
-    assert (doc["dataset"], doc["train_split"], doc["test_split"], doc["epochs"]) == (dataset.name, "train", "test", EPOCHS)
+    assert (doc["dataset"], doc["train_split"], doc["test_split"], doc["epochs"]) == (
+        dataset.name,
+        "train",
+        "test",
+        EPOCHS,
+    )
     assert 100_000 <= doc["params"] <= 1_000_000
     assert re.fullmatch(r"cnn-\d{14}-[0-9a-f]{8}", summary["version"])
     # progress per epoch in the log, and the history kept in the registry
@@ -180,7 +217,9 @@ def test_training_reaches_accuracy_well_above_chance(dataset: Dataset, trained: 
     assert [h["epoch"] for h in doc["history"]] == list(range(1, EPOCHS + 1))
     # the artefacts are in the models bucket
     client = s3_client(dataset.settings)
-    names = {o.object_name for o in client.list_objects(dataset.settings.models_bucket, prefix=f"{summary['version']}/")}
+    names = {
+        o.object_name for o in client.list_objects(dataset.settings.models_bucket, prefix=f"{summary['version']}/")
+    }
     assert {f"{summary['version']}/{n}" for n in ("model.keras", "labels.json", "metrics.json")} <= names
     card = json.loads(client.get_object(dataset.settings.models_bucket, f"{summary['version']}/labels.json").read())
     assert card["classes"] == sorted(card["classes"]) == doc["classes"] and card["preprocessing"] == "scale01"
@@ -188,10 +227,12 @@ def test_training_reaches_accuracy_well_above_chance(dataset: Dataset, trained: 
 
 # --- inference -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def first_inference(dataset: Dataset, trained: dict) -> dict:
-    return last_json(ok(orchard("infer", "--dataset", dataset.name, "--model", trained["summary"]["version"],
-                                "--json")))
+    return last_json(
+        ok(orchard("infer", "--dataset", dataset.name, "--model", trained["summary"]["version"], "--json"))
+    )
 
 
 def test_inference_updates_every_document_exactly_once(dataset: Dataset, trained: dict, first_inference: dict):
@@ -258,25 +299,49 @@ def worker_pids(s: Settings) -> dict[str, int]:
     return {p.stem: json.loads(p.read_text())["pid"] for p in sorted((s.home / "run").glob("spark-worker-*.pid"))}
 
 
-def test_a_worker_killed_during_inference_still_updates_every_document(dataset: Dataset, trained: dict,
-                                                                      first_inference: dict):
+def test_a_worker_killed_during_inference_still_updates_every_document(
+    dataset: Dataset, trained: dict, first_inference: dict
+):
     from orchard.stack import launcher
 
     s = dataset.settings
-    args = [str(ORCHARD), "infer", "--dataset", dataset.name, "--model", trained["summary"]["version"], "--force",
-            "--images-per-partition", "8", "--batch-size", "8", "--json"]
+    args = [
+        str(ORCHARD),
+        "infer",
+        "--dataset",
+        dataset.name,
+        "--model",
+        trained["summary"]["version"],
+        "--force",
+        "--images-per-partition",
+        "8",
+        "--batch-size",
+        "8",
+        "--json",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err_lines: list[str] = []
     reader = threading.Thread(target=lambda: err_lines.extend(iter(proc.stderr.readline, "")), daemon=True)
     reader.start()
     try:
-        app_id = wait_for(lambda: next((m.group(1) for line in list(err_lines)
-                                        if (m := re.search(r"app id (app-[\w-]+)", line))), None), 300, "the app id")
+        app_id = wait_for(
+            lambda: next(
+                (m.group(1) for line in list(err_lines) if (m := re.search(r"app id (app-[\w-]+)", line))), None
+            ),
+            300,
+            "the app id",
+        )
         # The first worker found running one of the job's tasks (spark-worker-1 when the cluster is idle).
-        victim, pid = wait_for(lambda: next(((name, pid) for name, pid in worker_pids(s).items()
-                                             if spark_daemon_running(pid, app_id)), None), 300,
-                               f"a task of {app_id} on a Spark worker",
-                               lambda: f"(worker processes: {[cmdline(p)[-150:] for w in worker_pids(s).values() for p in descendants(w)]})")
+        victim, pid = wait_for(
+            lambda: next(
+                ((name, pid) for name, pid in worker_pids(s).items() if spark_daemon_running(pid, app_id)), None
+            ),
+            300,
+            f"a task of {app_id} on a Spark worker",
+            lambda: (
+                f"(worker processes: {[cmdline(p)[-150:] for w in worker_pids(s).values() for p in descendants(w)]})"
+            ),
+        )
         os.kill(pid, signal.SIGKILL)
         print(f"killed {victim} (pid {pid}) while it ran a task of {app_id}")
         time.sleep(5)
@@ -298,10 +363,12 @@ def test_a_worker_killed_during_inference_still_updates_every_document(dataset: 
 
 # --- a user-supplied model file ----------------------------------------------------------------------
 
+
 def tiny_model_file(directory: Path) -> Path:
     """A tiny randomly initialised Keras model (64x64 input, 3 classes, 128-d penultimate layer)."""
-    import orchard.spark_app.model  # noqa: F401  (quiet TensorFlow: no CUDA probing) before keras
     import keras
+
+    import orchard.spark_app.model  # noqa: F401  (quiet TensorFlow: no CUDA probing) before keras
 
     keras.utils.set_random_seed(1)
     inputs = keras.Input((64, 64, 3))
@@ -317,8 +384,19 @@ def tiny_model_file(directory: Path) -> Path:
 def test_a_user_model_file_replaces_the_default_cnn(dataset: Dataset, first_inference: dict, tmp_path: Path):
     path = tiny_model_file(tmp_path)
     (tmp_path / "labels.txt").write_text("red\ngreen\nblue\n")
-    common = ["--dataset", dataset.name, "--split", "test", "--model-file", str(path),
-              "--preprocessing", "mobilenet_v2", "--labels", str(tmp_path / "labels.txt"), "--json"]
+    common = [
+        "--dataset",
+        dataset.name,
+        "--split",
+        "test",
+        "--model-file",
+        str(path),
+        "--preprocessing",
+        "mobilenet_v2",
+        "--labels",
+        str(tmp_path / "labels.txt"),
+        "--json",
+    ]
     summary = last_json(ok(orchard("infer", *common)))
     version = summary["model_version"]
     dataset.versions.append(version)
@@ -338,10 +416,12 @@ def test_a_user_model_file_replaces_the_default_cnn(dataset: Dataset, first_infe
 
 # --- features, PCA and search ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def features(dataset: Dataset, trained: dict) -> dict:
-    return last_json(ok(orchard("features", "--dataset", dataset.name, "--model", trained["summary"]["version"],
-                                "--json")))
+    return last_json(
+        ok(orchard("features", "--dataset", dataset.name, "--model", trained["summary"]["version"], "--json"))
+    )
 
 
 def read_parquet(s: Settings, uri: str):
@@ -377,8 +457,15 @@ def test_pca_has_the_expected_shape_and_explained_variance(dataset: Dataset, tra
     assert np.cumsum(ratios)[k - 1] >= 0.95 and (k == 1 or np.cumsum(ratios)[k - 2] < 0.95)
     # ...and both the embedding and the 2-D coordinates are in every decodable image's document
     version = trained["summary"]["version"]
-    assert count(dataset, {"term": {"embedding_model": version}}, {"exists": {"field": "embedding"}},
-                 {"exists": {"field": "pca.x"}}) == decodable
+    assert (
+        count(
+            dataset,
+            {"term": {"embedding_model": version}},
+            {"exists": {"field": "embedding"}},
+            {"exists": {"field": "pca.x"}},
+        )
+        == decodable
+    )
 
 
 def search_json(*args: str) -> list[dict]:

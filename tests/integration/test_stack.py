@@ -5,19 +5,18 @@ from __future__ import annotations
 import io
 import os
 import signal
-import time
 import uuid
 
 import pytest
 
 from orchard.core.clients import es_client, s3_client
-from orchard.core.settings import Settings
-from orchard.stack import launcher, process
 from orchard.core.health import get_json
+from orchard.core.settings import Settings
+from orchard.core.toolchain import Toolchain
+from orchard.stack import launcher, process
 from orchard.stack.mc import mc_json
 from orchard.stack.services import Layout, s3a_conf
 from orchard.stack.setup import template_bodies
-from orchard.core.toolchain import Toolchain
 
 pytestmark = pytest.mark.integration
 
@@ -90,12 +89,13 @@ def test_spark_job_on_the_cluster_counts_objects_through_s3a(stack: Settings, s3
     builder = SparkSession.builder.master(stack.spark_master_url).appName("orchard-stack-test")
     for key, value in s3a_conf(stack).items():
         builder = builder.config(key, value)
-    spark = (builder
-             .config("spark.hadoop.fs.s3a.access.key", stack.s3_access_key.get_secret_value())
-             .config("spark.hadoop.fs.s3a.secret.key", stack.s3_secret_key.get_secret_value())
-             .config("spark.pyspark.python", str(tools.python))
-             .config("spark.executor.memory", "1g")
-             .getOrCreate())
+    spark = (
+        builder.config("spark.hadoop.fs.s3a.access.key", stack.s3_access_key.get_secret_value())
+        .config("spark.hadoop.fs.s3a.secret.key", stack.s3_secret_key.get_secret_value())
+        .config("spark.pyspark.python", str(tools.python))
+        .config("spark.executor.memory", "1g")
+        .getOrCreate()
+    )
     try:
         rdd = spark.sparkContext.binaryFiles(f"s3a://{stack.images_bucket}/{prefix}/", minPartitions=4)
         names = rdd.map(lambda kv: kv[0].rsplit("/", 1)[-1])

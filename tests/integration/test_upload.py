@@ -82,8 +82,9 @@ class Lake:
     def docs(self, dataset: str) -> dict[str, dict]:
         """key -> hit (with _id, _seq_no and _source) of every document of `dataset`."""
         self.es.indices.refresh(index=self.index)
-        response = self.es.search(index=self.index, query={"term": {"dataset": dataset}}, size=10_000,
-                                  seq_no_primary_term=True)
+        response = self.es.search(
+            index=self.index, query={"term": {"dataset": dataset}}, size=10_000, seq_no_primary_term=True
+        )
         hits = response["hits"]["hits"]
         assert response["hits"]["total"]["value"] == len(hits)
         return {hit["_source"]["key"]: hit for hit in hits}
@@ -91,11 +92,15 @@ class Lake:
     def remove(self, dataset: str) -> None:
         from minio.deleteobjects import DeleteObject
 
-        names = [DeleteObject(o.object_name) for o in self.s3.list_objects(self.bucket, prefix=f"{dataset}/", recursive=True)]
+        names = [
+            DeleteObject(o.object_name) for o in self.s3.list_objects(self.bucket, prefix=f"{dataset}/", recursive=True)
+        ]
         errors = list(self.s3.remove_objects(self.bucket, names))
         assert not errors, errors
         # by id: the integ-test distribution of Elasticsearch has no _delete_by_query (reindex module)
-        actions = [{"_op_type": "delete", "_index": self.index, "_id": hit["_id"]} for hit in self.docs(dataset).values()]
+        actions = [
+            {"_op_type": "delete", "_index": self.index, "_id": hit["_id"]} for hit in self.docs(dataset).values()
+        ]
         bulk(self.es, actions, refresh=True)
 
 
@@ -136,9 +141,20 @@ def assert_lake_matches(lake: Lake, dataset: str, expected: dict[str, Path], buc
         doc = docs[key]["_source"]
         assert docs[key]["_id"] == doc["id"] == doc["sha256"] == sha, key
         split, label = key.split("/")[1:3]
-        assert (doc["dataset"], doc["split"], doc["label"], doc["label_text"]) == (dataset, split, label, path.parent.name)
+        assert (doc["dataset"], doc["split"], doc["label"], doc["label_text"]) == (
+            dataset,
+            split,
+            label,
+            path.parent.name,
+        )
         assert (doc["bucket"], doc["uri"], doc["bytes"]) == (bucket, f"s3a://{bucket}/{key}", path.stat().st_size)
-        assert (doc["format"], doc["width"], doc["height"], doc["channels"], doc["color_mode"]) == ("jpeg", 100, 100, 3, "RGB")
+        assert (doc["format"], doc["width"], doc["height"], doc["channels"], doc["color_mode"]) == (
+            "jpeg",
+            100,
+            100,
+            3,
+            "RGB",
+        )
         assert doc["source_path"] == str(path) and doc["etag"] == objects[key].etag and doc["uploaded_at"]
         assert "prediction" not in doc and "embedding" not in doc
 
@@ -179,8 +195,9 @@ def test_upload_matches_disk_and_a_second_run_writes_nothing(lake: Lake, tmp_pat
     assert second["bytes_uploaded"] == 0
     assert lake.objects(dataset) == objects_before  # same etag and Last-Modified: nothing re-uploaded
     docs_after = lake.docs(dataset)
-    assert {k: (h["_seq_no"], h["_source"]) for k, h in docs_after.items()} == \
-           {k: (h["_seq_no"], h["_source"]) for k, h in docs_before.items()}  # no document rewritten
+    assert {k: (h["_seq_no"], h["_source"]) for k, h in docs_after.items()} == {
+        k: (h["_seq_no"], h["_source"]) for k, h in docs_before.items()
+    }  # no document rewritten
 
 
 def test_a_killed_run_resumes_to_the_same_state(lake: Lake, tmp_path: Path) -> None:
@@ -188,8 +205,18 @@ def test_a_killed_run_resumes_to_the_same_state(lake: Lake, tmp_path: Path) -> N
     root = tmp_path / "fruits"
     synthesize(root, classes=6, per_class=40, test_per_class=0, seed=random_seed())
     expected = expected_from_synth(root, dataset)
-    command = cli_command("upload", str(root), "--dataset", dataset, "--workers", "2", "--batch-size", "8",
-                          "--report", str(tmp_path / "killed.json"))
+    command = cli_command(
+        "upload",
+        str(root),
+        "--dataset",
+        dataset,
+        "--workers",
+        "2",
+        "--batch-size",
+        "8",
+        "--report",
+        str(tmp_path / "killed.json"),
+    )
     with open(tmp_path / "killed.log", "wb") as out:
         process = subprocess.Popen(command, env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -258,9 +285,16 @@ def build_bad_corpus(root: Path, seed: int) -> tuple[dict[str, bytes], dict[str,
     (kiwi / "zzz-duplicate.jpg").write_bytes(good["good_0.jpg"])
     (kiwi / "link.jpg").symlink_to(kiwi / "good_1.jpg")
     (kiwi / "readme.txt").write_text("not a candidate\n")
-    failed = {"truncated.jpg": "truncated", "empty.jpg": "empty", "notes.jpg": "not_image", "corrupt.png": "corrupt",
-              "bomb.png": "decompression_bomb", "locked.jpg": "unreadable", "nested.jpg": "nested",
-              "loose.jpg": "no_label"}
+    failed = {
+        "truncated.jpg": "truncated",
+        "empty.jpg": "empty",
+        "notes.jpg": "not_image",
+        "corrupt.png": "corrupt",
+        "bomb.png": "decompression_bomb",
+        "locked.jpg": "unreadable",
+        "nested.jpg": "nested",
+        "loose.jpg": "no_label",
+    }
     skipped = {"zzz-duplicate.jpg": "duplicate", "link.jpg": "symlink"}
     return good, failed, skipped
 
@@ -280,14 +314,23 @@ def test_bad_input_gets_exactly_the_expected_reasons(lake: Lake, tmp_path: Path)
     root = tmp_path / "corpus"
     good, failed, skipped = build_bad_corpus(root, random_seed())
     report_path = tmp_path / "bad.json"
-    command = [*without_file_permission_override(), *cli_command(
-        "upload", str(root), "--dataset", dataset, "--max-pixels", "1000000", "--report", str(report_path))]
+    command = [
+        *without_file_permission_override(),
+        *cli_command(
+            "upload", str(root), "--dataset", dataset, "--max-pixels", "1000000", "--report", str(report_path)
+        ),
+    ]
     run = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr
 
     report = read_report(report_path)
-    assert report["counts"] == {"uploaded": len(good), "present": 0, "skipped": len(skipped),
-                                "failed": len(failed), "ignored": 1}
+    assert report["counts"] == {
+        "uploaded": len(good),
+        "present": 0,
+        "skipped": len(skipped),
+        "failed": len(failed),
+        "ignored": 1,
+    }
     assert {Path(f["path"]).name: f["code"] for f in report["failures"]} == failed
     assert {Path(s["path"]).name: s["code"] for s in report["skipped"]} == skipped
     for problem in report["failures"] + report["skipped"]:
@@ -331,8 +374,20 @@ def test_npy_stack_with_labels_becomes_one_object_per_image(lake: Lake, tmp_path
     np.save(tmp_path / "tiles.npy", stack)
     names = ["Sea Lake", "Forest", "Sea Lake", "River", "Forest", "Forest"]
     (tmp_path / "labels.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
-    assert upload(str(tmp_path / "tiles.npy"), "--labels", str(tmp_path / "labels.txt"), "--dataset", dataset,
-                  "--split", "test", "--report", str(tmp_path / "npy.json")) == 0
+    assert (
+        upload(
+            str(tmp_path / "tiles.npy"),
+            "--labels",
+            str(tmp_path / "labels.txt"),
+            "--dataset",
+            dataset,
+            "--split",
+            "test",
+            "--report",
+            str(tmp_path / "npy.json"),
+        )
+        == 0
+    )
     docs = lake.docs(dataset)
     assert len(docs) == len(lake.objects(dataset)) == 6
     for row, name in enumerate(names):
@@ -340,7 +395,13 @@ def test_npy_stack_with_labels_becomes_one_object_per_image(lake: Lake, tmp_path
         array = np.load(io.BytesIO(lake.object_bytes(key)), allow_pickle=False)
         assert np.array_equal(array, stack[row])
         doc = docs[key]["_source"]
-        assert (doc["label_text"], doc["format"], doc["width"], doc["height"], doc["channels"]) == (name, "npy", 10, 12, 3)
+        assert (doc["label_text"], doc["format"], doc["width"], doc["height"], doc["channels"]) == (
+            name,
+            "npy",
+            10,
+            12,
+            3,
+        )
         assert doc["source_path"] == f"{tmp_path / 'tiles.npy'}[{row}]"
 
 
@@ -348,8 +409,7 @@ def write_large_npy(path: Path, shape: tuple[int, ...], dtype: str) -> str:
     """Write an .npy in 64 MiB chunks (never held in memory); returns its sha256."""
     digest = hashlib.sha256()
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": np.dtype(dtype).str, "fortran_order": False,
-                                                  "shape": shape})
+    np.lib.format.write_array_header_1_0(header, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape})
     chunk = np.random.default_rng(random_seed()).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
     remaining = int(np.prod(shape)) * np.dtype(dtype).itemsize
     with path.open("wb") as fh:
@@ -400,8 +460,11 @@ def test_a_1gib_file_goes_multipart_with_bounded_memory(lake: Lake, tmp_path: Pa
     started = time.monotonic()
     try:
         returncode, peak_rss = run_with_peak_rss(
-            cli_command("upload", str(tmp_path / "scenes"), "--dataset", dataset, "--report", str(tmp_path / "big.json")),
-            tmp_path / "big.log")
+            cli_command(
+                "upload", str(tmp_path / "scenes"), "--dataset", dataset, "--report", str(tmp_path / "big.json")
+            ),
+            tmp_path / "big.log",
+        )
     finally:
         big.unlink()  # pytest keeps the temp dirs of recent sessions: do not leave 1 GiB behind
     log.info("1 GiB upload: %.1f s, peak RSS %.1f MB", time.monotonic() - started, peak_rss / 1e6)
@@ -417,8 +480,14 @@ def test_a_1gib_file_goes_multipart_with_bounded_memory(lake: Lake, tmp_path: Pa
     doc = lake.docs(dataset)[key]
     assert doc["_id"] == sha
     source = doc["_source"]
-    assert (source["format"], source["width"], source["height"], source["channels"], source["color_mode"],
-            source["bytes"]) == ("npy", 8192, 8192, 8, "8xuint16", size)
+    assert (
+        source["format"],
+        source["width"],
+        source["height"],
+        source["channels"],
+        source["color_mode"],
+        source["bytes"],
+    ) == ("npy", 8192, 8192, 8, "8xuint16", size)
 
 
 def test_a_changed_file_replaces_its_object_and_document(lake: Lake, tmp_path: Path) -> None:
@@ -433,8 +502,13 @@ def test_a_changed_file_replaces_its_object_and_document(lake: Lake, tmp_path: P
     old_sha = file_sha(path)
     path.write_bytes(fruit_jpeg(seed, 2))  # same name, new content
     assert upload(str(root), "--dataset", dataset, "--report", str(tmp_path / "2.json")) == 0
-    assert read_report(tmp_path / "2.json")["counts"] == {"uploaded": 1, "present": 1, "skipped": 0, "failed": 0,
-                                                         "ignored": 0}
+    assert read_report(tmp_path / "2.json")["counts"] == {
+        "uploaded": 1,
+        "present": 1,
+        "skipped": 0,
+        "failed": 0,
+        "ignored": 0,
+    }
     key = f"{dataset}/train/kiwi/a.jpg"
     assert lake.objects(dataset)[key].sha256 == file_sha(path) != old_sha
     docs = lake.docs(dataset)

@@ -20,8 +20,15 @@ ENV_TEMPLATE = REPO_ROOT / "compose" / ".env.example"
 MAKE_SECRETS = REPO_ROOT / "compose" / "make-secrets.sh"
 IMAGES_DIR = REPO_ROOT / "images"
 # The variables of compose/.env that `make secrets` generates.
-SECRET_KEYS = ("MINIO_ROOT_PASSWORD", "UPLOADER_S3_SECRET_KEY", "SPARK_S3_SECRET_KEY", "ELASTIC_PASSWORD",
-               "KIBANA_SYSTEM_PASSWORD", "ORCHARD_ES_PASSWORD", "KIBANA_ENCRYPTION_KEY")
+SECRET_KEYS = (
+    "MINIO_ROOT_PASSWORD",
+    "UPLOADER_S3_SECRET_KEY",
+    "SPARK_S3_SECRET_KEY",
+    "ELASTIC_PASSWORD",
+    "KIBANA_SYSTEM_PASSWORD",
+    "ORCHARD_ES_PASSWORD",
+    "KIBANA_ENCRYPTION_KEY",
+)
 # Every profile, so the job services (uploader, spark-app) are validated too.
 PROFILES = ("jobs",)
 
@@ -54,8 +61,9 @@ def write_env(path: Path) -> Path:
     return path
 
 
-def compose_argv(compose: Path, env_file: Path, compose_file: Path = COMPOSE_FILE,
-                 project_dir: Path | None = None) -> list[str | Path]:
+def compose_argv(
+    compose: Path, env_file: Path, compose_file: Path = COMPOSE_FILE, project_dir: Path | None = None
+) -> list[str | Path]:
     """`docker-compose -f FILE --env-file ENV [--project-directory DIR] --profile ...`."""
     argv: list[str | Path] = [compose, "-f", compose_file, "--env-file", env_file]
     if project_dir is not None:
@@ -63,5 +71,3 @@ def compose_argv(compose: Path, env_file: Path, compose_file: Path = COMPOSE_FIL
     for profile in PROFILES:
         argv += ["--profile", profile]
     return argv
-
-

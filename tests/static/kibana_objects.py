@@ -100,7 +100,9 @@ def check_references(objects: list[dict[str, Any]], errors: list[str]) -> None:
         refs = {r.get("name"): r for r in obj.get("references") or []}
         for ref in refs.values():
             if (ref.get("type"), ref.get("id")) not in present:
-                errors.append(f"{label}: reference {ref.get('name')} -> {ref.get('type')}/{ref.get('id')} is not in the file")
+                errors.append(
+                    f"{label}: reference {ref.get('name')} -> {ref.get('type')}/{ref.get('id')} is not in the file"
+                )
         source = json.loads(obj.get("attributes", {}).get(SEARCH_SOURCE[0], {}).get(SEARCH_SOURCE[1]) or "{}")
         if "indexRefName" in source and source["indexRefName"] not in refs:
             errors.append(f"{label}: no reference named {source['indexRefName']}")

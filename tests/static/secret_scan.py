@@ -27,7 +27,8 @@ ANYWHERE = {
 # [ \t] rather than \s: an empty value must not borrow the next line as its value.
 ENV_ASSIGNMENT = re.compile(rf"(?im)^[ \t]*(?:export[ \t]+)?({SECRET_NAME})[ \t]*=[ \t]*(?!{REFERENCE}[ \t]*$)(\S+)")
 YAML_ASSIGNMENT = re.compile(
-    rf"(?im)^[ \t]*-?[ \t]*({SECRET_NAME})[ \t]*:[ \t]*(?!{REFERENCE}[ \t]*(?:#.*)?$)([^\s#{{\[][^\s#]*)")
+    rf"(?im)^[ \t]*-?[ \t]*({SECRET_NAME})[ \t]*:[ \t]*(?!{REFERENCE}[ \t]*(?:#.*)?$)([^\s#{{\[][^\s#]*)"
+)
 
 
 @dataclass(frozen=True)
@@ -54,21 +55,29 @@ def line_of(text: str, offset: int) -> int:
 
 def scan_text(path: Path, text: str) -> list[Finding]:
     """Findings in one file's text; the rules for assignments depend on the file type."""
-    findings = [Finding(str(path), line_of(text, m.start()), kind)
-                for kind, rx in ANYWHERE.items() for m in rx.finditer(text)]
+    findings = [
+        Finding(str(path), line_of(text, m.start()), kind) for kind, rx in ANYWHERE.items() for m in rx.finditer(text)
+    ]
     if is_env_file(path):
-        findings += [Finding(str(path), line_of(text, m.start()), f"{m.group(1)} has a value")
-                     for m in ENV_ASSIGNMENT.finditer(text)]
+        findings += [
+            Finding(str(path), line_of(text, m.start()), f"{m.group(1)} has a value")
+            for m in ENV_ASSIGNMENT.finditer(text)
+        ]
     if path.suffix in {".yml", ".yaml"}:
-        findings += [Finding(str(path), line_of(text, m.start()), f"{m.group(1)} is a literal")
-                     for m in YAML_ASSIGNMENT.finditer(text)]
+        findings += [
+            Finding(str(path), line_of(text, m.start()), f"{m.group(1)} is a literal")
+            for m in YAML_ASSIGNMENT.finditer(text)
+        ]
     return findings
 
 
 def committable_files(repo: Path) -> list[Path]:
     """Tracked files plus untracked files git does not ignore, relative to `repo`."""
-    out = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         capture_output=True, check=True).stdout.decode()
+    out = subprocess.run(
+        ["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
     return sorted({Path(p) for p in out.split("\0") if p})
 
 
@@ -93,6 +102,9 @@ def scan_repo(repo: Path, extra_values: tuple[str, ...] = ()) -> list[Finding]:
         if text is None:
             continue
         findings += scan_text(rel, text)
-        findings += [Finding(str(rel), line_of(text, text.find(v)), "a generated secret")
-                     for v in extra_values if v and v in text]
+        findings += [
+            Finding(str(rel), line_of(text, text.find(v)), "a generated secret")
+            for v in extra_values
+            if v and v in text
+        ]
     return findings

@@ -18,8 +18,19 @@ from orchard.core.toolchain import REPO_ROOT
 MINIO_NODES = ["minio1", "minio2", "minio3", "minio4"]
 ES_NODES = ["es01", "es02", "es03"]
 EXPECTED_SERVICES = {
-    *MINIO_NODES, "minio-lb", "minio-setup", "es-certs", *ES_NODES, "es-setup", "kibana", "kibana-setup",
-    "orchard-setup", "spark-master", "spark-worker", "spark-app", "uploader",
+    *MINIO_NODES,
+    "minio-lb",
+    "minio-setup",
+    "es-certs",
+    *ES_NODES,
+    "es-setup",
+    "kibana",
+    "kibana-setup",
+    "orchard-setup",
+    "spark-master",
+    "spark-worker",
+    "spark-app",
+    "uploader",
 }
 APP_SERVICES = ["orchard-setup", "spark-app", "uploader"]
 LONG_RUNNING = [*MINIO_NODES, "minio-lb", *ES_NODES, "kibana", "spark-master", "spark-worker"]
@@ -107,8 +118,16 @@ def test_dependencies_wait_for_health_or_completion(compose_config):
 
 def test_app_services_use_only_native_settings_names(compose_config):
     known = {ENV_PREFIX + field.upper() for field in Settings.model_fields}
-    required = {"ORCHARD_S3_ENDPOINT", "ORCHARD_S3_ACCESS_KEY", "ORCHARD_S3_SECRET_KEY", "ORCHARD_ES_HOSTS",
-                "ORCHARD_ES_USERNAME", "ORCHARD_ES_PASSWORD", "ORCHARD_ES_CA_CERT", "ORCHARD_SPARK_MASTER"}
+    required = {
+        "ORCHARD_S3_ENDPOINT",
+        "ORCHARD_S3_ACCESS_KEY",
+        "ORCHARD_S3_SECRET_KEY",
+        "ORCHARD_ES_HOSTS",
+        "ORCHARD_ES_USERNAME",
+        "ORCHARD_ES_PASSWORD",
+        "ORCHARD_ES_CA_CERT",
+        "ORCHARD_SPARK_MASTER",
+    }
     for name in APP_SERVICES:
         env = compose_config["services"][name]["environment"]
         names = {k for k in env if k.startswith(ENV_PREFIX)}
@@ -143,8 +162,11 @@ def test_build_args_are_the_pins_and_declared_in_the_dockerfiles(compose_config,
 
 
 def test_every_dockerfile_is_built_by_some_service(compose_config):
-    built = {(Path(s["build"]["context"]) / s["build"].get("dockerfile", "Dockerfile")).resolve()
-             for s in compose_config["services"].values() if "build" in s}
+    built = {
+        (Path(s["build"]["context"]) / s["build"].get("dockerfile", "Dockerfile")).resolve()
+        for s in compose_config["services"].values()
+        if "build" in s
+    }
     assert built == {p.resolve() for p in IMAGES_DIR.glob("*/Dockerfile")}
 
 
@@ -178,12 +200,16 @@ def test_a_missing_secret_stops_compose(compose_bin, env_file, tmp_path):
 
 # --- broken copies: the validator must reject each -------------------------------------------
 BREAKAGES = {
-    "depends on an undefined service": ("    depends_on:\n      es-setup: {condition: service_completed_successfully}\n",
-                                        "    depends_on:\n      es-setupp: {condition: service_completed_successfully}\n"),
+    "depends on an undefined service": (
+        "    depends_on:\n      es-setup: {condition: service_completed_successfully}\n",
+        "    depends_on:\n      es-setupp: {condition: service_completed_successfully}\n",
+    ),
     "misspelt service key": ("  minio-lb:\n    build:", "  minio-lb:\n    biuld:"),
     "invalid YAML": ("services:\n", "services:\n  - [\n"),
-    "wrong type for a port": ('ports: ["${ORCHARD_BIND_HOST:-127.0.0.1}:${KIBANA_PORT:-5601}:5601"]',
-                              "ports: {kibana: 5601}"),
+    "wrong type for a port": (
+        'ports: ["${ORCHARD_BIND_HOST:-127.0.0.1}:${KIBANA_PORT:-5601}:5601"]',
+        "ports: {kibana: 5601}",
+    ),
     "unknown depends_on condition": ("minio-lb: {condition: service_healthy}", "minio-lb: {condition: service_ready}"),
 }
 

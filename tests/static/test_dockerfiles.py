@@ -17,8 +17,9 @@ from orchard.core.toolchain import REPO_ROOT
 HADOLINT_CONFIG = IMAGES_DIR / ".hadolint.yaml"
 DOCKERFILES = sorted(IMAGES_DIR.glob("*/Dockerfile"))
 NGINX_CONF = IMAGES_DIR / "minio-lb" / "nginx.conf"
-SCRIPTS = sorted([*IMAGES_DIR.rglob("*.sh"), *(REPO_ROOT / "compose").glob("*.sh"),
-                  REPO_ROOT / "deps" / "install-static-tools.sh"])
+SCRIPTS = sorted(
+    [*IMAGES_DIR.rglob("*.sh"), *(REPO_ROOT / "compose").glob("*.sh"), REPO_ROOT / "deps" / "install-static-tools.sh"]
+)
 
 
 def hadolint_findings(hadolint: Path, dockerfile: Path) -> str:

@@ -62,11 +62,28 @@ def minio_port(tools, tmp_path_factory):
     """A single-node MinIO on a free loopback port, stopped after the module."""
     data = tmp_path_factory.mktemp("minio-data")
     port, console = free_port(), free_port()
-    env = {**os.environ, "MINIO_ROOT_USER": ROOT[0], "MINIO_ROOT_PASSWORD": ROOT[1], "MINIO_CI_CD": "on",
-           "MINIO_UPDATE": "off"}
-    proc = subprocess.Popen([str(tools.minio), "server", "--quiet", "--address", f"127.0.0.1:{port}",
-                             "--console-address", f"127.0.0.1:{console}", str(data)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "MINIO_ROOT_USER": ROOT[0],
+        "MINIO_ROOT_PASSWORD": ROOT[1],
+        "MINIO_CI_CD": "on",
+        "MINIO_UPDATE": "off",
+    }
+    proc = subprocess.Popen(
+        [
+            str(tools.minio),
+            "server",
+            "--quiet",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--console-address",
+            f"127.0.0.1:{console}",
+            str(data),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_live(port, proc)
         yield port
@@ -81,10 +98,17 @@ def run_setup(tools: Toolchain, port: int, tmp_path: Path) -> subprocess.Complet
     bin_dir.mkdir(exist_ok=True)
     if not (bin_dir / "mc").exists():
         (bin_dir / "mc").symlink_to(tools.mc)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MINIO_SETUP_ENDPOINT": f"http://127.0.0.1:{port}",
-           "MINIO_ROOT_USER": ROOT[0], "MINIO_ROOT_PASSWORD": ROOT[1],
-           "UPLOADER_S3_ACCESS_KEY": UPLOADER[0], "UPLOADER_S3_SECRET_KEY": UPLOADER[1],
-           "SPARK_S3_ACCESS_KEY": SPARK[0], "SPARK_S3_SECRET_KEY": SPARK[1]}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "MINIO_SETUP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "MINIO_ROOT_USER": ROOT[0],
+        "MINIO_ROOT_PASSWORD": ROOT[1],
+        "UPLOADER_S3_ACCESS_KEY": UPLOADER[0],
+        "UPLOADER_S3_SECRET_KEY": UPLOADER[1],
+        "SPARK_S3_ACCESS_KEY": SPARK[0],
+        "SPARK_S3_SECRET_KEY": SPARK[1],
+    }
     return run(["bash", IMAGES_DIR / "minio" / "setup.sh"], env=env)
 
 

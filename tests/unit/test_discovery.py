@@ -83,7 +83,9 @@ def test_files_outside_the_layout_fail_with_the_expected_layout(tmp_path: Path) 
     found = discover(tmp_path, "d")
     assert [i.key for i in found.items] == ["d/train/kiwi/1.jpg"]
     assert problems(found) == {
-        "2.jpg": ("failed", "nested"), "loose.jpg": ("failed", "no_label"), "fig.png": ("failed", "not_split"),
+        "2.jpg": ("failed", "nested"),
+        "loose.jpg": ("failed", "no_label"),
+        "fig.png": ("failed", "not_split"),
     }
     assert all("<label>/<file>" in p.reason for p in found.problems)
 
@@ -163,8 +165,10 @@ def test_read_labels_from_text(tmp_path: Path) -> None:
     assert read_labels(tmp_path / "labels.txt") == ["Sea Lake", "Forest"]
 
 
-@pytest.mark.parametrize(("folder", "split"), [("Training", "train"), ("Test", "test"), ("validation", "val"),
-                                               ("VAL", "val"), ("papers", None)])
+@pytest.mark.parametrize(
+    ("folder", "split"),
+    [("Training", "train"), ("Test", "test"), ("validation", "val"), ("VAL", "val"), ("papers", None)],
+)
 def test_split_names(folder: str, split: str | None) -> None:
     assert normalise_split(folder) == split
 

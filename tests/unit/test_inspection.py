@@ -94,7 +94,7 @@ def corrupt_png(fruit: Image.Image) -> bytes:
 def bad_jpeg_header(fruit: Image.Image) -> bytes:
     data = bytearray(encode_jpeg(fruit))
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = b"\0\0\0\0"  # zero width and height
+    data[sof + 5 : sof + 9] = b"\0\0\0\0"  # zero width and height
     return bytes(data)
 
 

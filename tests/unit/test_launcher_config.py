@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 
 import pytest
 
 from orchard.core.settings import Settings
+from orchard.core.toolchain import Toolchain, read_versions
 from orchard.stack import process
 from orchard.stack.services import Layout, es_config, lb_service, minio_services, spark_services
 from orchard.stack.setup import template_bodies
-from orchard.core.toolchain import Toolchain, read_versions
 
 
 @pytest.fixture()
@@ -25,8 +24,16 @@ def env(tmp_path):
 
 def test_versions_are_pinned():
     pins = read_versions()
-    for key in ("MINIO_VERSION", "MC_VERSION", "ES_VERSION", "ES_ZIP_SHA256", "HADOOP_VERSION",
-                "AWS_SDK_BUNDLE_VERSION", "HADOOP_AWS_SHA256", "AWS_SDK_BUNDLE_SHA256"):
+    for key in (
+        "MINIO_VERSION",
+        "MC_VERSION",
+        "ES_VERSION",
+        "ES_ZIP_SHA256",
+        "HADOOP_VERSION",
+        "AWS_SDK_BUNDLE_VERSION",
+        "HADOOP_AWS_SHA256",
+        "AWS_SDK_BUNDLE_SHA256",
+    ):
         assert pins.get(key), key
     assert pins["ES_VERSION"].split(".")[0] == "8"
 
@@ -85,8 +92,9 @@ def test_templates_target_the_configured_indices(env):
 
 def test_spawn_and_stop_a_real_process(tmp_path):
     pid_file, log_file = tmp_path / "sleeper.pid", tmp_path / "sleeper.log"
-    pid = process.spawn([sys.executable, "-c", "print('hello', flush=True); import time; time.sleep(60)"],
-                        {}, log_file, pid_file)
+    pid = process.spawn(
+        [sys.executable, "-c", "print('hello', flush=True); import time; time.sleep(60)"], {}, log_file, pid_file
+    )
     assert process.running_pid(pid_file) == pid
     assert process.wait_until(lambda: process.last_line(log_file) == "hello", 10, 0.1)
     assert process.stop(pid_file, grace=5)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from orchard.app.demo import DemoOptions, StageFailed, dataset_dir, last_error, stderr_to, summary_lines
-from orchard.core.errors import ExitStatus
 from orchard.app.report import ReportData, Stage
+from orchard.core.errors import ExitStatus
 from orchard.core.settings import load_settings
 
 
@@ -25,9 +25,11 @@ def test_stage_failure_names_the_stage_and_keeps_the_exit_status() -> None:
 
 def test_last_error_prefers_the_last_error_line(tmp_path: Path) -> None:
     log = tmp_path / "upload.log"
-    log.write_text("09:00:01 INFO    uploader: started\n"
-                   "09:00:02 ERROR   orchard: MinIO unreachable at http://127.0.0.1:9000\n"
-                   "09:00:03 INFO    uploader: report: /tmp/r.json\n")
+    log.write_text(
+        "09:00:01 INFO    uploader: started\n"
+        "09:00:02 ERROR   orchard: MinIO unreachable at http://127.0.0.1:9000\n"
+        "09:00:03 INFO    uploader: report: /tmp/r.json\n"
+    )
     assert last_error(log) == "MinIO unreachable at http://127.0.0.1:9000"
     log.write_text("some output\nlast words\n\n")
     assert last_error(log) == "last words"
@@ -54,11 +56,24 @@ def test_stderr_to_captures_fd2_and_restores_it(tmp_path: Path) -> None:
 
 
 def test_summary_lines_show_counts_accuracy_and_every_stage(tmp_path: Path) -> None:
-    data = ReportData(dataset="demo", generated_at="now", splits=["train", "test"], split_rows=[],
-                      totals={"train": 320, "test": 120, "total": 440}, classes=8,
-                      model={"version": "cnn-1", "architecture": "cnn", "params": 1000, "epochs": 5,
-                             "metrics": {"test_accuracy": 0.9}},
-                      predicted=120, correct=108, accuracy=0.9)
+    data = ReportData(
+        dataset="demo",
+        generated_at="now",
+        splits=["train", "test"],
+        split_rows=[],
+        totals={"train": 320, "test": 120, "total": 440},
+        classes=8,
+        model={
+            "version": "cnn-1",
+            "architecture": "cnn",
+            "params": 1000,
+            "epochs": 5,
+            "metrics": {"test_accuracy": 0.9},
+        },
+        predicted=120,
+        correct=108,
+        accuracy=0.9,
+    )
     stages = [Stage("upload", 10.0, 440, "files"), Stage("train", 100.0, 1600, "image-epochs")]
     text = "\n".join(summary_lines(data, stages, tmp_path / "index.html"))
     assert "440 (train 320 · test 120) in 8 classes" in text
@@ -74,7 +89,8 @@ def failing_pipeline(self, native: bool = True) -> None:
 
 @pytest.mark.parametrize(("flags", "stops"), [([], 1), (["--keep"], 0)])
 def test_a_failed_stage_exits_with_its_status_and_stops_the_stack_unless_keep(
-        monkeypatch, tmp_path: Path, capfd, flags: list[str], stops: int) -> None:
+    monkeypatch, tmp_path: Path, capfd, flags: list[str], stops: int
+) -> None:
     from orchard.app.cli import main
     from orchard.stack import launcher
 
@@ -92,8 +108,9 @@ def test_report_only_keeps_the_stage_times_of_the_same_model_only(tmp_path: Path
     from orchard.app.demo import previous_stages
     from orchard.app.report import stage_rows
 
-    data = ReportData(dataset="demo", generated_at="now", splits=[], split_rows=[], totals={}, classes=0,
-                      model={"version": "cnn-2"})
+    data = ReportData(
+        dataset="demo", generated_at="now", splits=[], split_rows=[], totals={}, classes=0, model={"version": "cnn-2"}
+    )
     stages = [Stage("train", 100.0, 1600, "image-epochs", command="orchard train"), Stage("report", 2.0, 440)]
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"dataset": "demo", "model": {"version": "cnn-2"}, "stages": stage_rows(stages)}))

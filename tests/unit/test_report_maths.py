@@ -5,12 +5,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchard.app.report import (Stage, class_axis, confusion_matrix, history_series, human_seconds, ordered_splits,
-                            overall_accuracy, per_class_accuracy, split_rows)
+from orchard.app.report import (
+    Stage,
+    class_axis,
+    confusion_matrix,
+    history_series,
+    human_seconds,
+    ordered_splits,
+    overall_accuracy,
+    per_class_accuracy,
+    split_rows,
+)
 
 CLASSES = ["apple", "banana", "cherry"]
-CELLS = [("apple", "apple", 8), ("apple", "banana", 2), ("banana", "banana", 5),
-         ("cherry", "apple", 1), ("cherry", "cherry", 3), ("apple", "banana", 1)]
+CELLS = [
+    ("apple", "apple", 8),
+    ("apple", "banana", 2),
+    ("banana", "banana", 5),
+    ("cherry", "apple", 1),
+    ("cherry", "cherry", 3),
+    ("apple", "banana", 1),
+]
 
 
 def test_confusion_matrix_rows_are_true_labels_and_repeated_cells_add_up() -> None:
@@ -27,8 +42,11 @@ def test_confusion_matrix_rejects_a_label_outside_the_axis() -> None:
 def test_per_class_and_overall_accuracy() -> None:
     matrix = confusion_matrix(CELLS, CLASSES)
     rows = per_class_accuracy(matrix, CLASSES)
-    assert [(r["label"], r["correct"], r["total"]) for r in rows] == [("apple", 8, 11), ("banana", 5, 5),
-                                                                      ("cherry", 3, 4)]
+    assert [(r["label"], r["correct"], r["total"]) for r in rows] == [
+        ("apple", 8, 11),
+        ("banana", 5, 5),
+        ("cherry", 3, 4),
+    ]
     assert rows[0]["accuracy"] == pytest.approx(8 / 11)
     assert rows[1]["accuracy"] == 1.0
     assert overall_accuracy(matrix) == pytest.approx(16 / 20)
@@ -45,8 +63,10 @@ def test_class_axis_keeps_model_order_then_adds_unknown_labels_sorted() -> None:
 
 
 def test_history_from_per_epoch_records_and_from_keras_dict() -> None:
-    records = [{"epoch": 1, "loss": 1.5, "accuracy": 0.4, "workers": 2},
-               {"epoch": 2, "loss": 0.9, "accuracy": 0.7, "workers": 2}]
+    records = [
+        {"epoch": 1, "loss": 1.5, "accuracy": 0.4, "workers": 2},
+        {"epoch": 2, "loss": 0.9, "accuracy": 0.7, "workers": 2},
+    ]
     series = history_series(records)
     assert series["epoch"] == [1.0, 2.0] and series["loss"] == [1.5, 0.9] and series["accuracy"] == [0.4, 0.7]
     keras = history_series({"loss": [2.0, 1.0, 0.5], "accuracy": [0.1, 0.5, 0.8]})
@@ -56,9 +76,11 @@ def test_history_from_per_epoch_records_and_from_keras_dict() -> None:
 
 def test_split_rows_and_totals() -> None:
     rows = split_rows({"b": {"train": 3, "test": 1}, "a": {"train": 2}}, ["train", "test"])
-    assert rows == [{"label": "a", "train": 2, "test": 0, "total": 2},
-                    {"label": "b", "train": 3, "test": 1, "total": 4},
-                    {"label": "all classes", "train": 5, "test": 1, "total": 6}]
+    assert rows == [
+        {"label": "a", "train": 2, "test": 0, "total": 2},
+        {"label": "b", "train": 3, "test": 1, "total": 4},
+        {"label": "all classes", "train": 5, "test": 1, "total": 6},
+    ]
 
 
 def test_splits_in_reading_order() -> None:
@@ -72,7 +94,8 @@ def test_stage_throughput_uses_work_when_given() -> None:
     assert Stage("synth", 2.0, items=None).per_second is None
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(None, "-"), (4.25, "4.2 s"), (59.94, "59.9 s"),
-                                                (65.0, "1 min 05 s"), (600.4, "10 min 00 s")])
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(None, "-"), (4.25, "4.2 s"), (59.94, "59.9 s"), (65.0, "1 min 05 s"), (600.4, "10 min 00 s")]
+)
 def test_human_seconds(seconds, text) -> None:
     assert human_seconds(seconds) == text

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import urllib3
-from elastic_transport import ApiResponseMeta, ConnectionError as EsConnectionError, HttpHeaders, NodeConfig
+from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
+from elastic_transport import ConnectionError as EsConnectionError
 from elasticsearch import ApiError
 from minio.error import S3Error, ServerError
 
@@ -15,8 +16,13 @@ def s3_error(code: str) -> S3Error:
 
 
 def es_error(status: int) -> ApiError:
-    meta = ApiResponseMeta(status=status, http_version="1.1", headers=HttpHeaders(), duration=0.0,
-                           node=NodeConfig("http", "localhost", 9200))
+    meta = ApiResponseMeta(
+        status=status,
+        http_version="1.1",
+        headers=HttpHeaders(),
+        duration=0.0,
+        node=NodeConfig("http", "localhost", 9200),
+    )
     return ApiError(message="error", meta=meta, body={})
 
 
@@ -45,10 +51,10 @@ def test_elasticsearch_429_5xx_and_connection_errors_are_retried() -> None:
 
 
 def test_sha256_metadata_is_found_whatever_the_header_case() -> None:
-    assert transfer._meta_sha({"X-Amz-Meta-Sha256": "ab"}) == "ab"  # noqa: SLF001 - the parsing rule itself
-    assert transfer._meta_sha({"x-amz-meta-sha256": "cd", "content-type": "image/jpeg"}) == "cd"  # noqa: SLF001
-    assert transfer._meta_sha({"content-type": "image/jpeg"}) is None  # noqa: SLF001
-    assert transfer._meta_sha(None) is None  # noqa: SLF001
+    assert transfer._meta_sha({"X-Amz-Meta-Sha256": "ab"}) == "ab"
+    assert transfer._meta_sha({"x-amz-meta-sha256": "cd", "content-type": "image/jpeg"}) == "cd"
+    assert transfer._meta_sha({"content-type": "image/jpeg"}) is None
+    assert transfer._meta_sha(None) is None
 
 
 def test_s3_client_leaves_503_to_the_logged_time_capped_retries() -> None:
@@ -65,15 +71,15 @@ def test_s3_client_leaves_503_to_the_logged_time_capped_retries() -> None:
 def test_an_upload_stops_after_writes_are_refused_in_a_row(tmp_path) -> None:
     from orchard.core.errors import ServiceUnavailable
     from orchard.core.settings import Settings
-    from orchard.uploader.pipeline import ABORT_AFTER_FAILED_WRITES, UploadOptions, Uploader
+    from orchard.uploader.pipeline import ABORT_AFTER_FAILED_WRITES, Uploader, UploadOptions
 
     up = Uploader(Settings(home=tmp_path), UploadOptions(dataset="d"), s3=None, es=None)
     for _ in range(ABORT_AFTER_FAILED_WRITES - 1):
-        up._count_write(s3_error("SlowDownWrite"))  # noqa: SLF001 - the counting rule itself
-    up._count_write(None)  # noqa: SLF001 - one success resets the run of failures
+        up._count_write(s3_error("SlowDownWrite"))
+    up._count_write(None)
     assert up.failed_writes_in_a_row == 0
     for _ in range(ABORT_AFTER_FAILED_WRITES):
-        up._count_write(s3_error("SlowDownWrite"))  # noqa: SLF001
+        up._count_write(s3_error("SlowDownWrite"))
     error = up.writes_refused()
     assert isinstance(error, ServiceUnavailable) and f"last {ABORT_AFTER_FAILED_WRITES} writes" in str(error)
     assert "SlowDownWrite" in str(error) or "message" in str(error)

@@ -4,21 +4,41 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from orchard.spark_app import registry, search
-from orchard.spark_app.versions import read_class_names
 from orchard.spark_app.context import ExecutorConfig
 from orchard.spark_app.images import ImageRef
-from orchard.spark_app.infer import (PredictSpec, error_doc, inference_summary, prediction_doc, same_prediction,
-                             skip_unchanged, update_action)
+from orchard.spark_app.infer import (
+    PredictSpec,
+    error_doc,
+    inference_summary,
+    prediction_doc,
+    same_prediction,
+    skip_unchanged,
+    update_action,
+)
 from orchard.spark_app.sink import Tally, failure_reason, merge_tallies
+from orchard.spark_app.versions import read_class_names
 
-CFG = ExecutorConfig("http://s3", "ak", "sk", "us-east-1", "http://es", None, None, None,
-                     "images", "features", "models", "orchard-images", "orchard-models")
+CFG = ExecutorConfig(
+    "http://s3",
+    "ak",
+    "sk",
+    "us-east-1",
+    "http://es",
+    None,
+    None,
+    None,
+    "images",
+    "features",
+    "models",
+    "orchard-images",
+    "orchard-models",
+)
 SPEC = PredictSpec(CFG, "v1", ("a", "b"), "scale01", (100, 100), 3, 8, "2026-01-01T00:00:00+00:00")
 REF = ImageRef("abc123", "ds/test/a/1.jpg", "ds", "test", "a")
 
@@ -65,8 +85,10 @@ class FakeEs:
 
 def test_skip_unchanged_keeps_new_and_changed_drops_same_and_missing():
     same = prediction_doc(SPEC, [("a", 0.9)])
-    chunk = [(update_action("ix", ImageRef(i, f"k{i}", "ds", "test", "a"), same), f"k{i}", False)
-             for i in ("same", "changed", "fresh", "missing")]
+    chunk = [
+        (update_action("ix", ImageRef(i, f"k{i}", "ds", "test", "a"), same), f"k{i}", False)
+        for i in ("same", "changed", "fresh", "missing")
+    ]
     es = FakeEs({"same": {"prediction": same}, "changed": {"prediction": {**same, "label": "b"}}, "fresh": {}})
     keep, tally = skip_unchanged(False, es, chunk)
     assert [action["_id"] for action, _, _ in keep] == ["changed", "fresh"]
@@ -87,10 +109,15 @@ def test_tallies_merge_counts_and_cap_examples():
 
 
 def test_failure_reason_of_a_missing_document():
-    info = {"_id": "x", "status": 404, "error": {"type": "document_missing_exception", "reason": "[x]: document missing"}}
+    info = {
+        "_id": "x",
+        "status": 404,
+        "error": {"type": "document_missing_exception", "reason": "[x]: document missing"},
+    }
     assert "no document" in failure_reason(info)
-    assert failure_reason({"status": 429, "error": {"type": "es_rejected_execution_exception",
-                                                   "reason": "queue full"}}).startswith("es_rejected")
+    assert failure_reason(
+        {"status": 429, "error": {"type": "es_rejected_execution_exception", "reason": "queue full"}}
+    ).startswith("es_rejected")
 
 
 def test_inference_summary_counts_images_once():
@@ -99,10 +126,11 @@ def test_inference_summary_counts_images_once():
 
 
 def test_version_ids_are_sortable_and_hash_suffixed():
-    now = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
+    now = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
     assert registry.new_version("cnn", "deadbeefcafe", now) == "cnn-20260304050607-deadbeef"
-    assert re.fullmatch(r"user-mobilenet-v2-[0-9a-f]{10}",
-                        registry.user_version(Path("MobileNet V2.keras"), "0123456789abcdef"))
+    assert re.fullmatch(
+        r"user-mobilenet-v2-[0-9a-f]{10}", registry.user_version(Path("MobileNet V2.keras"), "0123456789abcdef")
+    )
 
 
 def test_labels_file_formats(tmp_path):
@@ -119,8 +147,16 @@ def test_search_filters_and_rows():
     assert {"term": {"dataset": "ds"}} in clauses and {"term": {"prediction.label": "Lime"}} in clauses
     assert {"range": {"prediction.confidence": {"gte": 0.9}}} in clauses
     assert len(clauses) == 3
-    hit = {"_id": "i", "_score": 1.0, "_source": {"key": "k", "label": "a", "prediction": {"label": "b",
-                                                   "confidence": 0.5}, "pca": {"x": 1.0, "y": 2.0}}}
+    hit = {
+        "_id": "i",
+        "_score": 1.0,
+        "_source": {
+            "key": "k",
+            "label": "a",
+            "prediction": {"label": "b", "confidence": 0.5},
+            "pca": {"x": 1.0, "y": 2.0},
+        },
+    }
     row = search.result_row(hit)
     assert (row["key"], row["predicted"], row["x"]) == ("k", "b", 1.0)
     table = search.format_table([row])
@@ -163,6 +199,7 @@ class FakeIndices:
     def get_mapping(self, index):
         class Response:
             body = {index: {"mappings": {"properties": {"embedding": {"index_options": {"type": self.index_type}}}}}}
+
         return Response()
 
 
@@ -175,11 +212,20 @@ class FakeSearchEs:
 
     def search(self, index, size, knn=None, query=None, source_includes=None):
         if knn is None:  # the lookup of the query image
-            return {"hits": {"hits": [{"_id": "q", "_source": {"key": "k", "embedding": [1.0, 0.0],
-                                                                "embedding_model": "v1"}}]}}
+            return {
+                "hits": {
+                    "hits": [{"_id": "q", "_source": {"key": "k", "embedding": [1.0, 0.0], "embedding_model": "v1"}}]
+                }
+            }
         self.knn = knn
-        return {"hits": {"hits": [{"_id": "q", "_score": 1.0, "_source": {"key": "k"}},
-                                  {"_id": "n", "_score": 0.9, "_source": {"key": "n"}}]}}
+        return {
+            "hits": {
+                "hits": [
+                    {"_id": "q", "_score": 1.0, "_source": {"key": "k"}},
+                    {"_id": "n", "_score": 0.9, "_source": {"key": "n"}},
+                ]
+            }
+        }
 
 
 @pytest.mark.parametrize("index_type, rescored", [("int8_hnsw", True), ("bbq_flat", True), ("hnsw", False)])
@@ -208,8 +254,16 @@ class RejectingBulk:
         self.requests.append(ids)
         for n, doc_id in enumerate(ids):
             if rejecting and n < self.reject:
-                yield False, {"update": {"_id": doc_id, "status": 429, "error": {
-                    "type": "es_rejected_execution_exception", "reason": "queue full"}}}
+                yield (
+                    False,
+                    {
+                        "update": {
+                            "_id": doc_id,
+                            "status": 429,
+                            "error": {"type": "es_rejected_execution_exception", "reason": "queue full"},
+                        }
+                    },
+                )
             else:
                 yield True, {"update": {"_id": doc_id, "status": 200, "result": "updated"}}
 
@@ -258,8 +312,13 @@ def test_a_whole_request_refused_with_429_is_resent(monkeypatch):
     def refuse_once(es, actions, **kwargs):
         calls.append([a["_id"] for a in actions])
         if len(calls) == 1:
-            meta = ApiResponseMeta(status=429, http_version="1.1", headers=HttpHeaders(), duration=0.0,
-                                   node=NodeConfig("http", "localhost", 9200))
+            meta = ApiResponseMeta(
+                status=429,
+                http_version="1.1",
+                headers=HttpHeaders(),
+                duration=0.0,
+                node=NodeConfig("http", "localhost", 9200),
+            )
             raise ApiError("es_rejected_execution_exception", meta=meta, body={})
         for a in actions:
             yield True, {"update": {"_id": a["_id"], "status": 200, "result": "noop"}}

@@ -9,12 +9,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from orchard.core.iterables import batched
 from orchard.spark_app import infer
 from orchard.spark_app.context import ExecutorConfig
-from orchard.core.iterables import batched
 
-CFG = ExecutorConfig("http://s3", "ak", "sk", "us-east-1", "http://es", None, None, None,
-                     "images", "features", "models", "orchard-images", "orchard-models")
+CFG = ExecutorConfig(
+    "http://s3",
+    "ak",
+    "sk",
+    "us-east-1",
+    "http://es",
+    None,
+    None,
+    None,
+    "images",
+    "features",
+    "models",
+    "orchard-images",
+    "orchard-models",
+)
 SPEC = infer.PredictSpec(CFG, "v", ("blue", "red"), "scale01", (8, 8), 3, 2, "now")
 
 
@@ -56,7 +69,9 @@ def test_model_inputs_are_preprocessed_and_errors_carried_along():
 
 
 def test_predictions_stream_and_mark_undecodable_images():
-    out = dict((ref.key, pred) for ref, pred in infer.to_predictions(SPEC, fake_stream(infer.model_inputs(SPEC, rows()))))
+    out = dict(
+        (ref.key, pred) for ref, pred in infer.to_predictions(SPEC, fake_stream(infer.model_inputs(SPEC, rows())))
+    )
     assert out["ds/test/red/1.jpg"]["label"] == "red" and out["ds/test/blue/2.jpg"]["label"] == "blue"
     assert out["ds/test/red/3.jpg"]["error"].startswith("undecodable image")
     assert out["ds/test/red/3.jpg"]["label"] is None

@@ -18,8 +18,13 @@ def test_default_cnn_has_a_few_hundred_thousand_parameters(cnn):
     assert 200_000 <= cnn.count_params() <= 800_000
     assert cnn.input_shape == (None, 100, 100, 3) and cnn.output_shape == (None, 5)
     facts = model.describe(cnn)
-    assert facts == {"input_size": [100, 100], "channels": 3, "num_classes": 5,
-                     "params": cnn.count_params(), "embedding_dim": 128}
+    assert facts == {
+        "input_size": [100, 100],
+        "channels": 3,
+        "num_classes": 5,
+        "params": cnn.count_params(),
+        "embedding_dim": 128,
+    }
 
 
 def test_keras_file_round_trip_predicts_the_same(cnn, tmp_path):
@@ -57,8 +62,9 @@ def test_stream_partition_batches_passes_errors_through_and_builds_once(cnn):
     out = list(model.stream_partition(shipped, 2, False, None, iter(items)))
     assert [meta for meta, _ in out] == [("a", None), ("b", "bad"), ("c", None), ("d", None)]
     assert out[1][1] is None
-    np.testing.assert_allclose(np.stack([out[0][1], out[2][1], out[3][1]]), cnn.predict_on_batch(xs[:3]),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.stack([out[0][1], out[2][1], out[3][1]]), cnn.predict_on_batch(xs[:3]), rtol=1e-4, atol=1e-6
+    )
     embedded = list(model.stream_partition(shipped, 3, None, None, iter(items)))
     assert embedded[0][1].shape == (128,)
     assert shipped.get()[1] is False  # built once in this process, then cached
@@ -71,14 +77,17 @@ def local_spark(tmp_path_factory):
 
     from pyspark.sql import SparkSession
 
-    from orchard.spark_app.session import package_zip
-
     from orchard.core.settings import Settings
     from orchard.core.toolchain import Toolchain
+    from orchard.spark_app.session import package_zip
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers' interpreter
-    builder = (SparkSession.builder.master("local[2]").appName("orchard-unit-elephas")
-               .config("spark.ui.enabled", "false").config("spark.executorEnv.TF_CPP_MIN_LOG_LEVEL", "3"))
+    builder = (
+        SparkSession.builder.master("local[2]")
+        .appName("orchard-unit-elephas")
+        .config("spark.ui.enabled", "false")
+        .config("spark.executorEnv.TF_CPP_MIN_LOG_LEVEL", "3")
+    )
     # This process's driver JVM outlives the session: give it the s3a jars as build_session would,
     # so a later in-process session on the real cluster (same pytest run) can still read s3a.
     jars = [str(j) for j in Toolchain.from_cache(Settings().cache_dir).jars if j.exists()]

@@ -63,13 +63,16 @@ def test_one_hot_and_cross_entropy():
     assert terms[1] == pytest.approx(-np.log(1e-7))  # clipped like Keras, never inf
 
 
-@pytest.mark.parametrize("explained, threshold, k", [
-    ([0.5, 0.3, 0.15, 0.05], 0.95, 3),
-    ([0.5, 0.3, 0.15, 0.05], 0.80, 2),
-    ([0.5, 0.3, 0.15, 0.05], 1.0, 4),
-    ([0.96, 0.04], 0.95, 1),
-    ([0.4, 0.4], 0.95, 2),  # the total never reaches the threshold: keep everything
-])
+@pytest.mark.parametrize(
+    "explained, threshold, k",
+    [
+        ([0.5, 0.3, 0.15, 0.05], 0.95, 3),
+        ([0.5, 0.3, 0.15, 0.05], 0.80, 2),
+        ([0.5, 0.3, 0.15, 0.05], 1.0, 4),
+        ([0.96, 0.04], 0.95, 1),
+        ([0.4, 0.4], 0.95, 2),  # the total never reaches the threshold: keep everything
+    ],
+)
 def test_choose_k_is_the_smallest_k_reaching_the_threshold(explained, threshold, k):
     assert pp.choose_k(explained, threshold) == k
 

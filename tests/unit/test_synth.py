@@ -106,7 +106,26 @@ def test_cli_synth_writes_the_tree(tmp_path: Path) -> None:
     from orchard.app.cli import main
 
     out = tmp_path / "cli"
-    assert main(["-q", "dataset", "synth", str(out), "--classes", "2", "--per-class", "3",
-                 "--test-per-class", "1", "--seed", "11", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "dataset",
+                "synth",
+                str(out),
+                "--classes",
+                "2",
+                "--per-class",
+                "3",
+                "--test-per-class",
+                "1",
+                "--seed",
+                "11",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     synthesize(tmp_path / "api", classes=2, per_class=3, test_per_class=1, seed=11)
     assert tree(out) == tree(tmp_path / "api")

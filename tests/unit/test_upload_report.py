@@ -21,13 +21,18 @@ def test_counts_summary_and_json_report(tmp_path: Path) -> None:
     report.record(Outcome.FAILED, Problem("/data/a.jpg", "truncated", "truncated image: x"))
     report.record(Outcome.SKIPPED, Problem("/data/l.jpg", "symlink", "symlink, not followed", Outcome.SKIPPED))
     report.ignored = 3
-    assert report.summary() == ("fruits: uploaded 2, already present 1, skipped 1, failed 2 "
-                                "(ignored 3 non-image files)")
+    assert report.summary() == (
+        "fruits: uploaded 2, already present 1, skipped 1, failed 2 (ignored 3 non-image files)"
+    )
     body = json.loads(write_report(report, tmp_path / "r" / "report.json").read_text())
     assert body["counts"] == {"uploaded": 2, "present": 1, "skipped": 1, "failed": 2, "ignored": 3}
-    assert [(f["path"], f["code"]) for f in body["failures"]] == [("/data/a.jpg", "truncated"), ("/data/z.jpg", "empty")]
-    assert body["skipped"] == [{"path": "/data/l.jpg", "code": "symlink", "reason": "symlink, not followed",
-                                "outcome": "skipped", "key": None}]
+    assert [(f["path"], f["code"]) for f in body["failures"]] == [
+        ("/data/a.jpg", "truncated"),
+        ("/data/z.jpg", "empty"),
+    ]
+    assert body["skipped"] == [
+        {"path": "/data/l.jpg", "code": "symlink", "reason": "symlink, not followed", "outcome": "skipped", "key": None}
+    ]
     assert body["not_attempted"] == 0
 
 
@@ -37,14 +42,17 @@ def test_items_a_stopped_run_never_reached_are_accounted() -> None:
     report.record(Outcome.FAILED, Problem("/data/a.jpg", "upload_error", "upload failed: x"))
     report.interrupted = True
     assert report.not_attempted == 8
-    assert report.summary() == "fruits: uploaded 1, already present 0, skipped 0, failed 1, not attempted 8 - interrupted"
+    assert (
+        report.summary() == "fruits: uploaded 1, already present 0, skipped 0, failed 1, not attempted 8 - interrupted"
+    )
     assert report.to_dict()["not_attempted"] == 8
 
 
 def test_documents_fit_the_strict_mapping() -> None:
     """Every field the uploader writes is mapped; every mapped field but the Spark ones is written."""
-    item = WorkItem(Path("/d/Training/Apple Red/0_100.jpg"), "f/train/apple_red/0_100.jpg", "f", "train",
-                    "apple_red", "Apple Red")
+    item = WorkItem(
+        Path("/d/Training/Apple Red/0_100.jpg"), "f/train/apple_red/0_100.jpg", "f", "train", "apple_red", "Apple Red"
+    )
     info = Inspected(item, "ab" * 32, 1234, "jpeg", 100, 100, 3, "RGB")
     doc = build_document(info, "images", "etag1", "2026-01-01T00:00:00.000Z")
     mapped = set(load_mapping(MAPPINGS_DIR / "images.json")["mappings"]["properties"])
