@@ -37,7 +37,8 @@ from orchard.core.toolchain import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-# Default size: measured to finish well inside 15 minutes on 2 cores (see docs/demo.md).
+# Default size: small enough that `make demo` (stack start, upload, train, infer, features, report)
+# finishes well inside 15 minutes on 2 cores; README.md "The two commands" lists the flags that grow it.
 DEFAULT_CLASSES = 8
 DEFAULT_PER_CLASS = 40
 DEFAULT_TEST_PER_CLASS = 15

@@ -1,7 +1,7 @@
 """`orchard train | infer | features | search`: flags -> settings -> one run function -> output.
 
-Spark jobs run in client mode against settings.spark_master_url (the same as
-`spark-submit --master <url> -m spark_app ...`: see spark_app/__main__.py).
+Spark jobs run in client mode against settings.spark_master_url; under spark-submit (compose's
+`spark-app` service) the driver script is images/spark/submit.py, which runs this same CLI.
 """
 
 from __future__ import annotations

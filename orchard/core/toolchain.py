@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -60,10 +61,11 @@ class Toolchain:
 
     @property
     def spark_home(self) -> Path:
-        """pyspark's own distribution: bin/spark-class, jars/."""
-        import pyspark  # local: only the launcher and the Spark app need it
-
-        return Path(pyspark.__file__).resolve().parent
+        """pyspark's own distribution: bin/spark-class, jars/ (located without importing pyspark)."""
+        spec = importlib.util.find_spec("pyspark")
+        if spec is None or spec.origin is None:
+            raise DependencyMissing("pyspark is not installed in this Python: run `make deps`")
+        return Path(spec.origin).resolve().parent
 
     @property
     def java_home(self) -> Path:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from orchard.app.cli import main
 from orchard.core.errors import ExitStatus
+from orchard.core.toolchain import REPO_ROOT
 
 
 def test_help_lists_every_command(capsys):
@@ -24,3 +28,24 @@ def test_status_of_a_stack_that_never_ran_is_unavailable(tmp_path, capsys):
 
 def test_logs_of_an_unknown_service_is_a_config_error(tmp_path):
     assert main(["--home", str(tmp_path), "stack", "logs", "nope"]) == ExitStatus.CONFIG
+
+
+HEAVY = ("tensorflow", "keras", "pyspark", "elephas")
+
+
+def test_help_and_status_load_neither_tensorflow_nor_pyspark(tmp_path):
+    """`orchard --help` and `orchard stack status` stay fast: no TensorFlow, Keras, Elephas or pyspark."""
+    probe = (
+        "import sys\n"
+        "from orchard.app.cli import main\n"
+        f"main(['--help']); main(['--home', {str(tmp_path)!r}, 'stack', 'status', '--json'])\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:]
+
+
+def test_the_probe_would_see_tensorflow_if_it_were_loaded():
+    probe = f"import sys, orchard.spark_app.model\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert "tensorflow" in out.stdout
