@@ -32,6 +32,8 @@ from minio.deleteobjects import DeleteObject
 from orchard.core.clients import es_client, s3_client
 from orchard.core.settings import Settings, load_settings
 from orchard.core.toolchain import Toolchain
+from orchard.stack.mc import ALIAS as MC_ALIAS
+from orchard.stack.mc import mc_env
 from orchard.uploader.synth import synthesize
 
 log = logging.getLogger("bench.upload")
@@ -81,29 +83,17 @@ def run_orchard(tree: Path, dataset: str, workers: int, work: Path) -> tuple[flo
 
 
 def run_mc(settings: Settings, tree: Path, prefix: str, work: Path) -> float:
-    """`mc mirror` of the tree under `prefix` of the images bucket; returns seconds."""
+    """`mc mirror` of the tree under `prefix` of the images bucket; returns seconds.
+
+    The alias comes from orchard.stack.mc.mc_env (a private config file), so no key is on the command line
+    and any secret works, one that starts with `-` included.
+    """
     mc = Toolchain.from_cache(settings.cache_dir).mc
     if not mc.exists():
         raise SystemExit(f"{mc} is missing: run `make deps`")
-    env = {**os.environ, "MC_CONFIG_DIR": str(work / "mc-config")}
-    settings.require("s3_access_key", "s3_secret_key")
-    subprocess.run(
-        [
-            str(mc),
-            "--quiet",
-            "alias",
-            "set",
-            "bench",
-            settings.s3_url,
-            settings.s3_access_key.get_secret_value(),
-            settings.s3_secret_key.get_secret_value(),
-        ],
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    target = f"bench/{settings.images_bucket}/{prefix}"
-    return timed([str(mc), "--quiet", "mirror", str(tree), target], env, work / "mc.log")
+    target = f"{MC_ALIAS}/{settings.images_bucket}/{prefix}"
+    with mc_env(settings) as env:
+        return timed([str(mc), "--quiet", "mirror", str(tree), target], env, work / "mc.log")
 
 
 def count_objects(settings: Settings, prefix: str) -> int:
@@ -113,6 +103,8 @@ def count_objects(settings: Settings, prefix: str) -> int:
 
 def clean_up(settings: Settings, name: str) -> None:
     """Delete a round's objects (prefix `name`) and documents (dataset `name`)."""
+    from orchard.core.lake import Field
+
     client = s3_client(settings)
     names = (
         DeleteObject(o.object_name)
@@ -123,7 +115,7 @@ def clean_up(settings: Settings, name: str) -> None:
         log.warning("could not delete %d objects under %s", len(errors), name)
     es = es_client(settings)
     es.indices.refresh(index=settings.images_index)
-    hits = scan(es, index=settings.images_index, query={"query": {"term": {"dataset": name}}}, _source=False)
+    hits = scan(es, index=settings.images_index, query={"query": {"term": {Field.DATASET: name}}}, _source=False)
     bulk(es, ({"_op_type": "delete", "_index": settings.images_index, "_id": h["_id"]} for h in hits))
     es.indices.refresh(index=settings.images_index)
 

@@ -21,11 +21,42 @@ require_env() {
   done
 }
 
+# Any password works: these two quote a value for the JSON bodies and for curl's config file
+# (plain bash: the image has no jq or python).
+# string: a JSON string literal; `"`, `\` and control characters escaped, the rest as is (UTF-8).
+json_string() {
+  local s=$1 out='' c i
+  for ((i = 0; i < ${#s}; i++)); do
+    c=${s:i:1}
+    case $c in
+      '"' | "\\") out+="\\$c" ;;
+      [[:cntrl:]]) printf -v c '\\u%04x' "'$c"; out+=$c ;;
+      *) out+=$c ;;
+    esac
+  done
+  printf '"%s"' "$out"
+}
+
+# string: a double-quoted curl config value; curl unescapes \\ \" \n \r \t \v inside quotes.
+curl_config_string() {
+  local s=$1 out='' c i
+  for ((i = 0; i < ${#s}; i++)); do
+    c=${s:i:1}
+    case $c in
+      '"' | "\\") out+="\\$c" ;;
+      $'\n') out+='\n' ;;
+      $'\r') out+='\r' ;;
+      *) out+=$c ;;
+    esac
+  done
+  printf '"%s"' "$out"
+}
+
 # The elastic password goes to curl through a 0600 config file, not the command line.
 write_curl_config() {
   CURL_CONFIG=$(mktemp)
   chmod 0600 "$CURL_CONFIG"
-  printf 'user = "elastic:%s"\n' "$ELASTIC_PASSWORD" > "$CURL_CONFIG"
+  printf 'user = %s\n' "$(curl_config_string "elastic:$ELASTIC_PASSWORD")" > "$CURL_CONFIG"
   trap 'rm -f "$CURL_CONFIG"' EXIT
 }
 
@@ -64,23 +95,28 @@ role_body() {
 {
   "cluster": ["monitor", "manage_index_templates"],
   "indices": [
-    {"names": ["$IMAGES_INDEX", "$MODELS_INDEX"],
+    {"names": [$(json_string "$IMAGES_INDEX"), $(json_string "$MODELS_INDEX")],
      "privileges": ["create_index", "read", "write", "view_index_metadata", "maintenance"]}
   ]
 }
 JSON
 }
 
+# password: the body of POST /_security/user/NAME/_password.
+password_body() {
+  printf '{"password": %s}' "$(json_string "$1")"
+}
+
 user_body() {
-  printf '{"password": "%s", "roles": ["orchard_app"], "full_name": "Orchard uploader and Spark app"}' \
-    "$ORCHARD_ES_PASSWORD"
+  printf '{"password": %s, "roles": ["orchard_app"], "full_name": "Orchard uploader and Spark app"}' \
+    "$(json_string "$ORCHARD_ES_PASSWORD")"
 }
 
 main() {
   require_env ELASTIC_PASSWORD KIBANA_SYSTEM_PASSWORD ORCHARD_ES_USERNAME ORCHARD_ES_PASSWORD
   write_curl_config
   wait_for_cluster
-  es POST /_security/user/kibana_system/_password "{\"password\": \"$KIBANA_SYSTEM_PASSWORD\"}" >/dev/null
+  es POST /_security/user/kibana_system/_password "$(password_body "$KIBANA_SYSTEM_PASSWORD")" >/dev/null
   log "kibana_system password set"
   es PUT /_security/role/orchard_app "$(role_body)" >/dev/null
   log "role orchard_app: $IMAGES_INDEX, $MODELS_INDEX"
@@ -88,4 +124,7 @@ main() {
   log "user $ORCHARD_ES_USERNAME ok"
 }
 
-main "$@"
+# Sourced (by tests) it only defines the functions.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
+fi

@@ -13,12 +13,28 @@ log() { printf '[kibana-setup] %s\n' "$*" >&2; }
 
 [ -n "${ELASTIC_PASSWORD:-}" ] || { log "ELASTIC_PASSWORD is empty: run 'make secrets'"; exit 2; }
 
+# string: a double-quoted curl config value, so any password works; curl unescapes \\ \" \n \r
+# inside quotes (the same function as in images/es-setup/users.sh).
+curl_config_string() {
+  local s=$1 out='' c i
+  for ((i = 0; i < ${#s}; i++)); do
+    c=${s:i:1}
+    case $c in
+      '"' | "\\") out+="\\$c" ;;
+      $'\n') out+='\n' ;;
+      $'\r') out+='\r' ;;
+      *) out+=$c ;;
+    esac
+  done
+  printf '"%s"' "$out"
+}
+
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 # The objects name the default index (orchard-images); follow ORCHARD_IMAGES_INDEX if it differs.
 sed "s/orchard-images/${INDEX}/g" "$SOURCE" > "$WORK/objects.ndjson"
 chmod 0700 "$WORK"
-printf 'user = "elastic:%s"\n' "$ELASTIC_PASSWORD" > "$WORK/curl.conf"
+printf 'user = %s\n' "$(curl_config_string "elastic:$ELASTIC_PASSWORD")" > "$WORK/curl.conf"
 
 # One import attempt: true when Kibana answered 200 with "success":true.
 import_once() {

@@ -6,6 +6,11 @@
 # Environment (from compose/.env): MINIO_ROOT_USER/PASSWORD, UPLOADER_S3_ACCESS_KEY/SECRET_KEY,
 # SPARK_S3_ACCESS_KEY/SECRET_KEY, ORCHARD_IMAGES_BUCKET, ORCHARD_FEATURES_BUCKET,
 # ORCHARD_MODELS_BUCKET; MINIO_SETUP_ENDPOINT (default http://minio-lb:9000).
+#
+# Any secret works: the keys reach mc on its standard input, never as arguments (an argument
+# starting with `-` is parsed as a flag by mc, and arguments show in `ps` on the Docker host), and
+# `--` ends mc's flags before access keys, which may start with `-` too. The one limit is mc's:
+# it reads a key as one line, so a key may not contain a line break (refused up front).
 set -euo pipefail
 
 ENDPOINT=${MINIO_SETUP_ENDPOINT:-http://minio-lb:9000}
@@ -23,11 +28,23 @@ require_env() {
   done
 }
 
+# mc reads keys from stdin one line each: a key with a line break would be cut short silently.
+require_one_line() {
+  local name
+  for name in "$@"; do
+    case "${!name}" in
+      *$'\n'* | *$'\r'*) log "$name contains a line break, which mc cannot read"; exit 2 ;;
+    esac
+  done
+}
+
 # Why retries: the load balancer can be up a moment before the erasure set has quorum.
 connect() {
   local i
   for i in $(seq 1 60); do
-    if mc alias set "$ALIAS" "$ENDPOINT" "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" >/dev/null 2>&1 \
+    # `mc alias set ALIAS URL` reads the access key and the secret key from stdin, a line each.
+    if printf '%s\n%s\n' "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" \
+         | mc alias set -- "$ALIAS" "$ENDPOINT" >/dev/null 2>&1 \
        && mc ready "$ALIAS" >/dev/null 2>&1; then
       log "connected to $ENDPOINT"
       return 0
@@ -97,17 +114,20 @@ grant() {
   "$policy_fn" > "$file"
   mc admin policy create "$ALIAS" "$name" "$file" >/dev/null
   rm -f "$file"
-  mc admin user add "$ALIAS" "$key" "$secret" >/dev/null
-  if mc admin user info "$ALIAS" "$key" --json | grep -q "\"policyName\": *\"[^\"]*$name"; then
+  # `mc admin user add ALIAS KEY` reads the secret key from stdin.
+  printf '%s\n' "$secret" | mc admin user add -- "$ALIAS" "$key" >/dev/null
+  if mc admin user info --json -- "$ALIAS" "$key" | grep -q "\"policyName\": *\"[^\"]*$name"; then
     log "user $key already has policy $name"
   else
-    mc admin policy attach "$ALIAS" "$name" --user "$key" >/dev/null
+    mc admin policy attach --user="$key" -- "$ALIAS" "$name" >/dev/null
     log "user $key got policy $name"
   fi
 }
 
 main() {
   require_env MINIO_ROOT_USER MINIO_ROOT_PASSWORD UPLOADER_S3_ACCESS_KEY UPLOADER_S3_SECRET_KEY \
+    SPARK_S3_ACCESS_KEY SPARK_S3_SECRET_KEY
+  require_one_line MINIO_ROOT_USER MINIO_ROOT_PASSWORD UPLOADER_S3_ACCESS_KEY UPLOADER_S3_SECRET_KEY \
     SPARK_S3_ACCESS_KEY SPARK_S3_SECRET_KEY
   MC_CONFIG_DIR=$(mktemp -d)
   export MC_CONFIG_DIR

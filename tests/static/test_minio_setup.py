@@ -19,11 +19,24 @@ from minio import Minio
 from minio.error import S3Error
 
 from compose_checks import IMAGES_DIR, cache_dir, run
+from orchard.core.settings import Settings
 from orchard.core.toolchain import Toolchain
+from orchard.stack.mc import mc_json
 
-ROOT = ("orchard-root", "root-password-for-tests")
-UPLOADER = ("orchard-uploader", "uploader-secret-for-tests")
-SPARK = ("orchard-spark", "spark-secret-for-tests")
+# Hostile credentials: the script must work with ANY key a user or `secrets.token_urlsafe` picks.
+# What this MinIO build accepts (internal/auth/credentials.go, cmd/iam.go, signature-v4-parser.go):
+#   secret key: at least 8 characters, any characters (it only keys the HMAC, it never travels);
+#               the 40-character maximum applies to keys MinIO generates, not to these.
+#   access key: at least 3 characters, not `=` or `,` (reserved; `,` splits the Authorization
+#               header), no leading/trailing space or trailing `/` (trimmed from that header).
+# mc itself reads keys one line each (stdin), so no key may contain a line break: setup.sh refuses.
+# Each key starts with `-` (parsed as a flag when passed as an argument), `--help` included, and
+# the secrets carry shell metacharacters, quotes, backslashes, spaces, `:` and `@` (which break
+# mc's MC_HOST_* URLs), `%` escapes and a non-ASCII letter; all 8 to 40 characters long.
+ROOT = ("-orchard-root", "-Ze2I $(id) `id`;'\"\\ :@%41|&<>*?#!")
+UPLOADER = ("-orchard-uploader$x;", "-up $HOME ;`x`'\"\\ :@%41 {}[]()^=,+/")
+SPARK = ("--help", "--help \tsp\u00e4rk secret ${X:-y} $'z' \\n")
+HOSTILE = (ROOT, UPLOADER, SPARK)
 
 
 def free_port() -> int:
@@ -92,7 +105,9 @@ def minio_port(tools, tmp_path_factory):
         proc.wait(timeout=30)
 
 
-def run_setup(tools: Toolchain, port: int, tmp_path: Path) -> subprocess.CompletedProcess:
+def run_setup(
+    tools: Toolchain, port: int, tmp_path: Path, uploader: tuple[str, str] = UPLOADER
+) -> subprocess.CompletedProcess:
     """images/minio/setup.sh with the native mc first on PATH, as in the container."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -104,8 +119,8 @@ def run_setup(tools: Toolchain, port: int, tmp_path: Path) -> subprocess.Complet
         "MINIO_SETUP_ENDPOINT": f"http://127.0.0.1:{port}",
         "MINIO_ROOT_USER": ROOT[0],
         "MINIO_ROOT_PASSWORD": ROOT[1],
-        "UPLOADER_S3_ACCESS_KEY": UPLOADER[0],
-        "UPLOADER_S3_SECRET_KEY": UPLOADER[1],
+        "UPLOADER_S3_ACCESS_KEY": uploader[0],
+        "UPLOADER_S3_SECRET_KEY": uploader[1],
         "SPARK_S3_ACCESS_KEY": SPARK[0],
         "SPARK_S3_SECRET_KEY": SPARK[1],
     }
@@ -137,10 +152,21 @@ def put(c: Minio, bucket: str, key: str):
     return lambda: c.put_object(bucket, key, io.BytesIO(b"x"), 1)
 
 
+def test_credentials_are_hostile_and_valid():
+    for key, secret in HOSTILE:
+        assert key.startswith("-") and secret.startswith("-")
+        assert len(key) >= 3 and not {"=", ","} & set(key) and key == key.strip()
+        assert 8 <= len(secret) <= 40 and "\n" not in secret and "\r" not in secret
+    assert all(set(s) & set(" $`;'\"\\") == set(" $`;'\"\\") for _, s in (ROOT, UPLOADER))
+
+
 def test_setup_succeeds_twice(setup_runs):
     for result in setup_runs:
         assert result.returncode == 0, result.stderr
     assert "already has policy" in setup_runs[1].stderr
+    for result in setup_runs:
+        for _, secret in HOSTILE:
+            assert secret not in result.stdout + result.stderr, "setup.sh printed a secret"
 
 
 def test_buckets_exist(setup_runs, minio_port):
@@ -170,6 +196,29 @@ def test_spark_reads_images_and_writes_features_and_models(setup_runs, minio_por
     assert not allowed(lambda: spark.make_bucket("spark-made"))
 
 
+def test_orchard_mc_works_with_hostile_root_credentials(setup_runs, minio_port, tools):
+    """orchard/stack/mc.py (mc for the native stack and the chaos tests) with the hostile root key,
+    `:`, `@` and `%41` included: mc's MC_HOST_* URLs cannot carry those, its config.json can."""
+    s = Settings(
+        s3_endpoint=f"http://127.0.0.1:{minio_port}",
+        s3_access_key=ROOT[0],
+        s3_secret_key=ROOT[1],
+        cache_dir=tools.cache_dir,
+    )
+    users = {line.get("accessKey") for line in mc_json(s, "admin", "user", "list", "orchard")}
+    assert users >= {UPLOADER[0], SPARK[0]}
+
+
 def test_setup_fails_without_secrets():
     result = run(["bash", IMAGES_DIR / "minio" / "setup.sh"], env={**os.environ, "MINIO_ROOT_PASSWORD": ""})
     assert result.returncode == 2 and "make secrets" in result.stderr
+
+
+def test_setup_refuses_a_key_with_a_line_break(tools, tmp_path):
+    """mc reads a key as one line: a line break would silently cut it, so setup.sh refuses it
+    before it connects (port 9 is closed: nothing is contacted), without printing the secret."""
+    secret = "-first-line\nsecond-line"
+    result = run_setup(tools, 9, tmp_path, uploader=(UPLOADER[0], secret))
+    assert result.returncode == 2
+    assert "UPLOADER_S3_SECRET_KEY contains a line break" in result.stderr
+    assert "first-line" not in result.stderr and "second-line" not in result.stderr
