@@ -15,6 +15,13 @@ spark_class() { exec "$SPARK_HOME/bin/spark-class" "$@"; }
 # The container's address on the compose network: what executors and the master connect back to.
 own_ip() { hostname -i | awk '{print $1}'; }
 
+# spark-defaults.conf from the template the native launcher renders too, by the same renderer, with
+# this container's environment (image ENV + compose's x-spark-conf-env); fails naming an unset one.
+render_spark_defaults() {
+  python -m orchard.core.config_templates /opt/orchard/images/spark/spark-defaults.conf.template \
+    "$SPARK_CONF_DIR/spark-defaults.conf"
+}
+
 # Seed the lake: upload /input if something is mounted there, else a synthetic dataset.
 # SYNTH_ARGS / UPLOAD_ARGS: extra flags of `orchard dataset synth` / `orchard upload`.
 seed() {
@@ -31,6 +38,9 @@ seed() {
 main() {
   local role=${1:-orchard}
   [ $# -gt 0 ] && shift
+  case "$role" in
+    master|worker|submit) render_spark_defaults ;;
+  esac
   case "$role" in
     master)
       spark_class org.apache.spark.deploy.master.Master \

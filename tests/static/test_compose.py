@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from compose_checks import COMPOSE_FILE, IMAGES_DIR, compose_argv, run
+from config_renderings import compose_es_settings, compose_nginx_conf
 from orchard.core.settings import ENV_PREFIX, Settings
 from orchard.core.toolchain import REPO_ROOT
 
@@ -66,7 +67,7 @@ def test_minio_lb_is_the_single_s3_endpoint(compose_config):
     assert {n: d["condition"] for n, d in lb["depends_on"].items()} == dict.fromkeys(MINIO_NODES, "service_healthy")
     for name in APP_SERVICES:
         assert services[name]["environment"]["ORCHARD_S3_ENDPOINT"] == "http://minio-lb:9000"
-    conf = (IMAGES_DIR / "minio-lb" / "nginx.conf").read_text()
+    conf = compose_nginx_conf(compose_config)  # as the minio-lb container renders its template
     assert sorted(re.findall(r"server (minio\d):9000", conf)) == MINIO_NODES
 
 
@@ -82,9 +83,11 @@ def test_elasticsearch_nodes_are_secure_and_bounded(compose_config, env_values):
     for name in ES_NODES:
         service = compose_config["services"][name]
         env = service["environment"]
-        assert env["node.name"] == name
-        assert env["cluster.initial_master_nodes"] == ",".join(ES_NODES)
-        assert env["xpack.security.enabled"] == "true"
+        settings, _ = compose_es_settings(compose_config, name)  # the template, as the node reads it
+        assert settings["node.name"] == name
+        assert settings["cluster.initial_master_nodes"] == ",".join(ES_NODES)
+        assert settings["xpack.security.enabled"] == "true"
+        assert settings["bootstrap.memory_lock"] == "true"
         assert env["xpack.security.http.ssl.enabled"] == "true"
         assert env["xpack.security.transport.ssl.enabled"] == "true"
         assert env["xpack.security.http.ssl.certificate"] == f"certs/{name}/{name}.crt"

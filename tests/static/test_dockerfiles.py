@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from compose_checks import IMAGES_DIR, run
+from config_renderings import compose_nginx_conf
 from orchard.core.toolchain import REPO_ROOT
 
 HADOLINT_CONFIG = IMAGES_DIR / ".hadolint.yaml"
 DOCKERFILES = sorted(IMAGES_DIR.glob("*/Dockerfile"))
-NGINX_CONF = IMAGES_DIR / "minio-lb" / "nginx.conf"
 SCRIPTS = sorted(
     [*IMAGES_DIR.rglob("*.sh"), *(REPO_ROOT / "compose").glob("*.sh"), REPO_ROOT / "deps" / "install-static-tools.sh"]
 )
@@ -70,12 +70,13 @@ def nginx_errors(conf_text: str, workdir: Path) -> str:
     return "" if result.returncode == 0 else result.stderr
 
 
-def test_nginx_conf_is_valid(tmp_path):
-    assert nginx_errors(NGINX_CONF.read_text(), tmp_path) == ""
+def test_nginx_conf_is_valid(tmp_path, compose_config):
+    """images/minio-lb/nginx.conf.template as the minio-lb container renders it."""
+    assert nginx_errors(compose_nginx_conf(compose_config), tmp_path) == ""
 
 
-def test_nginx_rejects_a_broken_copy(tmp_path):
-    broken = NGINX_CONF.read_text().replace("least_conn;", "least_conn", 1)
+def test_nginx_rejects_a_broken_copy(tmp_path, compose_config):
+    broken = compose_nginx_conf(compose_config).replace("least_conn;", "least_conn", 1)
     assert nginx_errors(broken, tmp_path) != ""
 
 

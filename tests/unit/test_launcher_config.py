@@ -8,6 +8,9 @@ import time
 
 import pytest
 
+from orchard.core import config_templates
+from orchard.core.clients import s3a_conf
+from orchard.core.errors import ConfigError, ExitStatus
 from orchard.core.settings import Settings
 from orchard.core.toolchain import Toolchain, read_versions
 from orchard.stack import process
@@ -53,23 +56,35 @@ def test_load_balancer_lists_every_node(env):
     s, tools, layout = env
     lb = lb_service(s, tools, layout)
     conf = next(iter(lb.files.values()))
-    assert conf.count("max_fails=1") == 4
+    assert [f"server 127.0.0.1:{9001 + i} max_fails=1 fail_timeout=5s;" in conf for i in range(4)] == [True] * 4
     assert f"listen 127.0.0.1:{s.minio_port};" in conf
+
+
+def test_native_nginx_runs_in_the_foreground_under_the_stack_home(env):
+    s, tools, layout = env
+    conf = next(iter(lb_service(s, tools, layout).files.values()))
+    assert "\ndaemon off;\n" in conf
+    assert f"\npid {layout.tmp / 'nginx'}/nginx.pid;\n" in conf
+    assert f"client_body_temp_path {layout.tmp / 'nginx'}/body;" in conf
+    assert "proxy_set_header Host $http_host;" in conf  # nginx's own variables are not placeholders
+    assert "${" not in conf
 
 
 def test_es_nodes_discover_each_other(env):
     s, _, layout = env
     configs = [es_config(s, layout, i) for i in range(3)]
-    assert all("discovery.seed_hosts: ['127.0.0.1:9300', '127.0.0.1:9301', '127.0.0.1:9302']" in c for c in configs)
-    assert all("cluster.initial_master_nodes: ['es01', 'es02', 'es03']" in c for c in configs)
-    assert [c.count("http.port: 920") for c in configs] == [1, 1, 1]
+    # Lists as comma-separated strings: Elasticsearch's rule for substituted values (compose).
+    assert all("\ndiscovery.seed_hosts: 127.0.0.1:9300,127.0.0.1:9301,127.0.0.1:9302\n" in c for c in configs)
+    assert all("\ncluster.initial_master_nodes: es01,es02,es03\n" in c for c in configs)
+    assert [f"\nhttp.port: {9200 + i}\n" in c for i, c in enumerate(configs)] == [True] * 3
+    assert all("\nxpack.security.enabled: false\n" in c and "${" not in c for c in configs)
 
 
 def test_es_write_queue_size_is_optional(env):
     s, _, layout = env
-    assert "thread_pool.write.queue_size" not in es_config(s, layout, 0)
+    assert "\nthread_pool.write.queue_size:" not in es_config(s, layout, 0)
     tiny = s.model_copy(update={"es_write_queue_size": 2})
-    assert "thread_pool.write.queue_size: 2" in es_config(tiny, layout, 0)
+    assert es_config(tiny, layout, 0).endswith("\nthread_pool.write.queue_size: 2\n")
 
 
 def test_spark_workers_register_with_the_master(env):
@@ -79,6 +94,44 @@ def test_spark_workers_register_with_the_master(env):
     assert master.name == "spark-master" and len(workers) == 3
     assert all(w.argv[-1] == "spark://127.0.0.1:7077" for w in workers)
     assert [w.port for w in workers] == [8081, 8082, 8083]
+
+
+def test_spark_defaults_are_the_template_with_the_sessions_s3a_settings(env):
+    s, tools, layout = env
+    services = spark_services(s, tools, layout)
+    path = layout.conf / "spark" / "spark-defaults.conf"
+    conf = services[0].files[path]
+    assert all(service.files[path] == conf for service in services)  # a restarted worker finds it
+    properties = dict(line.split(None, 1) for line in conf.splitlines() if line and not line.startswith("#"))
+    assert s3a_conf(s).items() <= properties.items()
+    assert properties["spark.master"] == "spark://127.0.0.1:7077"
+    assert properties["spark.driver.extraClassPath"] == ":".join(str(j) for j in tools.jars)
+    assert properties["spark.worker.cleanup.enabled"] == "true"
+    assert "SPARK_WORKER_OPTS" not in services[1].env  # the cleanup settings live in the file now
+    secure = s.model_copy(update={"s3_endpoint": "https://s3.example.com"})
+    secure_conf = spark_services(secure, tools, layout)[0].files[path]
+    assert "spark.hadoop.fs.s3a.connection.ssl.enabled    true\n" in secure_conf
+
+
+def test_render_fills_placeholders_and_names_every_unset_one():
+    text = "a ${ONE} $http_host ${host} ${TWO}\n"
+    assert config_templates.placeholders(text) == {"ONE", "TWO"}
+    assert config_templates.render(text, {"ONE": 1, "TWO": "b"}) == "a 1 $http_host ${host} b\n"
+    with pytest.raises(ConfigError, match=r"^x\.template: ONE, TWO are not set$"):
+        config_templates.render(text, {}, source="x.template")
+    with pytest.raises(ConfigError, match="TWO is not set"):
+        config_templates.render(text, {"ONE": 1})
+
+
+def test_render_command_uses_the_environment(tmp_path, monkeypatch, capsys):
+    template, out = tmp_path / "t.conf.template", tmp_path / "t.conf"
+    template.write_text("key ${ORCHARD_TEST_VALUE}\n")
+    monkeypatch.delenv("ORCHARD_TEST_VALUE", raising=False)
+    assert config_templates.main([str(template), str(out)]) == ExitStatus.CONFIG
+    assert "ORCHARD_TEST_VALUE is not set" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setenv("ORCHARD_TEST_VALUE", "v")
+    assert config_templates.main([str(template), str(out)]) == 0
+    assert out.read_text() == "key v\n"
 
 
 def test_templates_target_the_configured_indices(env):
