@@ -197,6 +197,7 @@ def clean_up(s: Settings, datasets: list[str], version: str | None) -> None:
     from minio.deleteobjects import DeleteObject
 
     from orchard.core.clients import es_client, s3_client
+    from orchard.core.lake import Field
 
     es, client = es_client(s), s3_client(s)
     prefixes = [(s.images_bucket, f"{d}/") for d in datasets] + [(s.features_bucket, "_bench/")]
@@ -206,7 +207,7 @@ def clean_up(s: Settings, datasets: list[str], version: str | None) -> None:
         for error in client.remove_objects(bucket, names):
             log.warning("cleanup: %s", error)
     for dataset in datasets:
-        hits = scan(es, index=s.images_index, query={"query": {"term": {"dataset": dataset}}}, _source=False)
+        hits = scan(es, index=s.images_index, query={"query": {"term": {Field.DATASET: dataset}}}, _source=False)
         bulk(
             es, ({"_op_type": "delete", "_index": s.images_index, "_id": h["_id"]} for h in hits), raise_on_error=False
         )
@@ -326,12 +327,13 @@ def child_pandas_udf(s: Settings, dataset: str, version: str) -> dict:
     """(d): scalar-iterator pandas UDF with broadcast weights, as in published featurisation notebooks."""
     from pyspark.sql.functions import pandas_udf
 
+    from orchard.core.lake import s3a_uri
     from orchard.spark_app.images import read_image_files
     from orchard.spark_app.session import spark_session
 
     net, card = load_driver_model(s, version)
     model_json, size, prep_name = net.to_json(), tuple(card["input_size"]), card["preprocessing"]
-    out = f"s3a://{s.features_bucket}/_bench/pandas_udf/{dataset}/"
+    out = s3a_uri(s.features_bucket, f"_bench/pandas_udf/{dataset}/")
     with spark_session(s, "bench-pandas-udf") as spark:
         weights = spark.sparkContext.broadcast(net.get_weights())
 

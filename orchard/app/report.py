@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from orchard.core.errors import ConfigError
+from orchard.core.lake import SPLITS, TEST, TRAIN, Field, Pca, Prediction
 from orchard.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def split_rows(counts: dict[str, dict[str, int]], splits: Sequence[str]) -> list
 
 def ordered_splits(found: Iterable[str]) -> list[str]:
     """Split names in reading order: train, val, test, then any other alphabetically."""
-    known = ["train", "val", "test"]
+    known = list(SPLITS)
     found = set(found)
     return [s for s in known if s in found] + sorted(found - set(known))
 
@@ -158,7 +159,7 @@ def human_seconds(seconds: float | None) -> str:
 
 def dataset_filter(dataset: str, *more: dict) -> dict:
     """A bool query: dataset term plus extra filter clauses."""
-    return {"bool": {"filter": [{"term": {"dataset": dataset}}, *more]}}
+    return {"bool": {"filter": [{"term": {Field.DATASET: dataset}}, *more]}}
 
 
 def latest_model(es, s: Settings, dataset: str) -> dict | None:
@@ -183,8 +184,8 @@ def split_counts(es, s: Settings, dataset: str) -> dict[str, dict[str, int]]:
         query=dataset_filter(dataset),
         aggs={
             "label": {
-                "terms": {"field": "label", "size": 10_000},
-                "aggs": {"split": {"terms": {"field": "split", "size": 10}}},
+                "terms": {"field": Field.LABEL, "size": 10_000},
+                "aggs": {"split": {"terms": {"field": Field.SPLIT, "size": 10}}},
             }
         },
     )
@@ -202,29 +203,33 @@ def class_examples(es, s: Settings, dataset: str) -> dict[str, str]:
         query=dataset_filter(dataset),
         aggs={
             "label": {
-                "terms": {"field": "label", "size": 10_000},
-                "aggs": {"first": {"top_hits": {"size": 1, "sort": [{"key": "asc"}], "_source": ["key"]}}},
+                "terms": {"field": Field.LABEL, "size": 10_000},
+                "aggs": {"first": {"top_hits": {"size": 1, "sort": [{Field.KEY: "asc"}], "_source": [Field.KEY]}}},
             }
         },
     )
     return {
-        b["key"]: b["first"]["hits"]["hits"][0]["_source"]["key"] for b in response["aggregations"]["label"]["buckets"]
+        b["key"]: b["first"]["hits"]["hits"][0]["_source"][Field.KEY]
+        for b in response["aggregations"]["label"]["buckets"]
     }
 
 
 def predicted_filter(version: str) -> list[dict]:
     """Filter clauses: documents predicted (without error) by model `version`."""
-    return [{"term": {"prediction.model_version": version}}, {"exists": {"field": "prediction.label"}}]
+    return [{"term": {Field.PREDICTION_MODEL_VERSION: version}}, {"exists": {"field": Field.PREDICTION_LABEL}}]
 
 
 def confusion_cells(es, s: Settings, dataset: str, split: str, version: str) -> Iterator[tuple[str, str, int]]:
     """(true label, predicted label, count) of one split's predictions, paged with a composite agg."""
-    query = dataset_filter(dataset, {"term": {"split": split}}, *predicted_filter(version))
+    query = dataset_filter(dataset, {"term": {Field.SPLIT: split}}, *predicted_filter(version))
     after = None
     while True:
         composite = {
             "size": COMPOSITE_PAGE,
-            "sources": [{"true": {"terms": {"field": "label"}}}, {"pred": {"terms": {"field": "prediction.label"}}}],
+            "sources": [
+                {"true": {"terms": {"field": Field.LABEL}}},
+                {"pred": {"terms": {"field": Field.PREDICTION_LABEL}}},
+            ],
         }
         if after:
             composite["after"] = after
@@ -249,7 +254,8 @@ def agreement(classes: Sequence[str]) -> dict:
     return {
         "bool": {
             "should": [
-                {"bool": {"filter": [{"term": {"label": c}}, {"term": {"prediction.label": c}}]}} for c in classes
+                {"bool": {"filter": [{"term": {Field.LABEL: c}}, {"term": {Field.PREDICTION_LABEL: c}}]}}
+                for c in classes
             ],
             "minimum_should_match": 1,
         }
@@ -261,14 +267,14 @@ def grid_hits(
 ) -> list[dict]:
     """Up to `size` predicted images of a split: misclassified first (most confident first), then a
     fixed random sample of the correctly classified ones."""
-    source = ["key", "label", "split", "prediction.label", "prediction.confidence"]
-    base = [{"term": {"dataset": dataset}}, {"term": {"split": split}}, *predicted_filter(version)]
+    source = [Field.KEY, Field.LABEL, Field.SPLIT, Field.PREDICTION_LABEL, Field.PREDICTION_CONFIDENCE]
+    base = [{"term": {Field.DATASET: dataset}}, {"term": {Field.SPLIT: split}}, *predicted_filter(version)]
     wrong = es.search(
         index=s.images_index,
         size=size,
         source_includes=source,
         query={"bool": {"filter": base, "must_not": [agreement(classes)]}},
-        sort=[{"prediction.confidence": "desc"}, {"key": "asc"}],
+        sort=[{Field.PREDICTION_CONFIDENCE: "desc"}, {Field.KEY: "asc"}],
     )
     hits = wrong["hits"]["hits"]
     if len(hits) < size:
@@ -279,7 +285,7 @@ def grid_hits(
             query={
                 "function_score": {
                     "query": {"bool": {"filter": [*base, agreement(classes)]}},
-                    "random_score": {"seed": SAMPLE_SEED, "field": "id"},
+                    "random_score": {"seed": SAMPLE_SEED, "field": Field.ID},
                     "boost_mode": "replace",
                 }
             },
@@ -291,40 +297,41 @@ def grid_hits(
 def flat_hit(hit: dict) -> dict:
     """key, label, predicted, confidence, correct, score of a search hit."""
     src = hit["_source"]
-    pred = src.get("prediction") or {}
+    pred = src.get(Field.PREDICTION) or {}
+    predicted = pred.get(Prediction.LABEL)
     return {
-        "key": src.get("key"),
-        "label": src.get("label"),
-        "split": src.get("split"),
-        "predicted": pred.get("label"),
-        "confidence": pred.get("confidence"),
-        "correct": pred.get("label") == src.get("label") if pred.get("label") else None,
+        "key": src.get(Field.KEY),
+        "label": src.get(Field.LABEL),
+        "split": src.get(Field.SPLIT),
+        "predicted": predicted,
+        "confidence": pred.get(Prediction.CONFIDENCE),
+        "correct": predicted == src.get(Field.LABEL) if predicted else None,
         "score": hit.get("_score"),
     }
 
 
 def pca_points(es, s: Settings, dataset: str, version: str, limit: int = SCATTER_POINTS) -> tuple[list[dict], int]:
     """(a fixed random sample of at most `limit` {x, y, label, split}, number of documents with PCA)."""
-    query = dataset_filter(dataset, {"term": {"embedding_model": version}}, {"exists": {"field": "pca.x"}})
+    query = dataset_filter(dataset, {"term": {Field.EMBEDDING_MODEL: version}}, {"exists": {"field": Field.PCA_X}})
     total = count(es, s, query)
     response = es.search(
         index=s.images_index,
         size=min(limit, 10_000),
-        source_includes=["pca", "label", "split"],
+        source_includes=[Field.PCA, Field.LABEL, Field.SPLIT],
         query={
             "function_score": {
                 "query": query,
                 "boost_mode": "replace",
-                "random_score": {"seed": SAMPLE_SEED, "field": "id"},
+                "random_score": {"seed": SAMPLE_SEED, "field": Field.ID},
             }
         },
     )
     points = [
         {
-            "x": h["_source"]["pca"]["x"],
-            "y": h["_source"]["pca"]["y"],
-            "label": h["_source"]["label"],
-            "split": h["_source"].get("split"),
+            "x": h["_source"][Field.PCA][Pca.X],
+            "y": h["_source"][Field.PCA][Pca.Y],
+            "label": h["_source"][Field.LABEL],
+            "split": h["_source"].get(Field.SPLIT),
         }
         for h in response["hits"]["hits"]
     ]
@@ -333,15 +340,16 @@ def pca_points(es, s: Settings, dataset: str, version: str, limit: int = SCATTER
 
 def knn_example(es, s: Settings, dataset: str, version: str, k: int = NEIGHBOURS) -> dict | None:
     """One test image (a fixed random pick) and its k nearest neighbours by embedding (cosine kNN)."""
-    scope = [{"term": {"embedding_model": version}}, {"exists": {"field": "embedding"}}]
+    scope = [{"term": {Field.EMBEDDING_MODEL: version}}, {"exists": {"field": Field.EMBEDDING}}]
+    shown = [Field.KEY, Field.LABEL, Field.SPLIT, Field.PREDICTION]
     pick = es.search(
         index=s.images_index,
         size=1,
-        source_includes=["key", "label", "split", "prediction", "embedding"],
+        source_includes=[*shown, Field.EMBEDDING],
         query={
             "function_score": {
-                "query": dataset_filter(dataset, {"term": {"split": "test"}}, *scope),
-                "random_score": {"seed": SAMPLE_SEED, "field": "id"},
+                "query": dataset_filter(dataset, {"term": {Field.SPLIT: TEST}}, *scope),
+                "random_score": {"seed": SAMPLE_SEED, "field": Field.ID},
                 "boost_mode": "replace",
             }
         },
@@ -350,15 +358,13 @@ def knn_example(es, s: Settings, dataset: str, version: str, k: int = NEIGHBOURS
         return None
     query_doc = pick[0]
     knn = {
-        "field": "embedding",
-        "query_vector": query_doc["_source"]["embedding"],
+        "field": Field.EMBEDDING,
+        "query_vector": query_doc["_source"][Field.EMBEDDING],
         "k": k + 1,
         "num_candidates": max(100, 10 * (k + 1)),
         "filter": dataset_filter(dataset, *scope),
     }
-    response = es.search(
-        index=s.images_index, knn=knn, size=k + 1, source_includes=["key", "label", "split", "prediction"]
-    )
+    response = es.search(index=s.images_index, knn=knn, size=k + 1, source_includes=shown)
     neighbours = [flat_hit(h) for h in response["hits"]["hits"] if h["_id"] != query_doc["_id"]][:k]
     return {"query": flat_hit(query_doc), "neighbours": neighbours}
 
@@ -602,7 +608,7 @@ def plot_per_class(rows: list[dict]) -> str | None:
     return png_uri(fig)
 
 
-SPLIT_MARKERS = {"train": "o", "test": "^"}
+SPLIT_MARKERS = {TRAIN: "o", TEST: "^"}
 
 
 def plot_pca(points: list[dict], classes: Sequence[str]) -> str | None:
@@ -656,7 +662,7 @@ class ReportData:
     totals: dict[str, int]
     classes: int
     model: dict | None = None
-    test_split: str = "test"
+    test_split: str = TEST
     predicted: int = 0  # test images predicted by the model (denominator of the accuracy)
     correct: int = 0
     accuracy: float | None = None
@@ -705,7 +711,7 @@ def add_model_figures(es, s: Settings, data: ReportData, raw: dict, model: dict)
     """Fill in what depends on the model: matrix, accuracies, grid, PCA points, kNN example."""
     version = model["version"]
     data.model = {k: v for k, v in model.items() if k != "history"}
-    data.test_split = model.get("test_split") or "test"
+    data.test_split = model.get("test_split") or TEST
     cells = list(confusion_cells(es, s, data.dataset, data.test_split, version))
     axis = class_axis(model.get("classes") or [], [c for cell in cells for c in cell[:2]])
     matrix = confusion_matrix(cells, axis)

@@ -8,6 +8,7 @@ import subprocess
 import click
 
 from orchard.app.cli import settings_from
+from orchard.core import tables
 from orchard.core.errors import ExitStatus
 from orchard.stack import launcher
 from orchard.stack.setup import setup_stack
@@ -21,11 +22,9 @@ def stack() -> None:
 def print_table(rows: list[launcher.ServiceStatus]) -> None:
     """The status rows as an aligned table on stdout."""
     header = ("SERVICE", "PID", "PORT", "HEALTH", "RSS_MB")
-    lines = [header] + [(r.service, str(r.pid or "-"), str(r.port), r.health, f"{r.rss_mb:.0f}") for r in rows]
+    lines = [(r.service, str(r.pid or "-"), str(r.port), r.health, f"{r.rss_mb:.0f}") for r in rows]
     lines.append(("total", "", "", "", f"{sum(r.rss_mb for r in rows):.0f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        click.echo("  ".join(col.ljust(w) for col, w in zip(line, widths)).rstrip())
+    click.echo(tables.format_table(header, lines))
 
 
 @stack.command()

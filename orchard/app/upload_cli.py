@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from orchard.core.errors import ExitStatus, OrchardError
+from orchard.core.lake import normalise_split
 
 if TYPE_CHECKING:  # the heavy modules are imported only when a command runs
     from orchard.core.settings import Settings
@@ -161,7 +162,7 @@ def upload(
 
 def check_upload_args(source: Path, dataset_name: str | None, split: str, labels: Path | None) -> tuple[str, str]:
     """(dataset name, normalised split) or click.BadParameter naming the flag."""
-    from orchard.uploader.discovery import check_dataset, dataset_slug, normalise_split
+    from orchard.uploader.discovery import check_dataset, dataset_slug
 
     name = dataset_name or dataset_slug(source.absolute().stem if source.is_file() else source.absolute().name)
     try:

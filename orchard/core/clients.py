@@ -4,22 +4,23 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
+from orchard.core.retry import ES_TRANSPORT_RETRIES, S3_TRANSPORT_RETRIES, S3A_RETRY_LIMIT, S3A_SDK_RETRIES
 from orchard.core.settings import Settings
 
-# Elasticsearch statuses worth resending a write for: a full write queue (429) or a shard moving
-# after a node loss (502-504). Shared by the uploader and the Spark app's bulk writers.
-ES_RETRY_STATUS = (429, 502, 503, 504)
+CONNECT_TIMEOUT_SECONDS = 10
 READ_TIMEOUT_SECONDS = 30  # no byte for this long: give up (multipart parts are 5 MiB)
+ES_REQUEST_TIMEOUT_SECONDS = 30  # executors use 60 (spark_app.context.es_of)
 
 
 def s3_http_client(pool_size: int = 32):
-    """The urllib3 pool of the MinIO client: bounded timeouts and transport-level retries.
+    """The urllib3 pool of the MinIO client: bounded timeouts, no retries of its own.
 
     Why not the SDK's default: it waits up to 5 minutes to connect and retries 503 five times
-    itself, so a cluster without write quorum looked like a hang; 503s (SlowDown*, quorum lost)
-    are left to the callers' logged, time-capped retries instead. A response that does not start
-    within READ_TIMEOUT_SECONDS is not retried here either: with write quorum lost MinIO can hold
-    a PUT open for minutes, and each urllib3 retry would wait that long again.
+    itself, so a cluster without write quorum looked like a hang. Retries belong to the callers'
+    logged, time-capped policies (orchard.core.retry); retrying here as well would multiply them
+    (the load balancer in front of MinIO already moves a request off a dead node). A response
+    that does not start within READ_TIMEOUT_SECONDS fails: with write quorum lost MinIO can hold
+    a PUT open for minutes. Redirects are still followed.
     """
     import os
 
@@ -30,9 +31,15 @@ def s3_http_client(pool_size: int = 32):
         maxsize=pool_size,
         cert_reqs="CERT_REQUIRED",
         ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
-        timeout=urllib3.Timeout(connect=10, read=READ_TIMEOUT_SECONDS),
+        timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_SECONDS, read=READ_TIMEOUT_SECONDS),
         retries=urllib3.Retry(
-            total=3, connect=3, read=0, status=3, backoff_factor=0.2, status_forcelist=[500, 502, 504]
+            total=None,
+            connect=S3_TRANSPORT_RETRIES,
+            read=S3_TRANSPORT_RETRIES,
+            status=S3_TRANSPORT_RETRIES,
+            other=S3_TRANSPORT_RETRIES,
+            redirect=3,
+            respect_retry_after_header=False,  # MinIO's 503s say "Retry-After: 120"
         ),
     )
 
@@ -55,13 +62,17 @@ def s3_client(s: Settings, **kwargs):
 
 
 def es_client(s: Settings, **kwargs):
-    """An Elasticsearch client over every configured node (it fails over between them)."""
+    """An Elasticsearch client over every configured node (it fails over between them).
+
+    A plain call is retried on another node (ES_TRANSPORT_RETRIES, no backoff); calls that a
+    policy of orchard.core.retry wraps turn that off (retry.without_transport_retries).
+    """
     from elasticsearch import Elasticsearch
 
     options = {
-        "request_timeout": 30,
+        "request_timeout": ES_REQUEST_TIMEOUT_SECONDS,
         "retry_on_timeout": True,
-        "max_retries": 5,
+        "max_retries": ES_TRANSPORT_RETRIES,
     }
     if s.es_username and s.es_password:
         options["basic_auth"] = (s.es_username, s.es_password.get_secret_value())
@@ -81,6 +92,6 @@ def s3a_conf(s: Settings) -> dict[str, str]:
         "spark.hadoop.fs.s3a.path.style.access": "true",
         "spark.hadoop.fs.s3a.connection.ssl.enabled": str(endpoint.startswith("https")).lower(),
         "spark.hadoop.fs.s3a.aws.credentials.provider": "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
-        "spark.hadoop.fs.s3a.attempts.maximum": "10",
-        "spark.hadoop.fs.s3a.retry.limit": "10",
+        "spark.hadoop.fs.s3a.attempts.maximum": str(S3A_SDK_RETRIES),
+        "spark.hadoop.fs.s3a.retry.limit": str(S3A_RETRY_LIMIT),
     }

@@ -1,6 +1,9 @@
 """Orchard's one settings object: flags > ORCHARD_* environment > credentials file > defaults.
 
 Built once in `main()` by `load_settings()` and passed down; nothing here runs at import time.
+Credentials come from ORCHARD_S3_* variables (compose, a real cluster) or, on the native stack, from
+the 0600 file `orchard stack up` generates, read only by `with_credentials_file`. Executors get the
+driver's Settings object itself (pickled by value: frozen, hashable, secrets as SecretStr).
 The same variable names are used by the native launcher and by the compose deployment, so the
 uploader and the Spark app never know which one they run in.
 """
@@ -113,13 +116,26 @@ def load_settings(**overrides: Any) -> Settings:
     The native credentials file of the chosen home is read last, so exported variables win.
     Raises ConfigError with the variable name when a value does not parse.
     """
-    given = {k: v for k, v in overrides.items() if v is not None}
+    return with_credentials_file(_build(**{k: v for k, v in overrides.items() if v is not None}))
+
+
+def with_credentials_file(s: Settings) -> Settings:
+    """`s` completed from its home's credentials file: the fields neither a flag nor an ORCHARD_*
+    variable set take the file's values; `s` itself while there is no file.
+
+    The one way the generated MinIO credentials reach settings: `load_settings` ends with it, and
+    `orchard stack up`, whose settings were loaded before it generated the file, calls it again.
+    Raises ConfigError with the variable name when a value of the file does not parse.
+    """
+    if not s.credentials_file.is_file():
+        return s
+    return _build(_env_file=s.credentials_file, **s.model_dump(exclude_unset=True))
+
+
+def _build(**values: Any) -> Settings:
+    """Settings(**values), a ValidationError turned into a ConfigError naming the variable."""
     try:
-        first = Settings(**given)
-        env_file = first.credentials_file
-        if not env_file.is_file():
-            return first
-        return Settings(_env_file=env_file, **given)  # type: ignore[call-arg]
+        return Settings(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
         var = ENV_PREFIX + str(err["loc"][0]).upper()

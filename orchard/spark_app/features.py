@@ -19,8 +19,9 @@ from functools import partial
 import numpy as np
 
 from orchard.core.errors import ConfigError
+from orchard.core.lake import Field, Pca, features_uri
 from orchard.core.settings import Settings
-from orchard.spark_app.context import ExecutorConfig, es_of
+from orchard.spark_app.context import es_of
 from orchard.spark_app.images import read_image_files
 from orchard.spark_app.infer import PredictSpec, inputs
 from orchard.spark_app.preprocess import choose_k
@@ -39,11 +40,6 @@ def embedding_rows(outputs: Iterable, skipped=None) -> Iterator[tuple]:
                 skipped.add(1)
             continue
         yield ref.id, ref.key, ref.split, ref.label, [float(v) for v in np.ravel(vector)]
-
-
-def output_uri(s: Settings, dataset: str, version: str, part: str) -> str:
-    """s3a directory of one Parquet output (embeddings or pca)."""
-    return f"s3a://{s.features_bucket}/{dataset}/{version}/{part}/"
 
 
 def write_embeddings(spark, files_df, spec: PredictSpec, spark_model, layer: str | None, out: str) -> int:
@@ -102,26 +98,24 @@ def project(pipeline, embeddings_df, k: int):
 def feature_actions(index: str, version: str, rows: Iterable, tally: Tally) -> Iterator[tuple[dict, str, bool]]:
     """Partial updates (embedding, embedding_model, pca) per row; zero vectors skip the embedding and fail."""
     for row in rows:
-        doc = {"embedding_model": version, "pca": {"x": float(row.x), "y": float(row.y)}}
+        doc = {Field.EMBEDDING_MODEL: version, Field.PCA: {Pca.X: float(row.x), Pca.Y: float(row.y)}}
         if any(row.embedding):
-            doc["embedding"] = list(row.embedding)
+            doc[Field.EMBEDDING] = list(row.embedding)
         else:  # cosine similarity is undefined for a zero vector: Elasticsearch would reject it
             tally.fail(row.key, "zero embedding (cosine similarity cannot index it)")
         yield {"_op_type": "update", "_index": index, "_id": row.id, "doc": doc, "retry_on_conflict": 3}, row.key, False
 
 
-def write_partition(cfg: ExecutorConfig, version: str, chunk_size: int, rows: Iterable) -> Iterator[Tally]:
+def write_partition(s: Settings, version: str, chunk_size: int, rows: Iterable) -> Iterator[Tally]:
     """mapPartitions body: send the partition's feature updates; yields its tally."""
     zero = Tally()
-    sent = write_actions(es_of(cfg), feature_actions(cfg.images_index, version, rows, zero), chunk_size)
+    sent = write_actions(es_of(s), feature_actions(s.images_index, version, rows, zero), chunk_size)
     yield sent.merge(zero)
 
 
-def write_features(projected_df, cfg: ExecutorConfig, version: str, chunk_size: int = 200) -> Tally:
+def write_features(projected_df, s: Settings, version: str, chunk_size: int = 200) -> Tally:
     """Write embedding + pca{x,y} into every image document from the executors; returns the counts."""
-    return projected_df.rdd.mapPartitions(partial(write_partition, cfg, version, chunk_size)).fold(
-        Tally(), merge_tallies
-    )
+    return projected_df.rdd.mapPartitions(partial(write_partition, s, version, chunk_size)).fold(Tally(), merge_tallies)
 
 
 def check_embedding_dims(s: Settings, dims: int) -> None:
@@ -130,7 +124,7 @@ def check_embedding_dims(s: Settings, dims: int) -> None:
 
     mapping = es_client(s).indices.get_mapping(index=s.images_index)
     for body in mapping.body.values():
-        existing = body["mappings"].get("properties", {}).get("embedding", {}).get("dims")
+        existing = body["mappings"].get("properties", {}).get(Field.EMBEDDING, {}).get("dims")
         if existing and int(existing) != dims:
             raise ConfigError(
                 f"{s.images_index} stores {existing}-d embeddings (dense_vector dims are fixed per index); "
@@ -154,11 +148,11 @@ def run_features(
 
     began = time.monotonic()
     choose_k([1.0], threshold)  # validates the threshold before any work
-    cfg = ExecutorConfig.from_settings(s)
     spark_model, card = load_version(s, version)
-    spec = PredictSpec.from_card(cfg, card, batch_size)
+    spec = PredictSpec.from_card(s, card, batch_size)
     files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
-    emb_uri, pca_uri = output_uri(s, dataset, version, "embeddings"), output_uri(s, dataset, version, "pca")
+    emb_uri = features_uri(s.features_bucket, dataset, version, "embeddings")
+    pca_uri = features_uri(s.features_bucket, dataset, version, "pca")
     skipped = write_embeddings(spark, files, spec, spark_model, layer, emb_uri)
     embeddings = spark.read.parquet(emb_uri)
     pipeline, explained, dims = fit_pca(embeddings)
@@ -166,7 +160,7 @@ def run_features(
     k = choose_k(explained, threshold)
     projected = project(pipeline, embeddings, k)
     projected.drop("embedding").write.mode("overwrite").parquet(pca_uri)
-    tally = write_features(projected, cfg, version)  # the same deterministic transform, read again
+    tally = write_features(projected, s, version)  # the same deterministic transform, read again
     log_retries(tally)
     from orchard.core.clients import es_client
 

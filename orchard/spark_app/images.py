@@ -1,7 +1,7 @@
 """Images from s3a into Spark: which files, what their keys say (dataset/split/label), decoding in executors.
 
-Key layout (written by the uploader): `<dataset>/<split>/<label>/<file>` in the images bucket; the
-image's Elasticsearch document id is the sha256 of its bytes, so it is recomputed here from the
+Key layout (orchard.core.lake, written by the uploader): `<dataset>/<split>/<label>/<file>` in the
+images bucket; the image's Elasticsearch document id is the sha256 of its bytes, so it is recomputed here from the
 content and never needs a lookup.
 """
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from orchard.core.errors import DatasetNotFound
+from orchard.core.lake import dataset_uri, key_of, parse_key
 
 IMAGE_GLOB = "*.{jpg,jpeg,png,JPG,JPEG,PNG}"
 # binaryFile counts every file as its length + openCostInBytes when packing partitions; with
@@ -35,31 +36,6 @@ class ImageRef:
     dataset: str
     split: str
     label: str
-
-
-def image_root(bucket: str, dataset: str, split: str | None = None) -> str:
-    """The s3a directory holding a dataset (or one split of it)."""
-    if not dataset or "/" in dataset:
-        raise ValueError(f"bad dataset name {dataset!r}")
-    root = f"s3a://{bucket}/{dataset}/"
-    return f"{root}{split}/" if split else root
-
-
-def key_of(path: str, bucket: str) -> str:
-    """The object key of an s3a/s3 path in `bucket` (Spark's `path` column is not percent-encoded)."""
-    for scheme in ("s3a://", "s3://", "s3n://"):
-        prefix = f"{scheme}{bucket}/"
-        if path.startswith(prefix):
-            return path[len(prefix) :]
-    raise ValueError(f"{path} is not in bucket {bucket}")
-
-
-def parse_key(key: str) -> tuple[str, str, str]:
-    """(dataset, split, label) from a `<dataset>/<split>/<label>/<file>` key; ValueError otherwise."""
-    parts = key.split("/")
-    if len(parts) < 4 or not all(parts[:4]):
-        raise ValueError(f"key {key!r} is not <dataset>/<split>/<label>/<file>")
-    return parts[0], parts[1], parts[-2]
 
 
 def ref_of(path: str, content: bytes, bucket: str) -> ImageRef:
@@ -110,7 +86,7 @@ def read_image_files(spark, bucket: str, dataset: str, split: str | None = None,
 
     spark.conf.set("spark.sql.files.openCostInBytes", str(OPEN_COST_BYTES))
     spark.conf.set("spark.sql.files.maxPartitionBytes", str(OPEN_COST_BYTES * max(1, images_per_partition)))
-    root = image_root(bucket, dataset, split)
+    root = dataset_uri(bucket, dataset, split)
     reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true").option("pathGlobFilter", IMAGE_GLOB)
     try:
         return reader.load(root).select("path", "content")

@@ -13,15 +13,15 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
 
 import numpy as np
 
 from orchard.core.errors import ItemsFailed
 from orchard.core.iterables import batched
+from orchard.core.lake import Field, Prediction, path, utc_timestamp
 from orchard.core.settings import Settings
-from orchard.spark_app.context import ExecutorConfig, es_of
+from orchard.spark_app.context import es_of
 from orchard.spark_app.images import ImageRef, decode_rows, read_image_files
 from orchard.spark_app.preprocess import as_probabilities, cross_entropy_terms, preprocessor, top_k
 from orchard.spark_app.sink import Tally, log_retries, merge_tallies, tally_partition
@@ -34,15 +34,22 @@ log = logging.getLogger(__name__)
 # Elasticsearch distribution of the native stack has no scripting (no painless module); a partial
 # `doc` update then replaces the whole prediction object (absent fields are sent as null).
 # --force writes everything.
-PREDICTION_FIELDS = ("label", "confidence", "top5", "model_version", "predicted_at", "error")
-SAME_WHEN_EQUAL = ("model_version", "label", "error")
+PREDICTION_FIELDS = (
+    Prediction.LABEL,
+    Prediction.CONFIDENCE,
+    Prediction.TOP5,
+    Prediction.MODEL_VERSION,
+    Prediction.PREDICTED_AT,
+    Prediction.ERROR,
+)
+SAME_WHEN_EQUAL = (Prediction.MODEL_VERSION, Prediction.LABEL, Prediction.ERROR)
 
 
 @dataclass(frozen=True)
 class PredictSpec:
-    """What executors need besides the model: classes, preprocessing, input size, run metadata."""
+    """What executors need besides the model: settings, classes, preprocessing, input size, run metadata."""
 
-    cfg: ExecutorConfig
+    settings: Settings  # the driver's own (see orchard.spark_app.context)
     version: str
     classes: tuple[str, ...]
     preprocessing: str
@@ -53,41 +60,41 @@ class PredictSpec:
     top: int = 5
 
     @classmethod
-    def from_card(cls, cfg: ExecutorConfig, card: dict, batch_size: int) -> PredictSpec:
+    def from_card(cls, s: Settings, card: dict, batch_size: int) -> PredictSpec:
         """A spec for a model version from its card (labels.json)."""
         return cls(
-            cfg,
+            s,
             card["version"],
             tuple(card["classes"]),
             card["preprocessing"],
             tuple(card["input_size"]),
             int(card.get("channels", 3)),
             batch_size,
-            datetime.now(UTC).isoformat(timespec="seconds"),
+            utc_timestamp(timespec="seconds", zulu=False),
         )
 
 
 def prediction_doc(spec: PredictSpec, top: list[tuple[str, float]]) -> dict:
     """The `prediction` object of one image (every field present, `error` null)."""
     return {
-        "label": top[0][0],
-        "confidence": round(top[0][1], 6),
-        "top5": [{"label": label, "confidence": round(p, 6)} for label, p in top],
-        "model_version": spec.version,
-        "predicted_at": spec.predicted_at,
-        "error": None,
+        Prediction.LABEL: top[0][0],
+        Prediction.CONFIDENCE: round(top[0][1], 6),
+        Prediction.TOP5: [{Prediction.LABEL: label, Prediction.CONFIDENCE: round(p, 6)} for label, p in top],
+        Prediction.MODEL_VERSION: spec.version,
+        Prediction.PREDICTED_AT: spec.predicted_at,
+        Prediction.ERROR: None,
     }
 
 
 def error_doc(spec: PredictSpec, error: str) -> dict:
     """The `prediction` object of an image that could not be predicted (no label, `error` set)."""
     return {
-        "label": None,
-        "confidence": None,
-        "top5": None,
-        "model_version": spec.version,
-        "predicted_at": spec.predicted_at,
-        "error": error,
+        Prediction.LABEL: None,
+        Prediction.CONFIDENCE: None,
+        Prediction.TOP5: None,
+        Prediction.MODEL_VERSION: spec.version,
+        Prediction.PREDICTED_AT: spec.predicted_at,
+        Prediction.ERROR: error,
     }
 
 
@@ -99,7 +106,7 @@ def same_prediction(stored: dict | None, new: dict) -> bool:
 def model_inputs(spec: PredictSpec, rows: Iterable) -> Iterator[tuple[tuple[ImageRef, str | None], np.ndarray | None]]:
     """mapPartitions body: ((ref, error), preprocessed image or None) per (path, content) row."""
     prep = preprocessor(spec.preprocessing)
-    for ref, array, error in decode_rows(rows, spec.cfg.images_bucket, spec.size, spec.channels):
+    for ref, array, error in decode_rows(rows, spec.settings.images_bucket, spec.size, spec.channels):
         yield (ref, error), (prep(array) if error is None else None)
 
 
@@ -140,7 +147,7 @@ def update_action(index: str, ref: ImageRef, prediction: dict) -> dict:
         "_index": index,
         "_id": ref.id,
         "retry_on_conflict": 3,
-        "doc": {"prediction": prediction},
+        "doc": {Field.PREDICTION: prediction},
     }
 
 
@@ -148,9 +155,8 @@ def skip_unchanged(force: bool, es, chunk: list[tuple[dict, str, bool]]) -> tupl
     """Chunk selector: drop documents whose stored prediction is the same (counted as noop) and
     documents that do not exist (counted as failed); with `force`, only the missing ones."""
     ids = [action["_id"] for action, _, _ in chunk]
-    found = es.mget(index=chunk[0][0]["_index"], ids=ids, source_includes=[f"prediction.{f}" for f in SAME_WHEN_EQUAL])[
-        "docs"
-    ]
+    fields = [path(Field.PREDICTION, name) for name in SAME_WHEN_EQUAL]
+    found = es.mget(index=chunk[0][0]["_index"], ids=ids, source_includes=fields)["docs"]
     stored = {d["_id"]: d for d in found}
     keep, tally = [], Tally()
     for item in chunk:
@@ -158,22 +164,26 @@ def skip_unchanged(force: bool, es, chunk: list[tuple[dict, str, bool]]) -> tupl
         doc = stored.get(action["_id"], {})
         if not doc.get("found"):
             tally.fail(key, "no document with this id in the index (not uploaded?)")
-        elif not force and same_prediction((doc.get("_source") or {}).get("prediction"), action["doc"]["prediction"]):
+        elif not force and same_prediction(
+            (doc.get("_source") or {}).get(Field.PREDICTION), action["doc"][Field.PREDICTION]
+        ):
             tally.noop += 1
         else:
             keep.append(item)
     return keep, tally
 
 
-def write_partition(cfg: ExecutorConfig, force: bool, chunk_size: int, pairs: Iterable) -> Iterator[Tally]:
+def write_partition(s: Settings, force: bool, chunk_size: int, pairs: Iterable) -> Iterator[Tally]:
     """mapPartitions body: bulk-update the partition's predictions; yields its tally."""
-    items = ((update_action(cfg.images_index, ref, pred), ref.key, pred["error"] is not None) for ref, pred in pairs)
-    return tally_partition(lambda: es_of(cfg), items, chunk_size, partial(skip_unchanged, force))
+    items = (
+        (update_action(s.images_index, ref, pred), ref.key, pred[Prediction.ERROR] is not None) for ref, pred in pairs
+    )
+    return tally_partition(lambda: es_of(s), items, chunk_size, partial(skip_unchanged, force))
 
 
-def write_predictions(pairs_rdd, cfg: ExecutorConfig, force: bool = False, chunk_size: int = 500) -> Tally:
+def write_predictions(pairs_rdd, s: Settings, force: bool = False, chunk_size: int = 500) -> Tally:
     """Send every prediction from the executors; returns the merged counts (the only thing collected)."""
-    return pairs_rdd.mapPartitions(partial(write_partition, cfg, force, chunk_size)).fold(Tally(), merge_tallies)
+    return pairs_rdd.mapPartitions(partial(write_partition, s, force, chunk_size)).fold(Tally(), merge_tallies)
 
 
 Score = tuple[int, int, float, int]  # images, correct, cross-entropy sum, skipped
@@ -246,9 +256,8 @@ def run_inference(
     from orchard.spark_app.versions import load_version
 
     began = time.monotonic()
-    cfg = ExecutorConfig.from_settings(s)
     spark_model, card = load_version(s, version)
-    spec = PredictSpec.from_card(cfg, card, batch_size)
+    spec = PredictSpec.from_card(s, card, batch_size)
     files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
     loads = spark.sparkContext.accumulator(0)
     log.info(
@@ -257,7 +266,7 @@ def run_inference(
         version,
         files.rdd.getNumPartitions(),
     )
-    tally = write_predictions(predict(files.rdd, spec, spark_model, loads), cfg, force)
+    tally = write_predictions(predict(files.rdd, spec, spark_model, loads), s, force)
     log_retries(tally)
     from orchard.core.clients import es_client
 

@@ -15,22 +15,18 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
-
 from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ConfigError
+from orchard.core.lake import model_uri
+from orchard.core.retry import REGISTRY, retried, s3_transient
 from orchard.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE, LABELS_FILE, METRICS_FILE = "model.keras", "labels.json", "metrics.json"
 
-_retrying = retry(
-    reraise=True,
-    stop=stop_after_attempt(6),
-    wait=wait_exponential(multiplier=0.5, max=20),
-    retry=retry_if_exception_type((ConnectionError, OSError)),
-)
+# The models bucket's transfers: throttling, 5xx, dropped connections, timeouts (orchard.core.retry).
+_retrying = retried(REGISTRY, s3_transient, log)
 
 
 def new_version(prefix: str, digest: str, now: datetime | None = None) -> str:
@@ -46,8 +42,8 @@ def user_version(path: Path, digest: str) -> str:
 
 
 def uri(s: Settings, version: str, name: str) -> str:
-    """s3a URI of one file of a version."""
-    return f"s3a://{s.models_bucket}/{version}/{name}"
+    """s3a URI of one file of a version (in the models bucket of `s`)."""
+    return model_uri(s.models_bucket, version, name)
 
 
 @_retrying
@@ -63,6 +59,7 @@ def put_json(s: Settings, key: str, body: dict) -> None:
     s3_client(s).put_object(s.models_bucket, key, io.BytesIO(data), len(data), content_type="application/json")
 
 
+@_retrying
 def get_json(s: Settings, version: str, name: str) -> dict:
     """A JSON file of a version; ConfigError if the version does not exist."""
     from minio.error import S3Error

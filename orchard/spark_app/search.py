@@ -3,20 +3,23 @@ and confidence filters. Elasticsearch only: no Spark, no TensorFlow."""
 
 from __future__ import annotations
 
+from orchard.core import tables
 from orchard.core.errors import ConfigError
+from orchard.core.lake import Field, Pca, Prediction
 
 SOURCE_FIELDS = [
-    "key",
-    "dataset",
-    "split",
-    "label",
-    "prediction.label",
-    "prediction.confidence",
-    "prediction.model_version",
-    "prediction.error",
-    "embedding_model",
-    "pca",
+    Field.KEY,
+    Field.DATASET,
+    Field.SPLIT,
+    Field.LABEL,
+    Field.PREDICTION_LABEL,
+    Field.PREDICTION_CONFIDENCE,
+    Field.PREDICTION_MODEL_VERSION,
+    Field.PREDICTION_ERROR,
+    Field.EMBEDDING_MODEL,
+    Field.PCA,
 ]
+TABLE_COLUMNS = ["score", "key", "label", "predicted", "confidence", "x", "y"]
 
 
 def filters(
@@ -28,11 +31,16 @@ def filters(
 ) -> list[dict]:
     """Elasticsearch filter clauses for the given criteria (None = no constraint)."""
     clauses: list[dict] = []
-    for field, value in (("dataset", dataset), ("split", split), ("label", label), ("prediction.label", predicted)):
+    for field, value in (
+        (Field.DATASET, dataset),
+        (Field.SPLIT, split),
+        (Field.LABEL, label),
+        (Field.PREDICTION_LABEL, predicted),
+    ):
         if value is not None:
             clauses.append({"term": {field: value}})
     if min_confidence is not None:
-        clauses.append({"range": {"prediction.confidence": {"gte": min_confidence}}})
+        clauses.append({"range": {Field.PREDICTION_CONFIDENCE: {"gte": min_confidence}}})
     return clauses
 
 
@@ -41,13 +49,13 @@ def find_document(es, index: str, key_or_id: str) -> dict:
     response = es.search(
         index=index,
         size=2,
-        query={"bool": {"should": [{"term": {"key": key_or_id}}, {"ids": {"values": [key_or_id]}}]}},
-        source_includes=["key", "embedding", "embedding_model"],
+        query={"bool": {"should": [{"term": {Field.KEY: key_or_id}}, {"ids": {"values": [key_or_id]}}]}},
+        source_includes=[Field.KEY, Field.EMBEDDING, Field.EMBEDDING_MODEL],
     )
     hits = response["hits"]["hits"]
     if not hits:
         raise ConfigError(f"no image with key or id {key_or_id!r} in {index}")
-    if "embedding" not in hits[0]["_source"]:
+    if Field.EMBEDDING not in hits[0]["_source"]:
         raise ConfigError(f"{key_or_id} has no embedding yet: run `orchard features` on its dataset first")
     return hits[0]
 
@@ -59,16 +67,16 @@ def similar(es, index: str, key_or_id: str, k: int = 10, clauses: list[dict] | N
     # k + 1: the image itself is among the neighbours, and is put first explicitly below, because
     # with exact ties (identical embeddings) the ANN order between equal scores is arbitrary.
     knn = {
-        "field": "embedding",
-        "query_vector": source["embedding"],
+        "field": Field.EMBEDDING,
+        "query_vector": source[Field.EMBEDDING],
         "k": k + 1,
         "num_candidates": max(100, 10 * (k + 1)),
     }
     if clauses:
         knn["filter"] = {"bool": {"filter": clauses}}
-    if source.get("embedding_model"):  # compare only embeddings of the same model
+    if source.get(Field.EMBEDDING_MODEL):  # compare only embeddings of the same model
         knn.setdefault("filter", {"bool": {"filter": []}})["bool"]["filter"].append(
-            {"term": {"embedding_model": source["embedding_model"]}}
+            {"term": {Field.EMBEDDING_MODEL: source[Field.EMBEDDING_MODEL]}}
         )
     if quantized(es, index):
         # Scores from int8/int4/bbq HNSW are approximate (an image could score below its own near
@@ -87,7 +95,7 @@ def quantized(es, index: str) -> bool:
     """True if the index stores `embedding` quantized (int8/int4/bbq HNSW or flat, ES' default is int8_hnsw)."""
     mapping = es.indices.get_mapping(index=index).body
     for body in mapping.values():
-        options = body["mappings"].get("properties", {}).get("embedding", {}).get("index_options", {})
+        options = body["mappings"].get("properties", {}).get(Field.EMBEDDING, {}).get("index_options", {})
         if str(options.get("type", "")).startswith(("int8", "int4", "bbq")):
             return True
     return False
@@ -99,7 +107,7 @@ def matching(es, index: str, clauses: list[dict], limit: int = 20) -> list[dict]
         index=index,
         size=limit,
         query={"bool": {"filter": clauses}},
-        sort=[{"prediction.confidence": {"order": "desc", "missing": "_last"}}, {"key": "asc"}],
+        sort=[{Field.PREDICTION_CONFIDENCE: {"order": "desc", "missing": "_last"}}, {Field.KEY: "asc"}],
         source_includes=SOURCE_FIELDS,
         track_total_hits=True,
     )
@@ -109,30 +117,25 @@ def matching(es, index: str, clauses: list[dict], limit: int = 20) -> list[dict]
 def result_row(hit: dict) -> dict:
     """One flat result row from a search hit."""
     src = hit["_source"]
-    pred = src.get("prediction") or {}
-    pca = src.get("pca") or {}
+    pred = src.get(Field.PREDICTION) or {}
+    pca = src.get(Field.PCA) or {}
     return {
         "score": hit.get("_score"),
         "id": hit["_id"],
-        "key": src.get("key"),
-        "label": src.get("label"),
-        "predicted": pred.get("label"),
-        "confidence": pred.get("confidence"),
-        "model_version": pred.get("model_version"),
-        "error": pred.get("error"),
-        "x": pca.get("x"),
-        "y": pca.get("y"),
+        "key": src.get(Field.KEY),
+        "label": src.get(Field.LABEL),
+        "predicted": pred.get(Prediction.LABEL),
+        "confidence": pred.get(Prediction.CONFIDENCE),
+        "model_version": pred.get(Prediction.MODEL_VERSION),
+        "error": pred.get(Prediction.ERROR),
+        "x": pca.get(Pca.X),
+        "y": pca.get(Pca.Y),
     }
 
 
 def format_table(rows: list[dict]) -> str:
-    """Rows as an aligned text table for the terminal."""
-    columns = ["score", "key", "label", "predicted", "confidence", "x", "y"]
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
+    """Result rows as an aligned text table for the terminal."""
+    return tables.format_table(TABLE_COLUMNS, ([_cell(row.get(c)) for c in TABLE_COLUMNS] for row in rows))
 
 
 def _cell(value) -> str:

@@ -1,30 +1,35 @@
 """Bulk updates of image documents, sent from executors, retried, and accounted.
 
 Every action carries the document's deterministic id (content sha256), so a retried chunk or a
-re-run Spark task writes the same result again instead of a duplicate. Rejections (429) are retried
-here with exponential backoff, each retry logged (executors log to their stderr, which Spark keeps
-beside the executor); connection errors and timeouts redo the whole chunk (idempotent) via
-tenacity. Only per-partition counts travel back to the driver, retries included.
+re-run Spark task writes the same result again instead of a duplicate. Documents rejected with
+429/5xx are resent with exponential backoff by streaming_bulk itself (orchard.core.retry.ES_BULK),
+each resend logged (executors log to their stderr, which Spark keeps beside the executor) and
+counted; connection errors and timeouts redo the whole chunk (ES_CHUNK, idempotent). The client's
+own retries are off for these requests, so no retry multiplies another. Only per-partition counts
+travel back to the driver, resends included.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_attempt, wait_exponential
-
-from orchard.core.clients import ES_RETRY_STATUS
 from orchard.core.iterables import batched
+from orchard.core.retry import (
+    ES_BULK,
+    ES_CHUNK,
+    ES_RETRY_STATUS,
+    BulkResends,
+    es_transient,
+    retrying,
+    without_transport_retries,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 20  # failure examples kept per run (counts are exact, examples are samples)
-MAX_RESENDS = 8
-BACKOFF_SECONDS = (1.0, 30.0)  # first and longest wait between resends (doubling)
 
 
 @dataclass
@@ -83,80 +88,51 @@ def failure_reason(info: dict) -> str:
     return str(error)[:200] or f"status {info.get('status')}"
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    from elastic_transport import ConnectionError as EsConnectionError
-    from elastic_transport import ConnectionTimeout
-
-    return (EsConnectionError, ConnectionTimeout, ConnectionError, TimeoutError, OSError)
-
-
-def send_once(es, actions: list[dict], labels: dict[str, str], tally: Tally, last: bool) -> list[dict]:
-    """One bulk request for `actions`, counted into `tally`; the actions rejected with a retryable
-    status (none if `last`: those are counted as failed). Raises on transport errors."""
+def send_chunk(es, actions: list[dict], labels: dict[str, str], resends: BulkResends | None = None) -> Tally:
+    """Send one chunk through streaming_bulk; its tally. Documents rejected with 429/5xx are resent
+    by the helper (ES_BULK), each resend logged and counted in `retried`; those still rejected after
+    the last resend fail with their reason. Raises on connection errors and timeouts (the caller
+    redoes the chunk) and on a whole request refused with a status not worth resending."""
     from elasticsearch import ApiError
-    from elasticsearch.helpers import streaming_bulk
 
-    by_id = {str(action["_id"]): action for action in actions}
-    rejected = []
-    results = streaming_bulk(
-        es, actions, chunk_size=len(actions), max_retries=0, raise_on_error=False, raise_on_exception=True
-    )
+    resends = resends or BulkResends(ES_BULK, log)
+    resent_before = resends.resent
+    tally, done = Tally(), set()
+    results = resends.stream(es, actions, chunk_size=len(actions), raise_on_error=False, raise_on_exception=True)
     try:
-        items = list(results)  # one request: the chunk is already in memory, so are its results
-    except ApiError as exc:  # the whole request refused (e.g. 429 before any item ran)
+        for ok, item in results:
+            info = next(iter(item.values()))
+            doc_id = str(info.get("_id"))
+            done.add(doc_id)
+            if ok:
+                tally.noop += info.get("result") == "noop"
+                tally.updated += info.get("result") != "noop"
+            else:
+                tally.fail(labels.get(doc_id, doc_id), failure_reason(info))
+    except ApiError as exc:  # the whole request refused again after the last resend
         if exc.status_code not in ES_RETRY_STATUS:
             raise
-        if not last:
-            return list(actions)
         for action in actions:
-            tally.fail(labels.get(str(action["_id"]), str(action["_id"])), f"HTTP {exc.status_code}: {exc}"[:200])
-        return []
-    for ok, item in items:
-        info = next(iter(item.values()))
-        doc_id = str(info.get("_id"))
-        if ok:
-            tally.noop += info.get("result") == "noop"
-            tally.updated += info.get("result") != "noop"
-        elif info.get("status") in ES_RETRY_STATUS and not last and doc_id in by_id:
-            rejected.append(by_id[doc_id])
-        else:
-            tally.fail(labels.get(doc_id, doc_id), failure_reason(info))
-    return rejected
-
-
-def send_chunk(es, actions: list[dict], labels: dict[str, str]) -> Tally:
-    """Send one chunk; documents rejected with 429/5xx are resent with backoff, each resend logged.
-    Its tally. Raises on transport errors (the caller redoes the chunk)."""
-    tally, pending = Tally(), actions
-    for attempt in range(1, MAX_RESENDS + 2):
-        pending = send_once(es, pending, labels, tally, last=attempt > MAX_RESENDS)
-        if not pending:
-            break
-        wait = min(BACKOFF_SECONDS[1], BACKOFF_SECONDS[0] * 2 ** (attempt - 1))
-        log.warning(
-            "Elasticsearch rejected %d of %d writes (429 too many requests / shard unavailable): retry %d/%d in %.0fs",
-            len(pending),
-            len(actions),
-            attempt,
-            MAX_RESENDS,
-            wait,
-        )
-        tally.retried += len(pending)
-        time.sleep(wait)
+            doc_id = str(action["_id"])
+            if doc_id not in done:
+                tally.fail(labels.get(doc_id, doc_id), f"HTTP {exc.status_code}: {exc}"[:200])
+    tally.retried += resends.resent - resent_before
     return tally
 
 
 Selector = Callable[[Any, list[tuple[dict, str, bool]]], tuple[list[tuple[dict, str, bool]], Tally]]
 
 
-def process_chunk(es, chunk: list[tuple[dict, str, bool]], select: Selector | None) -> Tally:
+def process_chunk(
+    es, chunk: list[tuple[dict, str, bool]], select: Selector | None, resends: BulkResends | None = None
+) -> Tally:
     """Optionally filter a chunk (`select` reads what is stored), send the rest; the chunk's tally."""
     tally = Tally()
     if select is not None:
         chunk, tally = select(es, chunk)
     if chunk:
         labels = {action["_id"]: key for action, key, _ in chunk}
-        tally = tally.merge(send_chunk(es, [action for action, _, _ in chunk], labels))
+        tally = tally.merge(send_chunk(es, [action for action, _, _ in chunk], labels, resends))
     return tally
 
 
@@ -167,18 +143,16 @@ def write_actions(
 
     `key` names the image in failure reports; `is_error` marks documents that get an error field;
     `select(es, chunk) -> (chunk to send, tally of the rest)` may drop items that need no write.
-    A chunk is redone as a whole after connection errors (idempotent: same ids, same content).
+    A chunk is redone as a whole after connection errors, timeouts, or a 429/5xx answer to the
+    selector's read (ES_CHUNK; idempotent: same ids, same content); `retried` counts the document
+    writes resent, those of redone attempts included.
     """
-    redo = retry(
-        reraise=True,
-        stop=stop_after_attempt(6),
-        wait=wait_exponential(multiplier=1, max=30),
-        retry=retry_if_exception_type(_transport_errors()),
-        before_sleep=before_sleep_log(log, logging.WARNING),
-    )(process_chunk)
+    es = without_transport_retries(es)  # one level: ES_CHUNK redoes chunks, ES_BULK resends documents
     total = Tally()
     for chunk in batched(items, chunk_size):
-        tally = redo(es, chunk, select)
+        resends = BulkResends(ES_BULK, log)
+        tally = retrying(ES_CHUNK, es_transient, log)(process_chunk, es, chunk, select, resends)
+        tally.retried = resends.resent
         tally.errors = sum(1 for _, _, is_error in chunk if is_error)
         total = total.merge(tally)
     return total

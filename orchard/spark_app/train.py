@@ -14,16 +14,15 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from orchard.core.errors import ConfigError
+from orchard.core.lake import LABEL_PATTERN, TEST, TRAIN, dataset_uri, utc_timestamp
 from orchard.core.settings import Settings
 from orchard.spark_app import registry
-from orchard.spark_app.context import ExecutorConfig
 from orchard.spark_app.images import decode_rows, read_image_files
 from orchard.spark_app.infer import PredictSpec, evaluate
 from orchard.spark_app.preprocess import label_map, one_hot, preprocessor
@@ -32,14 +31,13 @@ from orchard.spark_app.session import executor_count
 log = logging.getLogger(__name__)
 
 PREPROCESSING = "scale01"  # the default CNN's preprocessing (recorded in its card)
-KEY_LABEL = r"^.*/([^/]+)/[^/]+$"  # the label directory of an s3a path
 
 
 def discover_classes(files_df) -> list[str]:
     """Sorted distinct labels of the files (path column only: Spark does not read the contents)."""
     from pyspark.sql import functions as F
 
-    labels = files_df.select(F.regexp_extract("path", KEY_LABEL, 1).alias("label")).distinct()
+    labels = files_df.select(F.regexp_extract("path", LABEL_PATTERN, 1).alias("label")).distinct()
     return sorted(row.label for row in labels.collect() if row.label)
 
 
@@ -82,8 +80,8 @@ def fit(
     classes = discover_classes(files)
     if len(classes) < 2:
         raise ConfigError(
-            f"{dataset}/{split}: found {len(classes)} labels under s3a://{s.images_bucket}/"
-            f"{dataset}/{split}/; training needs at least 2 (is the split name right?)"
+            f"{dataset}/{split}: found {len(classes)} labels under {dataset_uri(s.images_bucket, dataset, split)}; "
+            "training needs at least 2 (is the split name right?)"
         )
     workers = executor_count(spark)
     skipped = spark.sparkContext.accumulator(0)
@@ -134,8 +132,7 @@ def evaluate_splits(
 ) -> dict[str, dict]:
     """Streaming evaluation of the trained model on named splits ({"train": "train", "test": "test"}),
     in one pass over the dataset."""
-    cfg = ExecutorConfig.from_settings(s)
-    spec = PredictSpec.from_card(cfg, card, batch_size)
+    spec = PredictSpec.from_card(s, card, batch_size)
     files = read_image_files(spark, s.images_bucket, dataset, None, images_per_partition)
     by_split = evaluate(files.rdd, spec, spark_model, set(splits.values()))
     results = {name: by_split[split] for name, split in splits.items()}
@@ -155,8 +152,8 @@ def run_training(
     spark,
     s: Settings,
     dataset: str,
-    train_split: str = "train",
-    test_split: str = "test",
+    train_split: str = TRAIN,
+    test_split: str = TEST,
     epochs: int = 5,
     batch_size: int = 16,
     learning_rate: float = 1e-3,
@@ -225,7 +222,7 @@ def registry_document(
     if not scores["test"]["images"]:
         raise ConfigError(f"{dataset}/{test_split}: no test images to evaluate on")
     return {
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created_at": utc_timestamp(timespec="seconds", zulu=False),
         "dataset": dataset,
         "train_split": train_split,
         "test_split": test_split,

@@ -7,11 +7,11 @@ code, no storage), so neither of those imports the other.
 from __future__ import annotations
 
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 from orchard.core.errors import ConfigError
 from orchard.core.files import read_names, sha256_file
+from orchard.core.lake import utc_timestamp
 from orchard.core.settings import Settings
 from orchard.spark_app import registry
 from orchard.spark_app.preprocess import preprocessor
@@ -66,7 +66,7 @@ def import_model_file(s: Settings, path: Path, preprocessing: str, labels_path: 
         **facts,
     }
     registry_doc = {
-        "created_at": datetime.now(UTC).isoformat(),
+        "created_at": utc_timestamp(timespec="auto", zulu=False),
         "classes": classes,
         "num_classes": len(classes),
         "architecture": card["architecture"],

@@ -12,12 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pydantic import SecretStr
-
 from orchard.core.errors import ConfigError, ServiceUnavailable
 from orchard.core.files import read_env_file
 from orchard.core.health import CLUSTER_PROBES, Probe, probe_url
-from orchard.core.settings import Settings
+from orchard.core.settings import Settings, with_credentials_file
 from orchard.core.toolchain import Toolchain
 from orchard.stack import process
 from orchard.stack.services import Layout, Service, all_services, copy_es_config_dir, user_group
@@ -63,19 +61,6 @@ def ensure_credentials(s: Settings) -> dict[str, str]:
             fh.writelines(f"{k}={v}\n" for k, v in creds.items())
         log.info("generated MinIO root credentials in %s (mode 0600)", path)
     return read_env_file(path)
-
-
-def with_credentials(s: Settings) -> Settings:
-    """`s`, with the generated MinIO credentials filled in where the environment set none."""
-    if s.s3_access_key and s.s3_secret_key:
-        return s
-    creds = read_env_file(s.credentials_file)
-    return s.model_copy(
-        update={
-            "s3_access_key": SecretStr(creds["ORCHARD_S3_ACCESS_KEY"]),
-            "s3_secret_key": SecretStr(creds["ORCHARD_S3_SECRET_KEY"]),
-        }
-    )
 
 
 def stack_services(s: Settings) -> tuple[Toolchain, Layout, list[Service]]:
@@ -147,7 +132,7 @@ def up(s: Settings) -> list[ServiceStatus]:
     began = time.monotonic()
     tools, layout, services = stack_services(s)
     tools.check()
-    s = with_credentials(s)
+    s = with_credentials_file(s)  # the credentials may have been generated just now
     for service in services:
         start(service, layout, tools, s.bind_host)
     wait_for_stack(s, layout, services, deadline=began + s.health_timeout)

@@ -10,10 +10,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
-
 from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ServiceUnavailable
+from orchard.core.retry import ES_SETUP, S3_SETUP, es_transient, retried, s3_transient, without_transport_retries
 from orchard.core.settings import Settings
 from orchard.core.toolchain import REPO_ROOT
 
@@ -22,6 +21,7 @@ log = logging.getLogger(__name__)
 MAPPINGS_DIR = REPO_ROOT / "es_mappings"
 # mapping file -> the settings field naming the index it templates
 TEMPLATES = {"images.json": "images_index", "models.json": "models_index"}
+GREEN_WAIT_SECONDS = 60  # Elasticsearch waits this long for a green cluster; the client a bit longer
 
 
 def load_mapping(path: Path) -> dict[str, Any]:
@@ -44,15 +44,7 @@ def template_bodies(s: Settings, mappings_dir: Path = MAPPINGS_DIR) -> dict[str,
     return bodies
 
 
-_retrying = retry(
-    reraise=True,
-    stop=stop_after_delay(120),
-    wait=wait_exponential(multiplier=0.5, max=10),
-    retry=retry_if_exception_type((ConnectionError, OSError)),
-)
-
-
-@_retrying
+@retried(S3_SETUP, s3_transient, log)  # MinIO may still be starting (orchard.core.retry)
 def ensure_bucket(client, bucket: str) -> bool:
     """Create `bucket` unless it exists; True if it was created."""
     if client.bucket_exists(bucket):
@@ -71,13 +63,21 @@ def ensure_buckets(s: Settings) -> None:
 
 def apply_templates(s: Settings) -> None:
     """Put every index template from es_mappings/ and create the indices (idempotent)."""
-    es = es_client(s)
-    for name, body in template_bodies(s).items():
+    put_templates(es_client(s), template_bodies(s))
+
+
+@retried(ES_SETUP, es_transient, log)  # Elasticsearch may still be starting (orchard.core.retry)
+def put_templates(es, bodies: dict[str, dict[str, Any]]) -> None:
+    """Put the index templates, create the indices they template, wait for green (redone as a whole)."""
+    es = without_transport_retries(es)
+    for name, body in bodies.items():
         es.indices.put_index_template(name=name, **body)
         if not es.indices.exists(index=name):
             es.indices.create(index=name)
             log.info("created index %s", name)
-    es.cluster.health(wait_for_status="green", timeout="60s")
+    es.options(request_timeout=GREEN_WAIT_SECONDS + 15).cluster.health(
+        wait_for_status="green", timeout=f"{GREEN_WAIT_SECONDS}s"
+    )
 
 
 def setup_stack(s: Settings) -> None:

@@ -8,9 +8,9 @@ Layouts understood (DIR is the argument of `orchard upload`):
   FILE.npy                      with --labels FILE: the same, for a single stack file
 
 Decisions (documented here because keys are forever):
-- Object keys are `<dataset>/<split>/<label>/<file>`. `split` is normalised (Training -> train,
-  Test -> test, Validation -> val) so every dataset has the same split names; the original folder
-  is still in the document's `source_path`. `label` is a slug of the class folder name
+- Object keys are `<dataset>/<split>/<label>/<file>` (the layout of orchard.core.lake). `split` is
+  normalised (Training -> train, Test -> test, Validation -> val) so every dataset has the same split
+  names; the original folder is still in the document's `source_path`. `label` is a slug of the class folder name
   ("Apple Red 2" -> "apple_red_2"; lowercase, runs of characters other than letters, digits,
   `.` and `-` become `_`), safe in S3 keys and s3a paths; the folder name itself is `label_text`.
 - File names keep spaces and Unicode (normalised to NFC, so macOS and Linux checkouts of the same
@@ -39,19 +39,11 @@ from typing import BinaryIO
 import numpy as np
 
 from orchard.core.files import read_names
+from orchard.core.lake import TRAIN, normalise_split, object_key
 from orchard.uploader.report import Outcome, Problem
 
 log = logging.getLogger(__name__)
 
-SPLIT_ALIASES = {
-    "train": "train",
-    "training": "train",
-    "test": "test",
-    "testing": "test",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-}
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 ARRAY_SUFFIX = ".npy"
 MAX_KEY_BYTES = 1024  # the S3 limit
@@ -91,11 +83,6 @@ class Discovery:
 
     def skip(self, path: Path | str, code: str, reason: str) -> None:
         self.problems.append(Problem(str(path), code, reason, Outcome.SKIPPED))
-
-
-def normalise_split(name: str) -> str | None:
-    """train/test/val for a recognised split folder name, else None."""
-    return SPLIT_ALIASES.get(name.strip().lower())
 
 
 def label_slug(text: str) -> str:
@@ -282,7 +269,7 @@ class Walker:
         if problem:
             self.found.fail(path, "bad_name", problem)
             return
-        key = f"{self.dataset}/{split}/{label}/{unicodedata.normalize('NFC', name)}"
+        key = object_key(self.dataset, split, label, unicodedata.normalize("NFC", name))
         if len(key.encode("utf-8")) > MAX_KEY_BYTES:
             self.found.fail(path, "bad_name", f"object key longer than {MAX_KEY_BYTES} bytes")
             return
@@ -320,7 +307,7 @@ def _files_under(directory: Path, found: Discovery) -> Iterator[Path]:
 def discover(
     root: Path,
     dataset: str,
-    default_split: str = "train",
+    default_split: str = TRAIN,
     labels: Sequence[str] | None = None,
     exclude: Sequence[Path] = (),
 ) -> Discovery:

@@ -13,72 +13,65 @@ import logging
 from collections.abc import Iterable
 
 from elasticsearch import ApiError, Elasticsearch, TransportError
-from elasticsearch.helpers import streaming_bulk
-from tenacity import Retrying, retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from orchard.core.clients import ES_RETRY_STATUS
+from orchard.core.iterables import batched
+from orchard.core.lake import Field, s3a_uri
+from orchard.core.retry import (
+    ES_BULK,
+    ES_CHUNK,
+    ES_READ,
+    ES_RETRY_STATUS,
+    BulkResends,
+    es_transient,
+    retried,
+    retrying,
+    without_transport_retries,
+)
 from orchard.uploader.inspection import Inspected
 
 log = logging.getLogger(__name__)
 
 CREATED, PRESENT = "created", "present"
-SOURCE_FIELDS = ["key", "dataset", "source_path"]
+SOURCE_FIELDS = [Field.KEY, Field.DATASET, Field.SOURCE_PATH]
+BULK_CHUNK = 500  # documents per bulk request
 
-
-class StillThrottled(Exception):
-    """Some documents were still rejected with a retryable status after streaming_bulk's retries."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Connection problems, timeouts, throttling and unavailable shards are worth retrying."""
-    if isinstance(exc, StillThrottled):
-        return True
-    if isinstance(exc, ApiError):
-        return exc.status_code in ES_RETRY_STATUS
-    return isinstance(exc, (TransportError, ConnectionError))
-
-
-es_retry = retry(
-    reraise=True,
-    retry=retry_if_exception(is_transient),
-    stop=stop_after_attempt(6),
-    wait=wait_exponential(multiplier=0.5, max=15),
-)
-
-
-def s3a_uri(bucket: str, key: str) -> str:
-    """The URI Spark reads the object with."""
-    return f"s3a://{bucket}/{key}"
+# Reads and deletes by id: connection errors, timeouts, 429 and 5xx (orchard.core.retry).
+es_read_retry = retried(ES_READ, es_transient, log)
 
 
 def build_document(info: Inspected, bucket: str, etag: str, uploaded_at: str) -> dict:
     """The document of one stored object (fields of es_mappings/images.json)."""
     item = info.item
     return {
-        "id": info.sha256,
-        "dataset": item.dataset,
-        "split": item.split,
-        "label": item.label,
-        "label_text": item.label_text,
-        "bucket": bucket,
-        "key": item.key,
-        "uri": s3a_uri(bucket, item.key),
-        "bytes": info.size,
-        "format": info.format,
-        "width": info.width,
-        "height": info.height,
-        "channels": info.channels,
-        "color_mode": info.color_mode,
-        "sha256": info.sha256,
-        "etag": etag,
-        "uploaded_at": uploaded_at,
-        "source_path": item.source,
+        Field.ID: info.sha256,
+        Field.DATASET: item.dataset,
+        Field.SPLIT: item.split,
+        Field.LABEL: item.label,
+        Field.LABEL_TEXT: item.label_text,
+        Field.BUCKET: bucket,
+        Field.KEY: item.key,
+        Field.URI: s3a_uri(bucket, item.key),
+        Field.BYTES: info.size,
+        Field.FORMAT: info.format,
+        Field.WIDTH: info.width,
+        Field.HEIGHT: info.height,
+        Field.CHANNELS: info.channels,
+        Field.COLOR_MODE: info.color_mode,
+        Field.SHA256: info.sha256,
+        Field.ETAG: etag,
+        Field.UPLOADED_AT: uploaded_at,
+        Field.SOURCE_PATH: item.source,
     }
 
 
-@es_retry
+@es_read_retry
 def existing_documents(es: Elasticsearch, index: str, ids: Iterable[str]) -> dict[str, dict]:
     """id -> {key, dataset, source_path} of the documents that already exist (realtime GET)."""
+    return _found(without_transport_retries(es), index, ids)
+
+
+def _found(es: Elasticsearch, index: str, ids: Iterable[str]) -> dict[str, dict]:
+    """One mget (existing_documents without its retries)."""
     ids = sorted(set(ids))
     if not ids:
         return {}
@@ -86,24 +79,18 @@ def existing_documents(es: Elasticsearch, index: str, ids: Iterable[str]) -> dic
     return {doc["_id"]: doc.get("_source", {}) for doc in response["docs"] if doc.get("found")}
 
 
-def _bulk_once(es: Elasticsearch, index: str, docs: dict[str, dict], results: dict[str, str]) -> None:
-    """One streaming_bulk pass over the docs without a result yet; fills `results` in place."""
-    actions = (
+def _bulk_once(
+    es: Elasticsearch, index: str, docs: list[tuple[str, dict]], results: dict[str, str], resends: BulkResends
+) -> None:
+    """One streaming_bulk pass over the docs without a result yet (rejected ones resent inside,
+    ES_BULK); fills `results` in place. Raises on connection errors and timeouts."""
+    actions = [
         {"_op_type": "create", "_index": index, "_id": doc_id, "_source": doc}
-        for doc_id, doc in docs.items()
+        for doc_id, doc in docs
         if doc_id not in results
-    )
-    for ok, info in streaming_bulk(
-        es,
-        actions,
-        chunk_size=500,
-        max_retries=8,
-        initial_backoff=0.5,
-        max_backoff=20,
-        retry_on_status=ES_RETRY_STATUS,
-        raise_on_error=False,
-        raise_on_exception=False,
-        yield_ok=True,
+    ]
+    for ok, info in resends.stream(
+        es, actions, chunk_size=max(1, len(actions)), raise_on_error=False, raise_on_exception=False, yield_ok=True
     ):
         outcome = info.get("create", {})
         doc_id, status = outcome.get("_id"), outcome.get("status")
@@ -111,7 +98,12 @@ def _bulk_once(es: Elasticsearch, index: str, docs: dict[str, dict], results: di
             results[doc_id] = CREATED
         elif status == 409:
             results[doc_id] = PRESENT
-        elif status not in ES_RETRY_STATUS:
+        elif status in ES_RETRY_STATUS:
+            results[doc_id] = (
+                f"index error: Elasticsearch kept rejecting the write (HTTP {status}: {_error_text(outcome)}) "
+                f"after {ES_BULK.max_retries} resends"
+            )
+        else:
             results[doc_id] = f"index error: {_error_text(outcome)}"
 
 
@@ -125,40 +117,35 @@ def _error_text(outcome: dict) -> str:
 def create_documents(es: Elasticsearch, index: str, docs: dict[str, dict]) -> dict[str, str]:
     """Create documents by id; returns id -> "created" | "present" (409) | an error reason.
 
-    429s are retried with backoff inside streaming_bulk; a dropped connection or a chunk still
-    throttled after that is retried here for the documents without a result (create is
-    idempotent: a retried document that did get written answers 409).
+    Bulk requests of BULK_CHUNK documents. Documents rejected with 429/5xx are resent with backoff
+    by streaming_bulk itself (ES_BULK), each resend logged; a dropped connection or a timeout
+    redoes the chunk's documents without a result yet (ES_CHUNK; create is idempotent: a redone
+    document that did get written answers 409). No retry multiplies another: the client's own
+    retries are off for these requests.
     """
     results: dict[str, str] = {}
-    retrying = Retrying(
-        reraise=True,
-        retry=retry_if_exception(is_transient),
-        stop=stop_after_attempt(5),
-        wait=wait_exponential(multiplier=1, max=30),
-    )
-    try:
-        for attempt in retrying:
-            with attempt:
-                _bulk_once(es, index, docs, results)
-                if len(results) < len(docs):
-                    raise StillThrottled(f"{len(docs) - len(results)} documents still rejected")
-    except (ApiError, TransportError, StillThrottled) as exc:
-        log.warning("indexing failed after retries: %s", exc)
-    for doc_id in docs:
-        results.setdefault(doc_id, "index error: Elasticsearch kept rejecting the write (throttled or unavailable)")
+    resends = BulkResends(ES_BULK, log)
+    for chunk in batched(docs.items(), BULK_CHUNK):
+        try:
+            retrying(ES_CHUNK, es_transient, log)(_bulk_once, es, index, chunk, results, resends)
+        except (ApiError, TransportError) as exc:
+            log.warning("indexing failed after retries: %s", exc)
+            for doc_id, _ in chunk:
+                results.setdefault(doc_id, f"index error: Elasticsearch failed after retries ({exc})"[:300])
     return results
 
 
-@es_retry
+@es_read_retry
 def delete_document_if_key(es: Elasticsearch, index: str, doc_id: str, key: str) -> bool:
     """Delete document `doc_id` if it still describes `key` (its object was replaced); True if deleted."""
-    found = existing_documents(es, index, [doc_id]).get(doc_id)
-    if not found or found.get("key") != key:
+    es = without_transport_retries(es)
+    found = _found(es, index, [doc_id]).get(doc_id)
+    if not found or found.get(Field.KEY) != key:
         return False
     es.delete(index=index, id=doc_id, refresh=False)
     return True
 
 
 def index_exists(es: Elasticsearch, index: str) -> bool:
-    """Whether the index exists (no retries beyond the client's own: a pre-flight check fails fast)."""
+    """Whether the index exists (only the client's own retries, ES_TRANSPORT: a pre-flight check fails fast)."""
     return bool(es.indices.exists(index=index))

@@ -40,11 +40,12 @@ from tenacity import retry_if_exception
 from orchard.core.errors import ConfigError, ServiceUnavailable
 from orchard.core.health import probe_minio_cluster
 from orchard.core.iterables import batched
+from orchard.core.lake import Field, s3a_uri, utc_timestamp
 from orchard.core.settings import Settings
 from orchard.uploader import index, transfer
 from orchard.uploader.discovery import WorkItem, discover, read_labels
 from orchard.uploader.inspection import BadInput, Inspected, Limits, inspect_item
-from orchard.uploader.report import Outcome, Problem, Report, utc_now
+from orchard.uploader.report import Outcome, Problem, Report
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ class Uploader:
         return [pool.submit(self._inspect, item) for item in batch or ()]
 
     def _finish(self) -> Report:
-        self.report.finished_at = utc_now()
+        self.report.finished_at = utc_timestamp()
         return self.report
 
     def _must_stop(self) -> bool:
@@ -320,15 +321,15 @@ class Uploader:
         """Where this content already is (in this run or in the index under another key), or None."""
         if info.sha256 in self.seen:
             return self.seen[info.sha256]
-        if doc is not None and doc.get("key") != info.item.key:
-            return f"{index.s3a_uri(self.bucket, doc.get('key'))} (indexed from {doc.get('source_path')})"
+        if doc is not None and doc.get(Field.KEY) != info.item.key:
+            return f"{s3a_uri(self.bucket, doc.get(Field.KEY))} (indexed from {doc.get(Field.SOURCE_PATH)})"
         return None
 
     def _store(self, plan: Plan) -> tuple[Plan, transfer.Stored] | None:
         """PUT the object if needed; returns what the document records, or None on failure."""
         if not plan.need_object:
             remote = plan.remote
-            return plan, transfer.Stored(remote.etag, remote.last_modified or utc_now())
+            return plan, transfer.Stored(remote.etag, remote.last_modified or utc_timestamp())
         if self.stop_reason:  # queued behind writes MinIO refused
             item = plan.info.item
             reason = "not attempted: " + self.stop_reason[:120]

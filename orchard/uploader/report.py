@@ -20,8 +20,9 @@ import os
 import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
+
+from orchard.core.lake import utc_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,6 @@ class Problem:
         return f"{self.path}: {self.reason}"
 
 
-def utc_now() -> str:
-    """Current UTC time in the ISO-8601 form stored in documents and reports."""
-    return format_time(datetime.now(UTC))
-
-
-def format_time(moment: datetime) -> str:
-    """ISO-8601 UTC with milliseconds and a Z suffix."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
 @dataclass
 class Report:
     """Counts and problems of one run, serialisable to the JSON failure report."""
@@ -68,7 +59,7 @@ class Report:
     source: str
     bucket: str
     index: str
-    started_at: str = field(default_factory=utc_now)
+    started_at: str = field(default_factory=utc_timestamp)
     finished_at: str | None = None
     counts: Counter = field(default_factory=Counter)
     bytes_uploaded: int = 0

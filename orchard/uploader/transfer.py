@@ -17,65 +17,24 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 
-import urllib3
 from minio import Minio
-from minio.error import InvalidResponseError, S3Error, ServerError
-from tenacity import (
-    RetryCallState,
-    retry,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential,
-)
+from minio.error import S3Error
 
+from orchard.core.lake import utc_timestamp
+from orchard.core.retry import S3_READ, S3_WRITE, retried, s3_transient
 from orchard.uploader.inspection import Inspected
-from orchard.uploader.report import format_time, utc_now
 
 log = logging.getLogger(__name__)
 
 SHA_META = "sha256"
-TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "SlowDownRead",
-        "SlowDownWrite",
-        "InternalError",
-        "ServiceUnavailable",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "XMinioServerNotInitialized",
-        "OperationTimedOut",
-        "XMinioReadQuorum",
-        "XMinioWriteQuorum",
-    }
-)
 PREFIXES_CACHED = 4  # items arrive sorted by key, so only the current label folder is hot
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: throttling, 5xx, dropped connections, timeouts."""
-    if isinstance(exc, S3Error):
-        return exc.code in TRANSIENT_CODES
-    if isinstance(exc, (ServerError, InvalidResponseError)):
-        return True
-    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
-
-
-def _log_retry(state: RetryCallState) -> None:
-    log.warning("S3 call failed (%s), retry %d", state.outcome.exception(), state.attempt_number)
-
-
-# Bounded in attempts and in time: with write quorum lost (2 of 4 nodes down) MinIO answers 503
-# SlowDownWrite to every PUT, and a file must fail with that reason in seconds, not minutes.
-RETRY_SECONDS = 30
-s3_retry = retry(
-    reraise=True,
-    retry=retry_if_exception(is_transient),
-    stop=stop_after_attempt(6) | stop_after_delay(RETRY_SECONDS),
-    wait=wait_exponential(multiplier=0.5, max=15),
-    before_sleep=_log_retry,
-)
+# What is worth retrying, and how (orchard.core.retry; bounded in attempts and in time: with write
+# quorum lost MinIO answers 503 SlowDownWrite to every PUT, and a file must fail in seconds).
+is_transient = s3_transient
+s3_read_retry = retried(S3_READ, s3_transient, log)
+s3_write_retry = retried(S3_WRITE, s3_transient, log)
 
 
 @dataclass(frozen=True)
@@ -108,7 +67,7 @@ def _meta_sha(metadata) -> str | None:
 
 
 def _time(moment: datetime | None) -> str | None:
-    return format_time(moment) if moment else None
+    return utc_timestamp(moment) if moment else None
 
 
 class RemoteIndex:
@@ -132,7 +91,7 @@ class RemoteIndex:
             self._prefixes[prefix][key] = remote
         return remote
 
-    @s3_retry
+    @s3_read_retry
     def _list(self, prefix: str) -> dict[str, Remote]:
         objects = self.client.list_objects(self.bucket, prefix=prefix, recursive=False, include_user_meta=True)
         found = {}
@@ -148,7 +107,7 @@ class RemoteIndex:
             )
         return found
 
-    @s3_retry
+    @s3_read_retry
     def _head(self, key: str) -> Remote | None:
         """HEAD one object; sha256 "" when it has none (written by another tool: re-uploaded)."""
         try:
@@ -162,7 +121,7 @@ class RemoteIndex:
         )
 
 
-@s3_retry
+@s3_write_retry
 def put(client: Minio, bucket: str, info: Inspected) -> Stored:
     """Store `info`'s content at its key with its sha256 as metadata; retried on transient errors."""
     key = info.item.key
@@ -173,7 +132,7 @@ def put(client: Minio, bucket: str, info: Inspected) -> Stored:
         )
     else:
         result = client.fput_object(bucket, key, str(info.item.path), content_type=info.content_type, metadata=metadata)
-    return Stored(etag=(result.etag or "").strip('"'), uploaded_at=utc_now())
+    return Stored(etag=(result.etag or "").strip('"'), uploaded_at=utc_timestamp())
 
 
 def bucket_exists(client: Minio, bucket: str) -> bool:

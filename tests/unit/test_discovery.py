@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from orchard.core.lake import normalise_split
 from orchard.uploader.discovery import (
     check_dataset,
     dataset_slug,
     discover,
     label_slug,
-    normalise_split,
     read_labels,
 )
 from orchard.uploader.report import Outcome

@@ -2,7 +2,7 @@
 
 Links: Markdown `[text](target)` with a relative target (the file must exist; an `#anchor` must be a
 heading of that file). Paths: back-quoted names under a top-level folder of this repository
-(`orchard/...`, `tests/...`, `docs/x.md`, ...) and back-quoted `.py`/`.sh` paths must exist, so a moved module cannot leave the docs
+(`orchard/...`, `tests/...`, `docs/<page>.md`, ...) and back-quoted `.py`/`.sh` paths must exist, so a moved module cannot leave the docs
 behind. Any tracked file that points at `docs/<name>.md` is checked too (code comments included).
 """
 

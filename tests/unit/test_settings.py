@@ -62,3 +62,41 @@ def test_settings_are_frozen():
     s = load_settings()
     with pytest.raises(Exception):
         s.es_heap = "8g"
+
+
+def test_settings_pickle_by_value_with_secrets_and_key_caches(monkeypatch):
+    """Executors get the driver's Settings object itself: pickled, it comes back equal (secrets too)
+    without reading the environment again, and it keys functools.lru_cache like the original."""
+    import functools
+    import pickle
+
+    from pyspark import cloudpickle
+
+    s = load_settings(s3_access_key="ak", s3_secret_key="sk", es_password="pw", es_ca_cert="/etc/ca.pem")
+    shipped = pickle.dumps(s)
+    monkeypatch.setenv("ORCHARD_IMAGES_INDEX", "changed-on-the-executor")
+    for copy in (pickle.loads(shipped), cloudpickle.loads(cloudpickle.dumps(s))):
+        assert copy == s and hash(copy) == hash(s)
+        assert copy.s3_secret_key.get_secret_value() == "sk" and copy.es_password.get_secret_value() == "pw"
+        assert copy.images_index == "orchard-images" and str(copy.es_ca_cert) == "/etc/ca.pem"
+
+    @functools.lru_cache(maxsize=4)
+    def client_of(settings):
+        return object()
+
+    assert client_of(pickle.loads(shipped)) is client_of(s)
+    assert client_of(s.model_copy(update={"images_index": "other"})) is not client_of(s)
+
+
+def test_credentials_file_written_after_loading_completes_the_settings(monkeypatch, tmp_path):
+    """What `orchard stack up` does: settings loaded before the file existed, completed after."""
+    from orchard.core.settings import with_credentials_file
+
+    monkeypatch.setenv("ORCHARD_S3_SECRET_KEY", "fromenv")
+    s = load_settings(es_heap="512m")
+    assert with_credentials_file(s) is s  # no file yet
+    (tmp_path / "credentials.env").write_text("ORCHARD_S3_ACCESS_KEY=fromfile\nORCHARD_S3_SECRET_KEY=s3cr3t\n")
+    done = with_credentials_file(s)
+    assert done.s3_access_key.get_secret_value() == "fromfile"
+    assert done.s3_secret_key.get_secret_value() == "fromenv"  # exported variables still win
+    assert done.es_heap == "512m" and done == load_settings(es_heap="512m")

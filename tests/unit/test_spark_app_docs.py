@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from orchard.core.settings import Settings
 from orchard.spark_app import registry, search
-from orchard.spark_app.context import ExecutorConfig
 from orchard.spark_app.images import ImageRef
 from orchard.spark_app.infer import (
     PredictSpec,
@@ -24,20 +25,13 @@ from orchard.spark_app.infer import (
 from orchard.spark_app.sink import Tally, failure_reason, merge_tallies
 from orchard.spark_app.versions import read_class_names
 
-CFG = ExecutorConfig(
-    "http://s3",
-    "ak",
-    "sk",
-    "us-east-1",
-    "http://es",
-    None,
-    None,
-    None,
-    "images",
-    "features",
-    "models",
-    "orchard-images",
-    "orchard-models",
+CFG = Settings(  # explicit values: the caller's ORCHARD_* environment does not leak in
+    s3_endpoint="http://s3",
+    s3_access_key="ak",
+    s3_secret_key="sk",
+    es_hosts="http://es",
+    images_bucket="images",
+    images_index="orchard-images",
 )
 SPEC = PredictSpec(CFG, "v1", ("a", "b"), "scale01", (100, 100), 3, 8, "2026-01-01T00:00:00+00:00")
 REF = ImageRef("abc123", "ds/test/a/1.jpg", "ds", "test", "a")
@@ -164,11 +158,11 @@ def test_search_filters_and_rows():
     assert "0.5000" in table
 
 
-def test_executor_config_round_trips_into_settings():
-    s = CFG.settings()
+def test_settings_reach_executors_by_value():
+    s = pickle.loads(pickle.dumps(SPEC)).settings  # what a closure capturing the spec unpickles on an executor
     assert s.s3_url == "http://s3" and s.es_urls == ["http://es"]
     assert s.s3_secret_key.get_secret_value() == "sk" and s.images_index == "orchard-images"
-    assert hash(CFG) == hash(ExecutorConfig(**CFG.__dict__))  # usable as a cache key
+    assert hash(s) == hash(CFG) and s == CFG  # usable as a cache key (es_of, s3_of)
 
 
 @pytest.mark.parametrize("pairs, expected", [(("a=1", "b=x=y"), {"a": "1", "b": "x=y"}), ((), {})])
@@ -239,92 +233,4 @@ def test_similar_rescores_quantized_indices_and_filters_by_model(index_type, res
     assert es.knn["k"] == 3 and es.knn["num_candidates"] >= 3  # k + 1: the image itself is one of them
 
 
-class RejectingBulk:
-    """Stands in for streaming_bulk (max_retries=0): 429 for the first `reject` documents of the
-    first `rounds` requests, success otherwise; records the ids of each request."""
-
-    def __init__(self, reject: int, rounds: int = 1):
-        self.reject, self.rounds = reject, rounds
-        self.requests: list[list[str]] = []
-
-    def __call__(self, es, actions, **kwargs):
-        assert kwargs["max_retries"] == 0  # the resends are ours, so that each one is logged
-        ids = [a["_id"] for a in actions]
-        rejecting = len(self.requests) < self.rounds
-        self.requests.append(ids)
-        for n, doc_id in enumerate(ids):
-            if rejecting and n < self.reject:
-                yield (
-                    False,
-                    {
-                        "update": {
-                            "_id": doc_id,
-                            "status": 429,
-                            "error": {"type": "es_rejected_execution_exception", "reason": "queue full"},
-                        }
-                    },
-                )
-            else:
-                yield True, {"update": {"_id": doc_id, "status": 200, "result": "updated"}}
-
-
-def update(i: int) -> dict:
-    return {"_op_type": "update", "_index": "ix", "_id": f"d{i}", "doc": {"x": i}}
-
-
-def test_rejected_writes_are_resent_logged_and_counted(monkeypatch, caplog):
-    import elasticsearch.helpers
-
-    from orchard.spark_app import sink
-
-    bulk = RejectingBulk(reject=2)
-    monkeypatch.setattr(elasticsearch.helpers, "streaming_bulk", bulk)
-    monkeypatch.setattr(sink.time, "sleep", lambda _: None)
-    with caplog.at_level("WARNING", logger="orchard.spark_app.sink"):
-        tally = sink.send_chunk(None, [update(i) for i in range(3)], {})
-    assert bulk.requests == [["d0", "d1", "d2"], ["d0", "d1"]]  # only the rejected ones again
-    assert (tally.updated, tally.failed, tally.retried) == (3, 0, 2)
-    assert any("rejected 2 of 3 writes (429" in r.message and "retry 1/" in r.message for r in caplog.records)
-
-
-def test_writes_still_rejected_after_every_resend_fail_with_the_reason(monkeypatch):
-    import elasticsearch.helpers
-
-    from orchard.spark_app import sink
-
-    bulk = RejectingBulk(reject=1, rounds=1000)
-    monkeypatch.setattr(elasticsearch.helpers, "streaming_bulk", bulk)
-    monkeypatch.setattr(sink.time, "sleep", lambda _: None)
-    tally = sink.send_chunk(None, [update(0)], {"d0": "a/b.jpg"})
-    assert len(bulk.requests) == sink.MAX_RESENDS + 1
-    assert tally.failed == 1 and tally.examples == [("a/b.jpg", "es_rejected_execution_exception: queue full")]
-
-
-def test_a_whole_request_refused_with_429_is_resent(monkeypatch):
-    import elasticsearch.helpers
-    from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
-    from elasticsearch import ApiError
-
-    from orchard.spark_app import sink
-
-    calls = []
-
-    def refuse_once(es, actions, **kwargs):
-        calls.append([a["_id"] for a in actions])
-        if len(calls) == 1:
-            meta = ApiResponseMeta(
-                status=429,
-                http_version="1.1",
-                headers=HttpHeaders(),
-                duration=0.0,
-                node=NodeConfig("http", "localhost", 9200),
-            )
-            raise ApiError("es_rejected_execution_exception", meta=meta, body={})
-        for a in actions:
-            yield True, {"update": {"_id": a["_id"], "status": 200, "result": "noop"}}
-
-    monkeypatch.setattr(elasticsearch.helpers, "streaming_bulk", refuse_once)
-    monkeypatch.setattr(sink.time, "sleep", lambda _: None)
-    tally = sink.send_chunk(None, [update(0), update(1)], {})
-    assert calls == [["d0", "d1"], ["d0", "d1"]]
-    assert (tally.noop, tally.failed, tally.retried) == (2, 0, 2)
+# The resends of rejected bulk writes (429/5xx) are tested with the retry policies in test_retry_policy.py.

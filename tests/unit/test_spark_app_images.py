@@ -1,4 +1,5 @@
-"""orchard.spark_app.images: key parsing, document ids from content, decoding and its errors."""
+"""orchard.spark_app.images and the key layout of orchard.core.lake: key parsing, document ids from content,
+decoding and its errors."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from orchard.core import lake
 from orchard.spark_app import images
 
 
@@ -19,25 +21,25 @@ def jpeg_bytes(size=(60, 40), color=(200, 30, 30), fmt="JPEG") -> bytes:
 
 
 def test_key_and_labels_come_from_the_layout():
-    key = images.key_of("s3a://images/fruits/train/Apple Red/0_100.jpg", "images")
+    key = lake.key_of("s3a://images/fruits/train/Apple Red/0_100.jpg", "images")
     assert key == "fruits/train/Apple Red/0_100.jpg"
-    assert images.parse_key(key) == ("fruits", "train", "Apple Red")
+    assert lake.parse_key(key) == ("fruits", "train", "Apple Red")
     # Spark's binaryFile `path` is the raw key: a literal % stays as it is
-    assert images.key_of("s3a://images/ds/test/x y/a b%41.jpg", "images") == "ds/test/x y/a b%41.jpg"
+    assert lake.key_of("s3a://images/ds/test/x y/a b%41.jpg", "images") == "ds/test/x y/a b%41.jpg"
 
 
 def test_keys_outside_the_bucket_or_layout_are_rejected():
     with pytest.raises(ValueError):
-        images.key_of("s3a://other/fruits/train/a/b.jpg", "images")
+        lake.key_of("s3a://other/fruits/train/a/b.jpg", "images")
     with pytest.raises(ValueError):
-        images.parse_key("fruits/b.jpg")
+        lake.parse_key("fruits/b.jpg")
 
 
-def test_image_root_per_split():
-    assert images.image_root("images", "fruits", "test") == "s3a://images/fruits/test/"
-    assert images.image_root("images", "fruits") == "s3a://images/fruits/"
+def test_dataset_uri_per_split():
+    assert lake.dataset_uri("images", "fruits", "test") == "s3a://images/fruits/test/"
+    assert lake.dataset_uri("images", "fruits") == "s3a://images/fruits/"
     with pytest.raises(ValueError):
-        images.image_root("images", "a/b")
+        lake.dataset_uri("images", "a/b")
 
 
 def test_ref_id_is_the_content_sha256():

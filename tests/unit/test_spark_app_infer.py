@@ -10,23 +10,16 @@ import pytest
 from PIL import Image
 
 from orchard.core.iterables import batched
+from orchard.core.settings import Settings
 from orchard.spark_app import infer
-from orchard.spark_app.context import ExecutorConfig
 
-CFG = ExecutorConfig(
-    "http://s3",
-    "ak",
-    "sk",
-    "us-east-1",
-    "http://es",
-    None,
-    None,
-    None,
-    "images",
-    "features",
-    "models",
-    "orchard-images",
-    "orchard-models",
+CFG = Settings(  # explicit values: the caller's ORCHARD_* environment does not leak in
+    s3_endpoint="http://s3",
+    s3_access_key="ak",
+    s3_secret_key="sk",
+    es_hosts="http://es",
+    images_bucket="images",
+    images_index="orchard-images",
 )
 SPEC = infer.PredictSpec(CFG, "v", ("blue", "red"), "scale01", (8, 8), 3, 2, "now")
 

@@ -1,0 +1,181 @@
+"""The lake's schema, in one place: how objects are keyed, how Spark addresses them, what the fields
+of an image document are called, and how stored times are written.
+
+Owned here (and built or parsed nowhere else):
+- Object keys of the images bucket: `<dataset>/<split>/<label>/<file>`. The uploader builds them
+  (`object_key`), the Spark app reads them back (`parse_key`, `key_of`, and `LABEL_PATTERN` for
+  Spark SQL, which extracts the label without Python). The label is the file's parent folder.
+- Split names: train, val, test; `normalise_split` maps folder names (Training, Test, ...) to them.
+- URIs: `s3a_uri` (what Spark reads an object with, stored as the document's `uri`), and the
+  directories and files the Spark app reads and writes: `dataset_uri`, `features_uri`, `model_uri`.
+- Field names of an image document: `Field` (dotted paths for nested fields, as queries use them),
+  `Prediction` and `Pca` (the names inside those objects, as documents are built and read), exactly
+  the fields of es_mappings/images.json (tests/unit/test_lake.py checks both ways).
+- Stored times: `utc_timestamp`, the one ISO-8601 UTC formatter (uploaded_at, predicted_at,
+  created_at, upload reports).
+
+Plain constants and pure functions: imported by the uploader, the Spark app (executors included),
+the report and the benches.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Final
+
+# --- object keys ------------------------------------------------------------------------------------
+
+KEY_LAYOUT: Final = "<dataset>/<split>/<label>/<file>"
+# The label folder of a key or of an s3a path (group 1), for Spark SQL's regexp_extract: the same
+# label as parse_key (the file's parent folder).
+LABEL_PATTERN: Final = r"^.*/([^/]+)/[^/]+$"
+
+
+def object_key(dataset: str, split: str, label: str, name: str) -> str:
+    """The key of file `name` of class `label` in a dataset split: `<dataset>/<split>/<label>/<name>`."""
+    return f"{dataset}/{split}/{label}/{name}"
+
+
+def parse_key(key: str) -> tuple[str, str, str]:
+    """(dataset, split, label) from a `<dataset>/<split>/<label>/<file>` key; ValueError otherwise."""
+    parts = key.split("/")
+    if len(parts) < 4 or not all(parts[:4]):
+        raise ValueError(f"key {key!r} is not {KEY_LAYOUT}")
+    return parts[0], parts[1], parts[-2]
+
+
+# --- splits -----------------------------------------------------------------------------------------
+
+TRAIN: Final = "train"
+VAL: Final = "val"
+TEST: Final = "test"
+SPLITS: Final = (TRAIN, VAL, TEST)  # in reading order
+SPLIT_ALIASES: Final = {
+    "train": TRAIN,
+    "training": TRAIN,
+    "test": TEST,
+    "testing": TEST,
+    "val": VAL,
+    "valid": VAL,
+    "validation": VAL,
+}
+
+
+def normalise_split(name: str) -> str | None:
+    """train/test/val for a recognised split folder name, else None."""
+    return SPLIT_ALIASES.get(name.strip().lower())
+
+
+# --- URIs -------------------------------------------------------------------------------------------
+
+S3A: Final = "s3a://"
+_SCHEMES = (S3A, "s3://", "s3n://")
+
+
+def s3a_uri(bucket: str, key: str) -> str:
+    """The URI Spark reads object `key` of `bucket` with (a key ending in / names a directory)."""
+    return f"{S3A}{bucket}/{key}"
+
+
+def key_of(uri: str, bucket: str) -> str:
+    """The object key of an s3a/s3 URI in `bucket` (Spark's `path` column is not percent-encoded)."""
+    for scheme in _SCHEMES:
+        prefix = f"{scheme}{bucket}/"
+        if uri.startswith(prefix):
+            return uri[len(prefix) :]
+    raise ValueError(f"{uri} is not in bucket {bucket}")
+
+
+def dataset_uri(bucket: str, dataset: str, split: str | None = None) -> str:
+    """The s3a directory holding a dataset's images (or one split of them)."""
+    if not dataset or "/" in dataset:
+        raise ValueError(f"bad dataset name {dataset!r}")
+    return s3a_uri(bucket, f"{dataset}/{split}/" if split else f"{dataset}/")
+
+
+def features_uri(bucket: str, dataset: str, version: str, part: str) -> str:
+    """The s3a directory of one Parquet output (embeddings, pca) of a dataset and model version."""
+    return s3a_uri(bucket, f"{dataset}/{version}/{part}/")
+
+
+def model_uri(bucket: str, version: str, name: str) -> str:
+    """The s3a URI of one file (model, labels.json, metrics.json) of a model version."""
+    return s3a_uri(bucket, f"{version}/{name}")
+
+
+# --- image documents (es_mappings/images.json) ----------------------------------------------------
+
+
+class Field:
+    """Field names of an image document; nested fields as the dotted paths queries use."""
+
+    ID: Final = "id"  # = the content sha256 = the document _id
+    DATASET: Final = "dataset"
+    SPLIT: Final = "split"
+    LABEL: Final = "label"
+    LABEL_TEXT: Final = "label_text"
+    BUCKET: Final = "bucket"
+    KEY: Final = "key"
+    URI: Final = "uri"
+    BYTES: Final = "bytes"
+    FORMAT: Final = "format"
+    WIDTH: Final = "width"
+    HEIGHT: Final = "height"
+    CHANNELS: Final = "channels"
+    COLOR_MODE: Final = "color_mode"
+    SHA256: Final = "sha256"
+    ETAG: Final = "etag"
+    UPLOADED_AT: Final = "uploaded_at"
+    SOURCE_PATH: Final = "source_path"
+    PREDICTION: Final = "prediction"  # object: see Prediction
+    PREDICTION_LABEL: Final = "prediction.label"
+    PREDICTION_CONFIDENCE: Final = "prediction.confidence"
+    PREDICTION_TOP5: Final = "prediction.top5"
+    PREDICTION_MODEL_VERSION: Final = "prediction.model_version"
+    PREDICTION_PREDICTED_AT: Final = "prediction.predicted_at"
+    PREDICTION_ERROR: Final = "prediction.error"
+    EMBEDDING: Final = "embedding"
+    EMBEDDING_MODEL: Final = "embedding_model"
+    PCA: Final = "pca"  # object: see Pca
+    PCA_X: Final = "pca.x"
+    PCA_Y: Final = "pca.y"
+
+
+class Prediction:
+    """Names inside a document's `prediction` object (the entries of `top5` have label and confidence)."""
+
+    LABEL: Final = "label"
+    CONFIDENCE: Final = "confidence"
+    TOP5: Final = "top5"
+    MODEL_VERSION: Final = "model_version"
+    PREDICTED_AT: Final = "predicted_at"
+    ERROR: Final = "error"
+
+
+class Pca:
+    """Names inside a document's `pca` object: the first two principal components."""
+
+    X: Final = "x"
+    Y: Final = "y"
+
+
+def path(*names: str) -> str:
+    """The dotted path of a nested field: `path(Field.PREDICTION, Prediction.LABEL)` is `prediction.label`."""
+    return ".".join(names)
+
+
+# --- stored times -----------------------------------------------------------------------------------
+
+
+def utc_timestamp(moment: datetime | None = None, *, timespec: str = "milliseconds", zulu: bool = True) -> str:
+    """`moment` (default: now) as ISO-8601 UTC; `timespec` as datetime.isoformat, `zulu=False` keeps `+00:00`.
+
+    Stored times keep the form each has always had (all parse as an Elasticsearch `date`):
+      uploaded_at, upload reports: utc_timestamp()                      2026-01-02T03:04:05.678Z
+      prediction.predicted_at, created_at of a trained model version:
+                        utc_timestamp(timespec="seconds", zulu=False)   2026-01-02T03:04:05+00:00
+      created_at of an imported model file:
+                        utc_timestamp(timespec="auto", zulu=False)      2026-01-02T03:04:05.678901+00:00
+    """
+    text = (moment or datetime.now(UTC)).astimezone(UTC).isoformat(timespec=timespec)
+    return text.removesuffix("+00:00") + "Z" if zulu else text
