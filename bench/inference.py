@@ -54,7 +54,7 @@ IMAGES_PER_PARTITION = 64
 
 def run_cli(*args: str) -> str:
     """Run `orchard ...`; its stdout (raises with stderr on failure)."""
-    proc = subprocess.run([str(ORCHARD), *args], capture_output=True, text=True)
+    proc = subprocess.run([str(ORCHARD), *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"orchard {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc.stdout

@@ -21,36 +21,9 @@ require_env() {
   done
 }
 
-# Any password works: these two quote a value for the JSON bodies and for curl's config file
-# (plain bash: the image has no jq or python).
-# string: a JSON string literal; `"`, `\` and control characters escaped, the rest as is (UTF-8).
-json_string() {
-  local s=$1 out='' c i
-  for ((i = 0; i < ${#s}; i++)); do
-    c=${s:i:1}
-    case $c in
-      '"' | "\\") out+="\\$c" ;;
-      [[:cntrl:]]) printf -v c '\\u%04x' "'$c"; out+=$c ;;
-      *) out+=$c ;;
-    esac
-  done
-  printf '"%s"' "$out"
-}
-
-# string: a double-quoted curl config value; curl unescapes \\ \" \n \r \t \v inside quotes.
-curl_config_string() {
-  local s=$1 out='' c i
-  for ((i = 0; i < ${#s}; i++)); do
-    c=${s:i:1}
-    case $c in
-      '"' | "\\") out+="\\$c" ;;
-      $'\n') out+='\n' ;;
-      $'\r') out+='\r' ;;
-      *) out+=$c ;;
-    esac
-  done
-  printf '"%s"' "$out"
-}
+# Any password works: JSON and curl-config quoting shared with kibana/import.sh.
+# shellcheck source-path=SCRIPTDIR source=../lib/quoting.sh
+source "${SETUP_LIB_DIR:-$(dirname "${BASH_SOURCE[0]}")/../lib}/quoting.sh"
 
 # The elastic password goes to curl through a 0600 config file, not the command line.
 write_curl_config() {

@@ -13,21 +13,9 @@ log() { printf '[kibana-setup] %s\n' "$*" >&2; }
 
 [ -n "${ELASTIC_PASSWORD:-}" ] || { log "ELASTIC_PASSWORD is empty: run 'make secrets'"; exit 2; }
 
-# string: a double-quoted curl config value, so any password works; curl unescapes \\ \" \n \r
-# inside quotes (the same function as in images/es-setup/users.sh).
-curl_config_string() {
-  local s=$1 out='' c i
-  for ((i = 0; i < ${#s}; i++)); do
-    c=${s:i:1}
-    case $c in
-      '"' | "\\") out+="\\$c" ;;
-      $'\n') out+='\n' ;;
-      $'\r') out+='\r' ;;
-      *) out+=$c ;;
-    esac
-  done
-  printf '"%s"' "$out"
-}
+# Any password works: curl-config quoting shared with es-setup/users.sh.
+# shellcheck source-path=SCRIPTDIR source=../lib/quoting.sh
+source "${SETUP_LIB_DIR:-$(dirname "${BASH_SOURCE[0]}")/../lib}/quoting.sh"
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

@@ -30,10 +30,19 @@ from pathlib import Path
 
 import click
 
+from orchard.app import report as reporting
+from orchard.app.cli import settings_from
 from orchard.app.report import Stage, human_seconds
+from orchard.app.upload_cli import synth_size_options
 from orchard.core.errors import ExitStatus, OrchardError
 from orchard.core.settings import Settings, load_settings
 from orchard.core.toolchain import REPO_ROOT
+from orchard.spark_app.features import run_features
+from orchard.spark_app.infer import raise_for_failures, run_inference
+from orchard.spark_app.session import build_session, executor_count
+from orchard.spark_app.train import run_training
+from orchard.stack import launcher
+from orchard.stack.setup import setup_stack
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +156,6 @@ class DemoRun:
     # --- the stages ---------------------------------------------------------------------------
 
     def stack_up(self) -> tuple[int, int, str]:
-        from orchard.stack import launcher
-
         try:
             rows = launcher.up(self.s)
         except OrchardError as exc:
@@ -160,8 +167,6 @@ class DemoRun:
 
     def setup(self) -> tuple[None, None, str]:
         """--no-stack: the services in the settings are already running; create buckets and indices."""
-        from orchard.stack.setup import setup_stack
-
         try:
             setup_stack(self.s)
         except OrchardError as exc:
@@ -223,8 +228,6 @@ class DemoRun:
 
     def start_spark(self, holder: dict) -> tuple[int, int, str]:
         """Start the demo's Spark application (driver JVM, executors, shipped packages)."""
-        from orchard.spark_app.session import build_session, executor_count
-
         spark = self.spark_stage("spark", lambda: build_session(self.s, f"orchard-demo-{self.o.dataset}"))
         holder["spark"] = spark
         executors = self.spark_stage("spark", lambda: executor_count(spark))
@@ -232,25 +235,18 @@ class DemoRun:
 
     def train(self, spark) -> tuple[int, None, str]:
         """Items: train images x epochs (each epoch passes every train image through the CNN)."""
-        from orchard.spark_app.train import run_training
-
         doc = self.spark_stage("train", lambda: run_training(spark, self.s, self.o.dataset, epochs=self.o.epochs))
         self.facts["version"] = doc["version"]
         images = int(doc["train_images"])
         return images * self.o.epochs, None, f"orchard train --dataset {self.o.dataset} --epochs {self.o.epochs}"
 
     def infer(self, spark) -> tuple[int, None, str]:
-        from orchard.spark_app.infer import raise_for_failures, run_inference
-
         version = self.facts["version"]
         summary = self.spark_stage("infer", lambda: run_inference(spark, self.s, self.o.dataset, version))
         self.spark_stage("infer", lambda: raise_for_failures(summary))
         return int(summary["images"]), None, f"orchard infer --dataset {self.o.dataset} --model {version}"
 
     def features(self, spark) -> tuple[int, None, str]:
-        from orchard.spark_app.features import run_features
-        from orchard.spark_app.infer import raise_for_failures
-
         version = self.facts["version"]
         summary = self.spark_stage("features", lambda: run_features(spark, self.s, self.o.dataset, version))
         self.spark_stage("features", lambda: raise_for_failures(summary))
@@ -289,8 +285,6 @@ class DemoRun:
 
     def report(self):
         """Query the stack and write the report; the report stage's own time is in it too."""
-        from orchard.app import report as reporting
-
         self.echo("==> report ...")
         began = time.monotonic()
         try:
@@ -387,8 +381,6 @@ def summary_lines(data, stages: list[Stage], page: Path) -> list[str]:
 
 def stop_stack(s: Settings) -> None:
     """Stop the native stack (data kept); a failure to stop is logged, not raised."""
-    from orchard.stack import launcher
-
     try:
         stopped = launcher.down(s)
         click.echo(f"stack stopped ({len(stopped)} processes; data kept; `make demo KEEP=1` leaves it running)")
@@ -399,23 +391,7 @@ def stop_stack(s: Settings) -> None:
 @click.command()
 @click.option("--keep", is_flag=True, help="Leave the stack running afterwards [make demo KEEP=1].")
 @click.option("--dataset", default="demo", show_default=True, help="Dataset name (reused: re-runs are cheap).")
-@click.option(
-    "--classes", type=click.IntRange(2, 1000), default=DEFAULT_CLASSES, show_default=True, help="Synthetic classes."
-)
-@click.option(
-    "--per-class",
-    type=click.IntRange(1),
-    default=DEFAULT_PER_CLASS,
-    show_default=True,
-    help="Synthetic train images per class.",
-)
-@click.option(
-    "--test-per-class",
-    type=click.IntRange(1),
-    default=DEFAULT_TEST_PER_CLASS,
-    show_default=True,
-    help="Synthetic test images per class.",
-)
+@synth_size_options(DEFAULT_CLASSES, DEFAULT_PER_CLASS, DEFAULT_TEST_PER_CLASS, min_classes=2, min_images=1)
 @click.option("--epochs", type=click.IntRange(1), default=DEFAULT_EPOCHS, show_default=True)
 @click.option("--seed", type=int, default=None, help="Synthesis seed [default: derived from --dataset].")
 @click.option(
@@ -459,8 +435,6 @@ def demo(
 ) -> int:
     """The main job end to end: stack, synthetic data, upload, Elephas training, inference,
     features + PCA, and a self-contained HTML report (OUT/index.html)."""
-    from orchard.app.cli import settings_from
-
     options = DemoOptions(dataset, classes, per_class, test_per_class, epochs, seed, source, out)
     run = DemoRun(settings_from(ctx), options)
     try:

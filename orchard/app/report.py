@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import socket
+import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
+import psutil
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from minio import MinioAdmin
+from minio.credentials import StaticProvider
+from minio.error import S3Error
+from PIL import Image, UnidentifiedImageError
 
+from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ConfigError
 from orchard.core.lake import SPLITS, TEST, TRAIN, Field, Pca, Prediction
 from orchard.core.settings import Settings
@@ -114,7 +122,8 @@ def history_series(history: object) -> dict[str, list[float]]:
         length = max((len(v) for v in series.values()), default=0)
         series.setdefault("epoch", [float(i + 1) for i in range(length)])
         return series
-    rows = [row for row in (history or []) if isinstance(row, dict)]
+    records = history if isinstance(history, (list, tuple)) else []
+    rows: list[dict] = [row for row in records if isinstance(row, dict)]
     keys = sorted({k for row in rows for k, v in row.items() if isinstance(v, (int, float))})
     series = {k: [float(row.get(k, math.nan)) for row in rows] for k in keys}
     if rows and "epoch" not in series:
@@ -124,17 +133,13 @@ def history_series(history: object) -> dict[str, list[float]]:
 
 def split_rows(counts: dict[str, dict[str, int]], splits: Sequence[str]) -> list[dict]:
     """Rows label -> {split: count, total} in label order, plus the totals row last."""
-    rows = [
-        {
-            "label": label,
-            **{sp: by_split.get(sp, 0) for sp in splits},
-            "total": sum(by_split.get(sp, 0) for sp in splits),
-        }
-        for label, by_split in sorted(counts.items())
-    ]
-    totals = {"label": "all classes", **{sp: sum(r[sp] for r in rows) for sp in splits}}
-    totals["total"] = sum(totals[sp] for sp in splits)
-    return rows + [totals]
+    per_label = {label: [by_split.get(sp, 0) for sp in splits] for label, by_split in sorted(counts.items())}
+    column_sums = [sum(column) for column in zip(*per_label.values(), strict=True)] or [0] * len(splits)
+
+    def row(label: str, numbers: list[int]) -> dict:
+        return {"label": label, **dict(zip(splits, numbers, strict=True)), "total": sum(numbers)}
+
+    return [*(row(label, numbers) for label, numbers in per_label.items()), row("all classes", column_sums)]
 
 
 def ordered_splits(found: Iterable[str]) -> list[str]:
@@ -150,7 +155,7 @@ def human_seconds(seconds: float | None) -> str:
         return "-"
     if seconds < 60:
         return f"{seconds:.1f} s"
-    minutes, rest = divmod(int(round(seconds)), 60)
+    minutes, rest = divmod(round(seconds), 60)
     return f"{minutes} min {rest:02d} s"
 
 
@@ -178,40 +183,26 @@ def latest_model(es, s: Settings, dataset: str) -> dict | None:
 
 def split_counts(es, s: Settings, dataset: str) -> dict[str, dict[str, int]]:
     """{label: {split: documents}} of a dataset, by a terms aggregation."""
+    buckets = label_buckets(es, s, dataset, {"split": {"terms": {"field": Field.SPLIT, "size": 10}}})
+    return {b["key"]: {sb["key"]: sb["doc_count"] for sb in b["split"]["buckets"]} for b in buckets}
+
+
+def label_buckets(es, s: Settings, dataset: str, per_label: dict) -> list[dict]:
+    """The buckets of a terms aggregation over the labels of a dataset, each with the `per_label` sub-aggregations."""
     response = es.search(
         index=s.images_index,
         size=0,
         query=dataset_filter(dataset),
-        aggs={
-            "label": {
-                "terms": {"field": Field.LABEL, "size": 10_000},
-                "aggs": {"split": {"terms": {"field": Field.SPLIT, "size": 10}}},
-            }
-        },
+        aggs={"label": {"terms": {"field": Field.LABEL, "size": 10_000}, "aggs": per_label}},
     )
-    return {
-        b["key"]: {sb["key"]: sb["doc_count"] for sb in b["split"]["buckets"]}
-        for b in response["aggregations"]["label"]["buckets"]
-    }
+    return response["aggregations"]["label"]["buckets"]
 
 
 def class_examples(es, s: Settings, dataset: str) -> dict[str, str]:
     """{label: key of its first image by key}, one top hit per class."""
-    response = es.search(
-        index=s.images_index,
-        size=0,
-        query=dataset_filter(dataset),
-        aggs={
-            "label": {
-                "terms": {"field": Field.LABEL, "size": 10_000},
-                "aggs": {"first": {"top_hits": {"size": 1, "sort": [{Field.KEY: "asc"}], "_source": [Field.KEY]}}},
-            }
-        },
-    )
-    return {
-        b["key"]: b["first"]["hits"]["hits"][0]["_source"][Field.KEY]
-        for b in response["aggregations"]["label"]["buckets"]
-    }
+    first = {"top_hits": {"size": 1, "sort": [{Field.KEY: "asc"}], "_source": [Field.KEY]}}
+    buckets = label_buckets(es, s, dataset, {"first": first})
+    return {b["key"]: b["first"]["hits"]["hits"][0]["_source"][Field.KEY] for b in buckets}
 
 
 def predicted_filter(version: str) -> list[dict]:
@@ -411,27 +402,19 @@ def package_version(name: str) -> str:
         return "-"
 
 
-def memory_gb() -> float | None:
+def memory_gb() -> float:
     """Physical memory of this machine in GB."""
-    try:
-        import psutil
-
-        return round(psutil.virtual_memory().total / 1e9, 1)
-    except ImportError:
-        return None
+    return round(psutil.virtual_memory().total / 1e9, 1)
 
 
 def minio_servers(s: Settings) -> int | None:
     """Number of MinIO servers behind the endpoint (admin API), None when it is not MinIO or not allowed."""
     try:
-        from minio import MinioAdmin
-        from minio.credentials import StaticProvider
-
         url = urlparse(s.s3_url)
         admin = MinioAdmin(
             endpoint=url.netloc,
             secure=url.scheme == "https",
-            credentials=StaticProvider(s.s3_access_key.get_secret_value(), s.s3_secret_key.get_secret_value()),
+            credentials=StaticProvider(s.secret("s3_access_key"), s.secret("s3_secret_key")),
         )
         return len(json.loads(admin.info()).get("servers", []))
     except Exception as exc:
@@ -441,8 +424,6 @@ def minio_servers(s: Settings) -> int | None:
 
 def spark_cluster(s: Settings) -> dict:
     """Alive workers and cores from a standalone master's JSON page ({} when unreachable, e.g. EMR)."""
-    import urllib.request
-
     host = urlparse(s.spark_master_url.replace("spark://", "http://")).hostname or s.bind_host
     try:
         with urllib.request.urlopen(f"http://{host}:{s.spark_ui_port}/json/", timeout=3) as response:
@@ -464,9 +445,6 @@ def spark_cluster(s: Settings) -> dict:
 
 def thumbnail_uri(s3, bucket: str, key: str, px: int = THUMB_PX) -> str | None:
     """A JPEG data URI of the image at `key`, shrunk to fit px x px (None if it cannot be read)."""
-    from minio.error import S3Error
-    from PIL import Image, UnidentifiedImageError
-
     try:
         response = s3.get_object(bucket, key)
         try:
@@ -488,7 +466,7 @@ def thumbnails(s3, bucket: str, keys: Iterable[str]) -> dict[str, str | None]:
     """{key: data URI} fetched in parallel."""
     unique = list(dict.fromkeys(k for k in keys if k))
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return dict(zip(unique, pool.map(lambda k: thumbnail_uri(s3, bucket, k), unique)))
+        return dict(zip(unique, pool.map(lambda k: thumbnail_uri(s3, bucket, k), unique), strict=True))
 
 
 # --- plots ---------------------------------------------------------------------------------------
@@ -733,8 +711,6 @@ def add_model_figures(es, s: Settings, data: ReportData, raw: dict, model: dict)
 
 def render_html(data: ReportData, plots: dict, grid: list[dict], knn: dict | None, examples: dict) -> str:
     """The self-contained page (Jinja2 template, autoescaped)."""
-    from jinja2 import Environment, FileSystemLoader, select_autoescape
-
     env = Environment(
         loader=FileSystemLoader(TEMPLATES),
         autoescape=select_autoescape(["html", "j2"]),
@@ -765,8 +741,6 @@ def stage_rows(stages: Sequence[Stage]) -> list[dict]:
 
 def prepare(s: Settings, dataset: str, stages: Sequence[Stage] = ()) -> Page:
     """Query the stack, draw the plots and fetch the thumbnails of a dataset's report."""
-    from orchard.core.clients import es_client, s3_client
-
     es = es_client(s)
     data, raw = collect(es, s, dataset, stages)
     if not data.totals.get("total"):
@@ -784,7 +758,10 @@ def prepare(s: Settings, dataset: str, stages: Sequence[Stage] = ()) -> Page:
         "per_class": plot_per_class(data.per_class),
         "pca": plot_pca(raw["points"], sorted({p["label"] for p in raw["points"]})),
     }
-    with_thumb = lambda hit: {**hit, "thumb": thumbs.get(hit["key"])}
+
+    def with_thumb(hit: dict) -> dict:
+        return {**hit, "thumb": thumbs.get(hit["key"])}
+
     knn = raw["knn"] and {
         "query": with_thumb(raw["knn"]["query"]),
         "neighbours": [with_thumb(h) for h in raw["knn"]["neighbours"]],

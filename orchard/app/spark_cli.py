@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from orchard.app.cli import settings_from
+from orchard.core.clients import es_client
 from orchard.core.errors import ConfigError, ExitStatus
 from orchard.core.settings import Settings
+from orchard.spark_app import search as finder
+from orchard.spark_app.features import run_features
+from orchard.spark_app.infer import raise_for_failures, run_inference
+from orchard.spark_app.session import parse_conf, spark_session
+from orchard.spark_app.train import run_training
+from orchard.spark_app.versions import import_model_file
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +76,32 @@ def resolve_model(
     """The model version to use; a --model-file is imported (uploaded and registered) first."""
     if bool(version) == bool(model_file):
         raise click.UsageError("give exactly one of --model VERSION or --model-file PATH")
-    if version:
-        return version
-    from orchard.spark_app.versions import import_model_file
-
+    if model_file is None:
+        return str(version)
     try:
         return import_model_file(s, model_file, preprocessing, labels_file)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
+def run_with_model(
+    ctx: click.Context,
+    stage: str,
+    dataset: str,
+    model: tuple[str | None, Path | None, str, Path | None],
+    conf: tuple[str, ...],
+    job: Callable[[Any, Settings, str], dict],
+) -> dict:
+    """Resolve the model flags (version, file, preprocessing, labels) to a version, then run
+    `job(spark, settings, version)` in a Spark session named after the stage; returns its summary."""
+    s = settings_from(ctx)
+    version = resolve_model(s, *model)
+    with spark_session(s, f"orchard-{stage}-{dataset}", extra_conf(conf)) as spark:
+        return job(spark, s, version)
+
+
 def extra_conf(pairs: tuple[str, ...]) -> dict[str, str]:
     """--conf flags as a dict (UsageError if malformed)."""
-    from orchard.spark_app.session import parse_conf
-
     try:
         return parse_conf(pairs)
     except ValueError as exc:
@@ -109,9 +130,6 @@ def train(
     ctx, dataset, train_split, test_split, epochs, batch_size, learning_rate, images_per_partition, as_json, conf
 ) -> int:
     """Train the default CNN with Elephas on the train split, evaluate it on the test split, register it."""
-    from orchard.spark_app.session import spark_session
-    from orchard.spark_app.train import run_training
-
     s = settings_from(ctx)
     with spark_session(s, f"orchard-train-{dataset}", extra_conf(conf)) as spark:
         doc = run_training(
@@ -152,13 +170,11 @@ def infer(
     conf,
 ) -> int:
     """Predict every image of a dataset and write the predictions into its documents."""
-    from orchard.spark_app.infer import raise_for_failures, run_inference
-    from orchard.spark_app.session import spark_session
 
-    s = settings_from(ctx)
-    version = resolve_model(s, version, model_file, preprocessing, labels_file)
-    with spark_session(s, f"orchard-infer-{dataset}", extra_conf(conf)) as spark:
-        summary = run_inference(spark, s, dataset, version, split, batch_size, images_per_partition, force)
+    def job(spark, s: Settings, model: str) -> dict:
+        return run_inference(spark, s, dataset, model, split, batch_size, images_per_partition, force)
+
+    summary = run_with_model(ctx, "infer", dataset, (version, model_file, preprocessing, labels_file), conf, job)
     echo_summary(
         summary,
         as_json,
@@ -208,14 +224,11 @@ def features(
     conf,
 ) -> int:
     """Embeddings to Parquet, PCA (k by explained variance) and 2-D coordinates into the documents."""
-    from orchard.spark_app.features import run_features
-    from orchard.spark_app.infer import raise_for_failures
-    from orchard.spark_app.session import spark_session
 
-    s = settings_from(ctx)
-    version = resolve_model(s, version, model_file, preprocessing, labels_file)
-    with spark_session(s, f"orchard-features-{dataset}", extra_conf(conf)) as spark:
-        summary = run_features(spark, s, dataset, version, split, variance, batch_size, layer, images_per_partition)
+    def job(spark, s: Settings, model: str) -> dict:
+        return run_features(spark, s, dataset, model, split, variance, batch_size, layer, images_per_partition)
+
+    summary = run_with_model(ctx, "features", dataset, (version, model_file, preprocessing, labels_file), conf, job)
     if not as_json:
         click.echo(
             f"PCA: k = {summary['k']} of {summary['dims']} components explain "
@@ -246,9 +259,6 @@ def features(
 @click.pass_context
 def search(ctx, similar_to, k, dataset, split, label, predicted, min_confidence, limit, as_json) -> int:
     """Find images by similarity and/or label, prediction and confidence."""
-    from orchard.core.clients import es_client
-    from orchard.spark_app import search as finder
-
     s = settings_from(ctx)
     es = es_client(s)
     clauses = finder.filters(dataset, split, label, predicted, min_confidence)

@@ -8,25 +8,27 @@ import sys
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
+from PIL import Image
+from tqdm import tqdm
 
+from orchard.app.cli import settings_from
+from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ExitStatus, OrchardError
 from orchard.core.lake import normalise_split
-
-if TYPE_CHECKING:  # the heavy modules are imported only when a command runs
-    from orchard.core.settings import Settings
-    from orchard.uploader.pipeline import UploadOptions
-    from orchard.uploader.report import Report
+from orchard.core.settings import Settings
+from orchard.uploader.discovery import check_dataset, dataset_slug
+from orchard.uploader.inspection import DEFAULT_MAX_PIXELS, Limits
+from orchard.uploader.pipeline import Uploader, UploadOptions
+from orchard.uploader.report import Report, write_report
+from orchard.uploader.synth import synthesize
 
 log = logging.getLogger(__name__)
 
 
 def progress_bar(unit: str, total: int | None = None):
     """A tqdm bar on a terminal, silent otherwise (CI logs stay clean)."""
-    from tqdm import tqdm
-
     return tqdm(total=total, unit=unit, dynamic_ncols=True, disable=not sys.stderr.isatty())
 
 
@@ -35,21 +37,33 @@ def dataset() -> None:
     """Generate datasets locally (nothing can be downloaded on this machine)."""
 
 
+def synth_size_options(classes: int, per_class: int, test_per_class: int, min_classes: int = 1, min_images: int = 0):
+    """--classes, --per-class and --test-per-class of a synthetic dataset, with these defaults and minimums."""
+
+    def decorate(func):
+        for name, default, minimum, help_text in reversed(
+            [
+                (
+                    "--classes",
+                    classes,
+                    min_classes,
+                    "Fruit classes (20 templates, then numbered colour/size variants).",
+                ),
+                ("--per-class", per_class, min_images, "Train images per class (Training/)."),
+                ("--test-per-class", test_per_class, min_images, "Test images per class (Test/)."),
+            ]
+        ):
+            upper = 1000 if name == "--classes" else None
+            kind = click.IntRange(minimum, upper)
+            func = click.option(name, type=kind, default=default, show_default=True, help=help_text)(func)
+        return func
+
+    return decorate
+
+
 @dataset.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--classes",
-    type=click.IntRange(1, 1000),
-    default=10,
-    show_default=True,
-    help="Number of fruit classes (20 templates, then numbered colour/size variants).",
-)
-@click.option(
-    "--per-class", type=click.IntRange(0), default=50, show_default=True, help="Images per class in Training/."
-)
-@click.option(
-    "--test-per-class", type=click.IntRange(0), default=20, show_default=True, help="Images per class in Test/."
-)
+@synth_size_options(classes=10, per_class=50, test_per_class=20)
 @click.option(
     "--size", type=click.IntRange(16, 1024), default=100, show_default=True, help="Side of the square images in pixels."
 )
@@ -71,8 +85,6 @@ def synth(
     range; random rotation, scale, lighting and noise, so classes overlap a little. Existing
     identical files are left untouched.
     """
-    from orchard.uploader.synth import synthesize
-
     total = classes * (per_class + test_per_class)
     with progress_bar("img", total) as bar:
         summary = synthesize(out, classes, per_class, test_per_class, size, seed, workers, progress=bar.update)
@@ -147,10 +159,6 @@ def upload(
     <dataset>/<split>/<label>/<file>. Re-running uploads and rewrites nothing; an interrupted
     run resumes. Exit status 0 if nothing failed, 1 otherwise (see the JSON report).
     """
-    from orchard.app.cli import settings_from
-    from orchard.uploader.inspection import DEFAULT_MAX_PIXELS, Limits
-    from orchard.uploader.pipeline import UploadOptions
-
     name, split = check_upload_args(source, dataset_name, default_split, labels)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     allow_large_images(limit)
@@ -162,26 +170,21 @@ def upload(
 
 def check_upload_args(source: Path, dataset_name: str | None, split: str, labels: Path | None) -> tuple[str, str]:
     """(dataset name, normalised split) or click.BadParameter naming the flag."""
-    from orchard.uploader.discovery import check_dataset, dataset_slug
-
     name = dataset_name or dataset_slug(source.absolute().stem if source.is_file() else source.absolute().name)
     try:
         check_dataset(name)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--dataset") from None
-    if normalise_split(split) is None:
+    normal = normalise_split(split)
+    if normal is None:
         raise click.BadParameter(f"unknown split {split!r} (train, test or val)", param_hint="--split")
     if source.is_file() and labels is None:
         raise click.BadParameter("a single file is uploaded as an .npy stack: give --labels", param_hint="SOURCE")
-    return name, normalise_split(split)
+    return name, normal
 
 
 def run_upload(s: Settings, options: UploadOptions, source: Path, report_path: Path) -> Report:
     """Run the upload with a progress bar; print the summary; the report is written even if interrupted."""
-    from orchard.core.clients import es_client, s3_client
-    from orchard.uploader.pipeline import Uploader
-    from orchard.uploader.report import write_report
-
     with progress_bar("file") as bar:
         uploader = Uploader(s, options, s3_client(s), es_client(s), progress=bar)
         try:
@@ -200,8 +203,6 @@ def run_upload(s: Settings, options: UploadOptions, source: Path, report_path: P
 
 def allow_large_images(max_pixels: int) -> None:
     """Let --max-pixels be the only pixel limit: Pillow's global one would refuse > 2x its default."""
-    from PIL import Image
-
     Image.MAX_IMAGE_PIXELS = None
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     log.debug("decompression-bomb limit: %s pixels", max_pixels or "none")

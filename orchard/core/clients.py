@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
 from urllib.parse import urlparse
+
+import certifi
+import urllib3
+from elasticsearch import Elasticsearch
+from minio import Minio
 
 from orchard.core.retry import ES_TRANSPORT_RETRIES, S3_TRANSPORT_RETRIES, S3A_RETRY_LIMIT, S3A_SDK_RETRIES
 from orchard.core.settings import Settings
@@ -12,7 +19,7 @@ READ_TIMEOUT_SECONDS = 30  # no byte for this long: give up (multipart parts are
 ES_REQUEST_TIMEOUT_SECONDS = 30  # executors use 60 (spark_app.context.es_of)
 
 
-def s3_http_client(pool_size: int = 32):
+def s3_http_client(pool_size: int = 32) -> urllib3.PoolManager:
     """The urllib3 pool of the MinIO client: bounded timeouts, no retries of its own.
 
     Why not the SDK's default: it waits up to 5 minutes to connect and retries 503 five times
@@ -22,11 +29,6 @@ def s3_http_client(pool_size: int = 32):
     that does not start within READ_TIMEOUT_SECONDS fails: with write quorum lost MinIO can hold
     a PUT open for minutes. Redirects are still followed.
     """
-    import os
-
-    import certifi
-    import urllib3
-
     return urllib3.PoolManager(
         maxsize=pool_size,
         cert_reqs="CERT_REQUIRED",
@@ -44,32 +46,28 @@ def s3_http_client(pool_size: int = 32):
     )
 
 
-def s3_client(s: Settings, **kwargs):
+def s3_client(s: Settings, **kwargs: Any) -> Minio:
     """A MinIO SDK client for the S3 endpoint (requires the S3 credentials); kwargs go to Minio()."""
-    from minio import Minio
-
-    s.require("s3_access_key", "s3_secret_key")
+    access_key, secret_key = s.secret("s3_access_key"), s.secret("s3_secret_key")
     url = urlparse(s.s3_url)
     kwargs.setdefault("http_client", s3_http_client())
     return Minio(
         url.netloc,
-        access_key=s.s3_access_key.get_secret_value(),
-        secret_key=s.s3_secret_key.get_secret_value(),
+        access_key=access_key,
+        secret_key=secret_key,
         secure=url.scheme == "https",
         region=s.s3_region,
         **kwargs,
     )
 
 
-def es_client(s: Settings, **kwargs):
+def es_client(s: Settings, **kwargs: Any) -> Elasticsearch:
     """An Elasticsearch client over every configured node (it fails over between them).
 
     A plain call is retried on another node (ES_TRANSPORT_RETRIES, no backoff); calls that a
     policy of orchard.core.retry wraps turn that off (retry.without_transport_retries).
     """
-    from elasticsearch import Elasticsearch
-
-    options = {
+    options: dict[str, Any] = {
         "request_timeout": ES_REQUEST_TIMEOUT_SECONDS,
         "retry_on_timeout": True,
         "max_retries": ES_TRANSPORT_RETRIES,

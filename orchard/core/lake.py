@@ -106,39 +106,9 @@ def model_uri(bucket: str, version: str, name: str) -> str:
 # --- image documents (es_mappings/images.json) ----------------------------------------------------
 
 
-class Field:
-    """Field names of an image document; nested fields as the dotted paths queries use."""
-
-    ID: Final = "id"  # = the content sha256 = the document _id
-    DATASET: Final = "dataset"
-    SPLIT: Final = "split"
-    LABEL: Final = "label"
-    LABEL_TEXT: Final = "label_text"
-    BUCKET: Final = "bucket"
-    KEY: Final = "key"
-    URI: Final = "uri"
-    BYTES: Final = "bytes"
-    FORMAT: Final = "format"
-    WIDTH: Final = "width"
-    HEIGHT: Final = "height"
-    CHANNELS: Final = "channels"
-    COLOR_MODE: Final = "color_mode"
-    SHA256: Final = "sha256"
-    ETAG: Final = "etag"
-    UPLOADED_AT: Final = "uploaded_at"
-    SOURCE_PATH: Final = "source_path"
-    PREDICTION: Final = "prediction"  # object: see Prediction
-    PREDICTION_LABEL: Final = "prediction.label"
-    PREDICTION_CONFIDENCE: Final = "prediction.confidence"
-    PREDICTION_TOP5: Final = "prediction.top5"
-    PREDICTION_MODEL_VERSION: Final = "prediction.model_version"
-    PREDICTION_PREDICTED_AT: Final = "prediction.predicted_at"
-    PREDICTION_ERROR: Final = "prediction.error"
-    EMBEDDING: Final = "embedding"
-    EMBEDDING_MODEL: Final = "embedding_model"
-    PCA: Final = "pca"  # object: see Pca
-    PCA_X: Final = "pca.x"
-    PCA_Y: Final = "pca.y"
+def path(*names: str) -> str:
+    """The dotted path of a nested field: `path(Field.PREDICTION, Prediction.LABEL)` is `prediction.label`."""
+    return ".".join(names)
 
 
 class Prediction:
@@ -159,9 +129,40 @@ class Pca:
     Y: Final = "y"
 
 
-def path(*names: str) -> str:
-    """The dotted path of a nested field: `path(Field.PREDICTION, Prediction.LABEL)` is `prediction.label`."""
-    return ".".join(names)
+class Field:
+    """Field names of an image document; nested fields as the dotted paths queries use (built from the
+    names inside their objects, `Prediction` and `Pca`)."""
+
+    ID: Final = "id"  # = the content sha256 = the document _id
+    DATASET: Final = "dataset"
+    SPLIT: Final = "split"
+    LABEL: Final = "label"
+    LABEL_TEXT: Final = "label_text"
+    BUCKET: Final = "bucket"
+    KEY: Final = "key"
+    URI: Final = "uri"
+    BYTES: Final = "bytes"
+    FORMAT: Final = "format"
+    WIDTH: Final = "width"
+    HEIGHT: Final = "height"
+    CHANNELS: Final = "channels"
+    COLOR_MODE: Final = "color_mode"
+    SHA256: Final = "sha256"
+    ETAG: Final = "etag"
+    UPLOADED_AT: Final = "uploaded_at"
+    SOURCE_PATH: Final = "source_path"
+    PREDICTION: Final = "prediction"  # object: see Prediction
+    PREDICTION_LABEL: Final = path(PREDICTION, Prediction.LABEL)
+    PREDICTION_CONFIDENCE: Final = path(PREDICTION, Prediction.CONFIDENCE)
+    PREDICTION_TOP5: Final = path(PREDICTION, Prediction.TOP5)
+    PREDICTION_MODEL_VERSION: Final = path(PREDICTION, Prediction.MODEL_VERSION)
+    PREDICTION_PREDICTED_AT: Final = path(PREDICTION, Prediction.PREDICTED_AT)
+    PREDICTION_ERROR: Final = path(PREDICTION, Prediction.ERROR)
+    EMBEDDING: Final = "embedding"
+    EMBEDDING_MODEL: Final = "embedding_model"
+    PCA: Final = "pca"  # object: see Pca
+    PCA_X: Final = path(PCA, Pca.X)
+    PCA_Y: Final = path(PCA, Pca.Y)
 
 
 # --- stored times -----------------------------------------------------------------------------------

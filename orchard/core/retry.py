@@ -24,6 +24,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import urllib3
+from elastic_transport import ConnectionError as EsConnectionError
+from elastic_transport import ConnectionTimeout, TlsError
+from elasticsearch import ApiError, Elasticsearch
+from elasticsearch.helpers import streaming_bulk
+from minio.error import InvalidResponseError, S3Error, ServerError
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -199,9 +205,6 @@ def retried(policy: Policy, retry_on: Callable[[BaseException], bool], logger: l
 
 def s3_transient(exc: BaseException) -> bool:
     """True for S3 errors worth retrying: throttling, 5xx, dropped connections, timeouts."""
-    import urllib3
-    from minio.error import InvalidResponseError, S3Error, ServerError
-
     if isinstance(exc, S3Error):
         return exc.code in S3_TRANSIENT_CODES
     if isinstance(exc, (ServerError, InvalidResponseError)):
@@ -211,9 +214,6 @@ def s3_transient(exc: BaseException) -> bool:
 
 def es_connection_error(exc: BaseException) -> bool:
     """A connection refused or dropped, or a timeout (not a TLS failure: retrying cannot fix that)."""
-    from elastic_transport import ConnectionError as EsConnectionError
-    from elastic_transport import ConnectionTimeout, TlsError
-
     if isinstance(exc, TlsError):
         return False
     return isinstance(exc, (EsConnectionError, ConnectionTimeout, ConnectionError, TimeoutError))
@@ -221,14 +221,12 @@ def es_connection_error(exc: BaseException) -> bool:
 
 def es_transient(exc: BaseException) -> bool:
     """Connection problems, timeouts, throttling (429) and unavailable shards (502-504)."""
-    from elasticsearch import ApiError
-
     if isinstance(exc, ApiError):
         return exc.status_code in ES_RETRY_STATUS
     return es_connection_error(exc)
 
 
-def without_transport_retries(es):
+def without_transport_retries(es: Elasticsearch) -> Elasticsearch:
     """The same Elasticsearch client without its own retries, for calls a policy retries."""
     return es.options(max_retries=0)
 
@@ -254,18 +252,16 @@ class BulkResends:
         self._round = 0  # resends so far of the chunk in flight
         self._pending = 0  # documents the helper resends with its next request
 
-    def stream(self, es, actions: Iterable[dict], **kwargs: Any) -> Iterable[tuple[bool, dict[str, Any]]]:
+    def stream(
+        self, es: Elasticsearch, actions: Iterable[dict], **kwargs: Any
+    ) -> Iterable[tuple[bool, dict[str, Any]]]:
         """streaming_bulk(es without transport retries, actions, **policy options, **kwargs)."""
-        from elasticsearch.helpers import streaming_bulk
-
         self._round = self._pending = 0
         client: Any = _ObservedClient(without_transport_retries(es), self)  # an Elasticsearch as far as it can tell
         return streaming_bulk(client, actions, **self.policy.streaming_bulk_options(), **kwargs)
 
     def _send(self, bulk: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """One bulk request of streaming_bulk, observed."""
-        from elasticsearch import ApiError
-
         resending = self._pending
         self._round = self._round + 1 if resending else 0
         self._pending = 0
@@ -326,7 +322,7 @@ class _ObservedClient:
 
     __slots__ = ("_client", "_resends")
 
-    def __init__(self, client, resends: BulkResends) -> None:
+    def __init__(self, client: Elasticsearch, resends: BulkResends) -> None:
         object.__setattr__(self, "_client", client)
         object.__setattr__(self, "_resends", resends)
 

@@ -109,6 +109,14 @@ class Settings(BaseSettings):
                     f"(it writes {self.credentials_file}) or export {var}"
                 )
 
+    def secret(self, name: str) -> str:
+        """The value of the secret field `name` (e.g. "s3_secret_key"); ConfigError as `require` when unset."""
+        self.require(name)
+        value = getattr(self, name)
+        if not isinstance(value, SecretStr):
+            raise TypeError(f"{name} is not a secret field of Settings")
+        return value.get_secret_value()
+
 
 def load_settings(**overrides: Any) -> Settings:
     """Build the frozen settings: `overrides` (CLI flags, None = unset) win over the environment.

@@ -11,7 +11,12 @@ the per-process client caches below (Spark reuses Python workers across tasks).
 from __future__ import annotations
 
 import functools
+import logging
 
+from elasticsearch import Elasticsearch
+from minio import Minio
+
+from orchard.core.clients import es_client, s3_client
 from orchard.core.settings import Settings
 
 EXECUTOR_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [python worker %(process)d] %(message)s"
@@ -24,8 +29,6 @@ def configure_worker_logging() -> None:
     Python workers start with no logging configuration; their stderr lands in the executor's
     stderr file (work/<app>/<executor>/stderr), so warnings such as retries are kept there.
     """
-    import logging
-
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()
@@ -37,18 +40,14 @@ def configure_worker_logging() -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def es_of(s: Settings):
+def es_of(s: Settings) -> Elasticsearch:
     """The Elasticsearch client of this Python worker for settings `s` (built once)."""
-    from orchard.core.clients import es_client
-
     configure_worker_logging()
 
     return es_client(s, request_timeout=60)
 
 
 @functools.lru_cache(maxsize=4)
-def s3_of(s: Settings):
+def s3_of(s: Settings) -> Minio:
     """The MinIO client of this Python worker for settings `s` (built once; requires the S3 credentials)."""
-    from orchard.core.clients import s3_client
-
     return s3_client(s)

@@ -12,20 +12,20 @@ x, y are the first two components. Only the d x d covariance and per-partition c
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Iterator
 from functools import partial
+from typing import cast
 
 import numpy as np
 
+from orchard.core.clients import es_client
 from orchard.core.errors import ConfigError
 from orchard.core.lake import Field, Pca, features_uri
 from orchard.core.settings import Settings
 from orchard.spark_app.context import es_of
-from orchard.spark_app.images import read_image_files
-from orchard.spark_app.infer import PredictSpec, inputs
+from orchard.spark_app.infer import ModelRun, PredictSpec, inputs
 from orchard.spark_app.preprocess import choose_k
-from orchard.spark_app.sink import Tally, log_retries, merge_tallies, write_actions
+from orchard.spark_app.sink import Tally, merge_tallies, write_actions
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def write_embeddings(spark, files_df, spec: PredictSpec, spark_model, layer: str
 def fit_pca(embeddings_df):
     """(fitted pipeline, explained variance ratios of all components, dims) of centred embeddings."""
     from pyspark.ml import Pipeline
-    from pyspark.ml.feature import PCA, StandardScaler
+    from pyspark.ml.feature import PCA, PCAModel, StandardScaler
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
 
@@ -66,14 +66,15 @@ def fit_pca(embeddings_df):
     if first is None:
         raise ConfigError("no embeddings to fit PCA on (no decodable images?)")
     dims = int(first.d)
-    vectors = embeddings_df.withColumn("features", array_to_vector("embedding"))
+    vectors = embeddings_df.withColumn("features", array_to_vector(F.col("embedding")))
     pipeline = Pipeline(
         stages=[
             StandardScaler(withMean=True, withStd=False, inputCol="features", outputCol="centred"),
             PCA(k=dims, inputCol="centred", outputCol="components"),
         ]
     ).fit(vectors)
-    explained = pipeline.stages[-1].explainedVariance.toArray().tolist()
+    pca_model = cast(PCAModel, pipeline.stages[-1])  # the fitted PCA stage (the pipeline's last)
+    explained = pca_model.explainedVariance.toArray().tolist()
     return pipeline, explained, dims
 
 
@@ -83,7 +84,7 @@ def project(pipeline, embeddings_df, k: int):
     from pyspark.sql import functions as F
 
     components = vector_to_array(F.col("components"))
-    return pipeline.transform(embeddings_df.withColumn("features", array_to_vector("embedding"))).select(
+    return pipeline.transform(embeddings_df.withColumn("features", array_to_vector(F.col("embedding")))).select(
         "id",
         "key",
         "split",
@@ -120,8 +121,6 @@ def write_features(projected_df, s: Settings, version: str, chunk_size: int = 20
 
 def check_embedding_dims(s: Settings, dims: int) -> None:
     """ConfigError if the images index already maps `embedding` with another number of dims."""
-    from orchard.core.clients import es_client
-
     mapping = es_client(s).indices.get_mapping(index=s.images_index)
     for body in mapping.body.values():
         existing = body["mappings"].get("properties", {}).get(Field.EMBEDDING, {}).get("dims")
@@ -144,16 +143,11 @@ def run_features(
     images_per_partition: int = 64,
 ) -> dict:
     """Embeddings -> Parquet -> PCA -> Parquet + documents; returns the run summary."""
-    from orchard.spark_app.versions import load_version
-
-    began = time.monotonic()
     choose_k([1.0], threshold)  # validates the threshold before any work
-    spark_model, card = load_version(s, version)
-    spec = PredictSpec.from_card(s, card, batch_size)
-    files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
+    run = ModelRun.start(spark, s, dataset, version, split, batch_size, images_per_partition)
     emb_uri = features_uri(s.features_bucket, dataset, version, "embeddings")
     pca_uri = features_uri(s.features_bucket, dataset, version, "pca")
-    skipped = write_embeddings(spark, files, spec, spark_model, layer, emb_uri)
+    skipped = write_embeddings(spark, run.files, run.spec, run.spark_model, layer, emb_uri)
     embeddings = spark.read.parquet(emb_uri)
     pipeline, explained, dims = fit_pca(embeddings)
     check_embedding_dims(s, dims)
@@ -161,13 +155,8 @@ def run_features(
     projected = project(pipeline, embeddings, k)
     projected.drop("embedding").write.mode("overwrite").parquet(pca_uri)
     tally = write_features(projected, s, version)  # the same deterministic transform, read again
-    log_retries(tally)
-    from orchard.core.clients import es_client
-
-    es_client(s).indices.refresh(index=s.images_index)
-    return features_summary(
-        version, dims, k, explained, threshold, skipped, tally, emb_uri, pca_uri, time.monotonic() - began
-    )
+    seconds = run.finish(tally)
+    return features_summary(version, dims, k, explained, threshold, skipped, tally, emb_uri, pca_uri, seconds)
 
 
 def features_summary(

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from orchard.core.errors import DatasetNotFound
 from orchard.core.lake import dataset_uri, key_of, parse_key
@@ -50,13 +51,11 @@ def decode_image(content: bytes, size: tuple[int, int], channels: int = 3) -> np
 
     Raises ImageDecodeError with a short reason when Pillow cannot read the bytes.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(io.BytesIO(content)) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
+        with Image.open(io.BytesIO(content)) as opened:
+            img = opened.convert("L" if channels == 1 else "RGB")
             if img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
+                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(f"undecodable image: {type(exc).__name__}: {exc}"[:240]) from None

@@ -14,9 +14,11 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from orchard.core.clients import es_client
 from orchard.core.errors import ItemsFailed
 from orchard.core.iterables import batched
 from orchard.core.lake import Field, Prediction, path, utc_timestamp
@@ -25,6 +27,12 @@ from orchard.spark_app.context import es_of
 from orchard.spark_app.images import ImageRef, decode_rows, read_image_files
 from orchard.spark_app.preprocess import as_probabilities, cross_entropy_terms, preprocessor, top_k
 from orchard.spark_app.sink import Tally, log_retries, merge_tallies, tally_partition
+from orchard.spark_app.versions import load_version
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+    from orchard.spark_app.model import OrchardSparkModel
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +108,16 @@ def error_doc(spec: PredictSpec, error: str) -> dict:
 
 def same_prediction(stored: dict | None, new: dict) -> bool:
     """True if the stored prediction already says what `new` says (same model, label and error)."""
-    return bool(stored) and all(stored.get(f) == new.get(f) for f in SAME_WHEN_EQUAL)
+    if not stored:
+        return False
+    return all(stored.get(f) == new.get(f) for f in SAME_WHEN_EQUAL)
 
 
 def model_inputs(spec: PredictSpec, rows: Iterable) -> Iterator[tuple[tuple[ImageRef, str | None], np.ndarray | None]]:
     """mapPartitions body: ((ref, error), preprocessed image or None) per (path, content) row."""
     prep = preprocessor(spec.preprocessing)
     for ref, array, error in decode_rows(rows, spec.settings.images_bucket, spec.size, spec.channels):
-        yield (ref, error), (prep(array) if error is None else None)
+        yield (ref, error), (prep(array) if array is not None else None)  # array is None exactly when error is set
 
 
 def inputs(files_rdd, spec: PredictSpec):
@@ -129,8 +139,8 @@ def to_predictions(spec: PredictSpec, outputs: Iterable) -> Iterator[tuple[Image
     for errors, refs, probs in probability_batches(spec, outputs):
         for ref, error in errors:
             yield ref, error_doc(spec, error)
-        if refs:
-            for ref, top in zip(refs, top_k(probs, spec.classes, spec.top)):
+        if probs is not None:  # None exactly when the batch has no decoded image (refs empty)
+            for ref, top in zip(refs, top_k(probs, spec.classes, spec.top), strict=True):
                 yield ref, prediction_doc(spec, top)
 
 
@@ -196,6 +206,8 @@ def score_partition(spec: PredictSpec, splits: frozenset[str] | None, outputs: I
     for errors, refs, probs in probability_batches(spec, outputs):
         for ref, _ in errors:
             add_score(scores, ref.split, (0, 0, 0.0, 1))
+        if probs is None:  # no decoded image in this batch (refs empty)
+            continue
         for i, ref in enumerate(refs):
             if splits is not None and ref.split not in splits:
                 continue
@@ -210,8 +222,8 @@ def score_partition(spec: PredictSpec, splits: frozenset[str] | None, outputs: I
 
 def add_score(scores: dict[str, Score], split: str, score: Score) -> None:
     """Add one score tuple to a split's running totals."""
-    old = scores.get(split, (0, 0, 0.0, 0))
-    scores[split] = tuple(a + b for a, b in zip(old, score))
+    images, correct, loss, skipped = scores.get(split, (0, 0, 0.0, 0))
+    scores[split] = (images + score[0], correct + score[1], loss + score[2], skipped + score[3])
 
 
 def merge_scores(a: dict[str, Score], b: dict[str, Score]) -> dict[str, Score]:
@@ -241,6 +253,44 @@ def evaluate(files_rdd, spec: PredictSpec, spark_model, splits: set[str] | None 
     return results
 
 
+@dataclass(frozen=True)
+class ModelRun:
+    """What a model job over a dataset's images (`orchard infer`, `orchard features`) starts with and
+    ends with: a registered version loaded on the driver, its spec, the image files; then, after the
+    executors' writes, the resends logged and the images index refreshed."""
+
+    spark_model: OrchardSparkModel
+    spec: PredictSpec
+    files: DataFrame  # (path, content), read by the executors
+    began: float  # time.monotonic() at the start
+
+    @classmethod
+    def start(
+        cls,
+        spark,
+        s: Settings,
+        dataset: str,
+        version: str,
+        split: str | None,
+        batch_size: int,
+        images_per_partition: int,
+    ) -> ModelRun:
+        """Load `version` (driver side) and list the images of `dataset` (split)."""
+        began = time.monotonic()
+        spark_model, card = load_version(s, version)
+        spec = PredictSpec.from_card(s, card, batch_size)
+        files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
+        return cls(spark_model, spec, files, began)
+
+    def finish(self, tally: Tally) -> float:
+        """After the executors' writes: log their resends, make the documents searchable (refresh);
+        returns the seconds since the start."""
+        s = self.spec.settings
+        log_retries(tally)
+        es_client(s).indices.refresh(index=s.images_index)
+        return time.monotonic() - self.began
+
+
 def run_inference(
     spark,
     s: Settings,
@@ -253,25 +303,17 @@ def run_inference(
 ) -> dict:
     """Predict every image of a dataset (split) and write the predictions; returns the run summary
     (counts, failure reasons and examples; the caller decides the exit status)."""
-    from orchard.spark_app.versions import load_version
-
-    began = time.monotonic()
-    spark_model, card = load_version(s, version)
-    spec = PredictSpec.from_card(s, card, batch_size)
-    files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
+    run = ModelRun.start(spark, s, dataset, version, split, batch_size, images_per_partition)
     loads = spark.sparkContext.accumulator(0)
     log.info(
         "inference of %s with %s, %d partitions",
         dataset + (f"/{split}" if split else ""),
         version,
-        files.rdd.getNumPartitions(),
+        run.files.rdd.getNumPartitions(),
     )
-    tally = write_predictions(predict(files.rdd, spec, spark_model, loads), s, force)
-    log_retries(tally)
-    from orchard.core.clients import es_client
-
-    es_client(s).indices.refresh(index=s.images_index)
-    return inference_summary(tally, version, loads.value, time.monotonic() - began, spec.predicted_at)
+    tally = write_predictions(predict(run.files.rdd, run.spec, run.spark_model, loads), s, force)
+    seconds = run.finish(tally)
+    return inference_summary(tally, version, loads.value, seconds, run.spec.predicted_at)
 
 
 def inference_summary(tally: Tally, version: str, loads: int, seconds: float, predicted_at: str = "") -> dict:

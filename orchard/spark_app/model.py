@@ -20,6 +20,7 @@ Elephas 7.3.0 under TF 2.19 / Keras 3 / pyspark 4.0 (checked against its source)
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -28,9 +29,11 @@ import uuid
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-for _key, _value in {"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1"}.items():
-    os.environ.setdefault(_key, _value)  # before TensorFlow is imported: no CUDA probing noise
+# Before TensorFlow is imported: no CUDA probing noise (ruff's E402 accepts os.environ changes here).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 
 import keras
 import numpy as np
@@ -40,8 +43,10 @@ from elephas.utils.functional_utils import average_and_subtract
 from elephas.worker import SparkWorker
 from tensorflow.keras.optimizers import serialize as serialize_optimizer
 
-from orchard.core.iterables import batched
-from orchard.spark_app.preprocess import mean_history
+from orchard.spark_app.preprocess import map_batches, mean_history
+
+if TYPE_CHECKING:
+    from pyspark import Broadcast
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +54,25 @@ DEFAULT_SIZE = (100, 100)
 ARCHITECTURE = "orchard-cnn-v1"
 EMBEDDING_LAYER = "embedding"
 
+# What predict_stream computes: False = the model's output; None = the embedding layer (`embedding`
+# or the penultimate); a name = that layer's output.
+Layer = str | Literal[False] | None
+
 _threads_lock = threading.Lock()
-_threads_set = False
+_threads_set = threading.Event()  # set once this process has limited TensorFlow's threads
 
 
 def configure_tf(threads: int | None = 1) -> None:
     """Limit TensorFlow to `threads` intra/inter-op threads (None: leave TF's defaults); once per process."""
-    global _threads_set
     with _threads_lock:
-        if _threads_set or threads is None:
+        if _threads_set.is_set() or threads is None:
             return
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(threads)
         except RuntimeError:  # TF already initialised in this process: the env vars applied instead
             pass
-        _threads_set = True
+        _threads_set.set()
 
 
 def build_cnn(
@@ -112,8 +120,6 @@ def load_model_file(path: Path):
 
 def weights_digest(model) -> str:
     """sha256 hex of the model's weights (the short hash in version ids)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for w in model.get_weights():
         digest.update(np.ascontiguousarray(w).tobytes())
@@ -154,7 +160,7 @@ class LoadedModel:
     """A model loaded in this Python worker, with what decoding needs to know about its input."""
 
     uri: str
-    model: object
+    model: keras.Model
     size: tuple[int, int]
     channels: int
     _embedders: dict = field(default_factory=dict)
@@ -183,7 +189,7 @@ class ShippedModel:
 
     token: str  # unique per shipped instance: the per-worker cache key
     model_json: str
-    weights: object  # pyspark Broadcast of model.get_weights()
+    weights: Broadcast[list[np.ndarray]]  # model.get_weights()
 
     def get(self) -> tuple[LoadedModel, bool]:
         """(model, True if this call built it) in this Python worker."""
@@ -199,18 +205,14 @@ class ShippedModel:
             return _models[self.token], True
 
 
-def stream_partition(shipped: ShippedModel, batch_size: int, layer: str | None, loads, items):
+def stream_partition(shipped: ShippedModel, batch_size: int, layer: Layer, loads, items):
     """Executor body of `OrchardSparkModel.predict_stream`: (meta, x or None) in, (meta, output or None)
     out, one batch of `batch_size` inputs in memory at a time."""
     loaded, fresh = shipped.get()
     if fresh and loads is not None:
         loads.add(1)
     run = partial(loaded.embed, layer=layer) if layer is not False else loaded.predict
-    for batch in batched(items, batch_size):
-        xs = [x for _, x in batch if x is not None]
-        outputs = iter(run(np.stack(xs))) if xs else iter(())
-        for meta, x in batch:
-            yield meta, (next(outputs) if x is not None else None)
+    yield from map_batches(run, items, batch_size)
 
 
 def _round_robin(parts: int, index: int, items):
@@ -284,7 +286,7 @@ class OrchardSparkModel(SparkModel):
         net = self._master_network
         return ShippedModel(uuid.uuid4().hex, net.to_json(), sc.broadcast(net.get_weights()))
 
-    def predict_stream(self, rdd, batch_size: int = 64, layer: str | bool | None = False, loads=None):
+    def predict_stream(self, rdd, batch_size: int = 64, layer: Layer = False, loads=None):
         """Streaming predict returning an RDD: the extension Elephas' `predict` lacks.
 
         `rdd` holds (meta, preprocessed x or None); the result holds (meta, model output or None),

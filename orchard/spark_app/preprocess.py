@@ -6,10 +6,12 @@ No TensorFlow here, so executors and unit tests can use them cheaply.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
+
+from orchard.core.iterables import batched
 
 T = TypeVar("T")
 
@@ -78,7 +80,19 @@ def top_k(probs: np.ndarray, labels: Sequence[str], k: int = 5) -> list[list[tup
     k = min(k, probs.shape[1])
     # A stable sort on -p keeps the lower class index first among equal probabilities (deterministic).
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [[(labels[i], float(row[i])) for i in idx] for row, idx in zip(probs, order)]
+    return [[(labels[i], float(row[i])) for i in idx] for row, idx in zip(probs, order, strict=True)]
+
+
+def map_batches(
+    run: Callable[[np.ndarray], np.ndarray], items: Iterable[tuple[T, np.ndarray | None]], batch_size: int
+) -> Iterator[tuple[T, np.ndarray | None]]:
+    """(meta, x or None) in, (meta, run's output row for x, or None) out, in order: `run` gets the
+    stacked non-None xs of each batch of `batch_size` items, so one batch at a time is in memory."""
+    for batch in batched(items, batch_size):
+        xs = [x for _, x in batch if x is not None]
+        outputs = iter(run(np.stack(xs))) if xs else iter(())
+        for meta, x in batch:
+            yield meta, (next(outputs) if x is not None else None)
 
 
 def label_map(labels: Iterable[str]) -> dict[str, int]:

@@ -15,6 +15,8 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+from minio.error import S3Error
+
 from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ConfigError
 from orchard.core.lake import model_uri
@@ -62,8 +64,6 @@ def put_json(s: Settings, key: str, body: dict) -> None:
 @_retrying
 def get_json(s: Settings, version: str, name: str) -> dict:
     """A JSON file of a version; ConfigError if the version does not exist."""
-    from minio.error import S3Error
-
     client = s3_client(s)
     try:
         response = client.get_object(s.models_bucket, f"{version}/{name}")

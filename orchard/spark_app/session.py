@@ -61,14 +61,14 @@ def package_zip(dest_dir: Path, root: Path = REPO_ROOT) -> Path:
 
 def spark_conf(s: Settings, app_name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Every conf key the session sets: master, s3a endpoint + credentials, classpath, Python, env."""
-    s.require("s3_access_key", "s3_secret_key")
+    access_key, secret_key = s.secret("s3_access_key"), s.secret("s3_secret_key")
     tools = Toolchain.from_cache(s.cache_dir)
     conf = {
         "spark.app.name": app_name,
         "spark.master": s.spark_master_url,
         **s3a_conf(s),
-        "spark.hadoop.fs.s3a.access.key": s.s3_access_key.get_secret_value(),
-        "spark.hadoop.fs.s3a.secret.key": s.s3_secret_key.get_secret_value(),
+        "spark.hadoop.fs.s3a.access.key": access_key,
+        "spark.hadoop.fs.s3a.secret.key": secret_key,
         "spark.pyspark.python": str(tools.python),
         "spark.pyspark.driver.python": str(tools.python),
         **DEFAULT_CONF,

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from elasticsearch import ApiError
+
 from orchard.core.iterables import batched
 from orchard.core.retry import (
     ES_BULK,
@@ -93,8 +95,6 @@ def send_chunk(es, actions: list[dict], labels: dict[str, str], resends: BulkRes
     by the helper (ES_BULK), each resend logged and counted in `retried`; those still rejected after
     the last resend fail with their reason. Raises on connection errors and timeouts (the caller
     redoes the chunk) and on a whole request refused with a status not worth resending."""
-    from elasticsearch import ApiError
-
     resends = resends or BulkResends(ES_BULK, log)
     resent_before = resends.resent
     tally, done = Tally(), set()

@@ -47,8 +47,8 @@ def labelled_examples(
     """mapPartitions body: (preprocessed image, one-hot label) per decodable image of a known class."""
     index = label_map(classes)
     prep = preprocessor(preprocessing)
-    for ref, array, error in decode_rows(rows, bucket, size):
-        if error is not None or ref.label not in index:
+    for ref, array, _error in decode_rows(rows, bucket, size):
+        if array is None or ref.label not in index:  # undecodable (array is None exactly when error is set)
             if skipped is not None:
                 skipped.add(1)
             continue
@@ -57,7 +57,8 @@ def labelled_examples(
 
 def train_rdd(files_df, bucket: str, classes: list[str], skipped=None):
     """RDD of (x, y) for Elephas from a DataFrame of (path, content)."""
-    from orchard.spark_app.model import DEFAULT_SIZE
+    # TensorFlow: loaded only when a model is trained (the caller, fit, has loaded it already).
+    from orchard.spark_app.model import DEFAULT_SIZE  # noqa: PLC0415
 
     body = partial(labelled_examples, bucket, tuple(classes), PREPROCESSING, DEFAULT_SIZE, skipped=skipped)
     return files_df.rdd.mapPartitions(body)
@@ -74,7 +75,8 @@ def fit(
     images_per_partition: int,
 ):
     """Train the default CNN with Elephas; returns (Elephas model, classes, workers)."""
-    from orchard.spark_app import model as keras_model
+    # TensorFlow: loaded only when a model is trained.
+    from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
     files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
     classes = discover_classes(files)
@@ -107,7 +109,8 @@ def fit(
 
 def model_card(version: str, classes: list[str], net) -> dict:
     """labels.json of a version trained here."""
-    from orchard.spark_app import model as keras_model
+    # TensorFlow: loaded only when a model is trained (the caller has loaded it already).
+    from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
     return {
         "version": version,
@@ -160,7 +163,8 @@ def run_training(
     images_per_partition: int = 64,
 ) -> dict:
     """Train, save, evaluate and register a model version; returns the registry document."""
-    from orchard.spark_app import model as keras_model
+    # TensorFlow: loaded only when a model is trained.
+    from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
     began = time.monotonic()
     spark_model, classes, workers = fit(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchard.core.errors import ConfigError
 from orchard.core.files import read_names, sha256_file
@@ -16,10 +17,14 @@ from orchard.core.settings import Settings
 from orchard.spark_app import registry
 from orchard.spark_app.preprocess import preprocessor
 
+if TYPE_CHECKING:
+    from orchard.spark_app.model import OrchardSparkModel
 
-def load_version(s: Settings, version: str) -> tuple:
+
+def load_version(s: Settings, version: str) -> tuple[OrchardSparkModel, dict]:
     """(Elephas-wrapped model, model card) of a registered version, loaded in this (driver) process."""
-    from orchard.spark_app import model as keras_model  # TensorFlow: loaded only when a model is
+    # TensorFlow: loaded only when a model version is loaded.
+    from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
     card = registry.load_card(s, version)
     with tempfile.TemporaryDirectory(prefix="orchard-model-") as tmp:
@@ -40,7 +45,8 @@ def import_model_file(s: Settings, path: Path, preprocessing: str, labels_path: 
 
     The file is loaded once on the driver to check it and read its input size and number of classes.
     """
-    from orchard.spark_app import model as keras_model  # TensorFlow: loaded only when a file is imported
+    # TensorFlow: loaded only when a model file is imported.
+    from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
     preprocessor(preprocessing)  # fail fast on an unknown name
     if not path.is_file():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from orchard.core.errors import ConfigError, ServiceUnavailable
 from orchard.core.files import read_env_file
-from orchard.core.health import CLUSTER_PROBES, Probe, probe_url
+from orchard.core.health import CLUSTER_PROBES, probe_url
 from orchard.core.settings import Settings, with_credentials_file
 from orchard.core.toolchain import Toolchain
 from orchard.stack import process
@@ -80,8 +80,8 @@ def prepare(service: Service, layout: Layout, tools: Toolchain) -> None:
         for sub in (layout.data, layout.logs, layout.tmp, layout.conf):
             (sub / service.name).mkdir(parents=True, exist_ok=True)
     if service.kind == "lb":
-        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (layout.tmp / "nginx" / sub).mkdir(parents=True, exist_ok=True)
+        for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (layout.tmp / "nginx" / name).mkdir(parents=True, exist_ok=True)
     for path, text in service.files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
@@ -179,9 +179,9 @@ def _first_failure(
             return name, f"{probe.detail}; last log line: {process.last_line(layout.log_file(name))}"
         del pending[name]
     for cluster in sorted(clusters):
-        probe: Probe = CLUSTER_PROBES[cluster](s)
-        if not probe.ok:
-            return cluster, probe.detail
+        verdict = CLUSTER_PROBES[cluster](s)
+        if not verdict.ok:
+            return cluster, verdict.detail
         clusters.discard(cluster)
     return None
 
@@ -198,7 +198,7 @@ def down(s: Settings, purge: bool = False) -> list[str]:
     stopped = []
     with ThreadPoolExecutor(max_workers=8) as pool:
         for tier in tiers:
-            for pid_file, was_running in zip(tier, pool.map(process.stop, tier)):
+            for pid_file, was_running in zip(tier, pool.map(process.stop, tier), strict=True):
                 if was_running:
                     stopped.append(pid_file.stem)
                     log.info("stopped %s", pid_file.stem)
@@ -219,7 +219,7 @@ def tier_of(name: str) -> int:
 
 def status(s: Settings) -> list[ServiceStatus]:
     """One row per service: pid, port, health."""
-    tools, layout, services = stack_services(s)
+    _, layout, services = stack_services(s)
     rows = []
     for svc in services:
         pid = process.running_pid(layout.pid_file(svc.name))

@@ -27,12 +27,12 @@ def mc_env(s: Settings, endpoint: str | None = None) -> Iterator[dict[str, str]]
     secret with a `:` (read as the start of a session token) or one that needs %-escaping cannot
     be passed that way. In JSON any key works, and no key is ever on a command line.
     """
-    s.require("s3_access_key", "s3_secret_key")
+    access_key, secret_key = s.secret("s3_access_key"), s.secret("s3_secret_key")
     url = urlparse(endpoint or s.s3_url)
     alias = {
         "url": f"{url.scheme}://{url.netloc.rpartition('@')[2]}",
-        "accessKey": s.s3_access_key.get_secret_value(),
-        "secretKey": s.s3_secret_key.get_secret_value(),
+        "accessKey": access_key,
+        "secretKey": secret_key,
         "api": "s3v4",
         "path": "auto",
     }
@@ -57,7 +57,9 @@ def run_mc(
         return subprocess.run([mc, *args], env=env, capture_output=True, text=True, timeout=timeout, check=check)
 
 
-def mc_json(s: Settings, *args: str, **kwargs) -> list[dict]:
-    """Run `mc --json ARGS`; returns every JSON line it printed."""
-    out = run_mc(s, "--json", *args, **kwargs).stdout
+def mc_json(
+    s: Settings, *args: str, endpoint: str | None = None, timeout: float = 120, check: bool = True
+) -> list[dict]:
+    """Run `mc --json ARGS` (options as `run_mc`); returns every JSON line it printed."""
+    out = run_mc(s, "--json", *args, endpoint=endpoint, timeout=timeout, check=check).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip().startswith("{")]

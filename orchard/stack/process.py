@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,17 +110,13 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _kill_quietly(proc: psutil.Process) -> None:
-    try:
+    with contextlib.suppress(psutil.Error):
         proc.kill()
-    except psutil.Error:
-        pass
 
 
 def last_line(log_file: Path, max_bytes: int = 8192) -> str:
@@ -134,14 +133,12 @@ def last_line(log_file: Path, max_bytes: int = 8192) -> str:
 
 def port_in_use(host: str, port: int) -> bool:
     """True if something already listens on host:port."""
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_until(predicate, timeout: float, interval: float = 1.0) -> bool:
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 1.0) -> bool:
     """Poll `predicate()` until it is truthy or `timeout` seconds pass; returns the last verdict."""
     deadline = time.monotonic() + timeout
     while True:

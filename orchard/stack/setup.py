@@ -10,6 +10,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from elasticsearch import Elasticsearch
+from minio import Minio
+
 from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ServiceUnavailable
 from orchard.core.retry import ES_SETUP, S3_SETUP, es_transient, retried, s3_transient, without_transport_retries
@@ -45,7 +48,7 @@ def template_bodies(s: Settings, mappings_dir: Path = MAPPINGS_DIR) -> dict[str,
 
 
 @retried(S3_SETUP, s3_transient, log)  # MinIO may still be starting (orchard.core.retry)
-def ensure_bucket(client, bucket: str) -> bool:
+def ensure_bucket(client: Minio, bucket: str) -> bool:
     """Create `bucket` unless it exists; True if it was created."""
     if client.bucket_exists(bucket):
         return False
@@ -67,7 +70,7 @@ def apply_templates(s: Settings) -> None:
 
 
 @retried(ES_SETUP, es_transient, log)  # Elasticsearch may still be starting (orchard.core.retry)
-def put_templates(es, bodies: dict[str, dict[str, Any]]) -> None:
+def put_templates(es: Elasticsearch, bodies: dict[str, dict[str, Any]]) -> None:
     """Put the index templates, create the indices they template, wait for green (redone as a whole)."""
     es = without_transport_retries(es)
     for name, body in bodies.items():

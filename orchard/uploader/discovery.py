@@ -196,14 +196,18 @@ class Walker:
 
     def _root(self, root: Path) -> None:
         entries = _scan(root, self.found)
-        splits = {e.name for e in entries if e.is_dir(follow_symlinks=False) and normalise_split(e.name)}
+        splits = {  # split folder name -> its split
+            e.name: split
+            for e in entries
+            if e.is_dir(follow_symlinks=False) and (split := normalise_split(e.name)) is not None
+        }
         if not splits:
             self._split_dir(root, self.default_split, entries)
             return
         for entry in entries:
             kind = _kind(entry, self.found)
             if kind == "dir" and entry.name in splits:
-                self._split_dir(Path(entry.path), normalise_split(entry.name), _scan(Path(entry.path), self.found))
+                self._split_dir(Path(entry.path), splits[entry.name], _scan(Path(entry.path), self.found))
             elif kind == "dir":
                 self._fail_tree(
                     Path(entry.path),
@@ -243,21 +247,22 @@ class Walker:
             self.found.ignored += 1
             return
         if self.labels is not None and path.suffix.lower() == ARRAY_SUFFIX:
-            self._stack(path, split)
+            self._stack(path, split, self.labels)
             return
         self.found.fail(path, "no_label", f"not inside a class folder: expected {LAYOUT}")
 
-    def _stack(self, path: Path, split: str) -> None:
+    def _stack(self, path: Path, split: str, labels: list[str]) -> None:
+        """The rows of an .npy stack, row i labelled `labels[i]`."""
         shape = npy_shape(path)
         if shape is None or len(shape) < 3:
             self.found.fail(path, "not_stack", f"not an image stack: expected an (N, H, W[, C]) .npy, got {shape}")
             return
-        if shape[0] != len(self.labels):
-            self.found.fail(path, "label_count", f"stack of {shape[0]} images but --labels has {len(self.labels)}")
+        if shape[0] != len(labels):
+            self.found.fail(path, "label_count", f"stack of {shape[0]} images but --labels has {len(labels)}")
             return
         width = max(6, len(str(shape[0] - 1)))
         stem = unicodedata.normalize("NFC", path.stem)
-        for row, text in enumerate(self.labels):
+        for row, text in enumerate(labels):
             label = label_slug(text)
             if not label:
                 self.found.fail(f"{path}[{row}]", "bad_label", f"label {text!r} has no letters or digits")

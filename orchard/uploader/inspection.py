@@ -187,6 +187,8 @@ def image_properties(fh: BinaryIO, announced: str | None, limits: Limits) -> Pro
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise _decode_problem(exc) from None
     with image:
+        if image.format is None:  # not for a file Image.open read: the format plugin that read it sets it
+            raise BadInput("not_image", "not an image (no format recognised)")
         width, height = image.size
         if limits.max_pixels and width * height > limits.max_pixels:
             raise BadInput(

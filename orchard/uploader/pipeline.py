@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -35,7 +36,6 @@ import urllib3
 from elasticsearch import ApiError, Elasticsearch, TransportError
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
-from tenacity import retry_if_exception
 
 from orchard.core.errors import ConfigError, ServiceUnavailable
 from orchard.core.health import probe_minio_cluster
@@ -63,6 +63,18 @@ SERVICE_ERRORS = (
     ApiError,
     TransportError,
 )
+
+
+def _require_exists(
+    what: str, exists: Callable[[], bool], service: str, unreachable: tuple[type[Exception], ...]
+) -> None:
+    """ConfigError if `exists()` says `what` is missing, ServiceUnavailable if it raises one of `unreachable`."""
+    try:
+        found = exists()
+    except unreachable as exc:
+        raise ServiceUnavailable(f"{service} is unreachable: {exc}") from None
+    if not found:
+        raise ConfigError(f"{what} does not exist: run `orchard setup`")
 
 
 class ProgressBar(Protocol):
@@ -128,7 +140,7 @@ class Uploader:
         self.failed_writes_in_a_row = 0
         self.last_write_error = ""
         self.writes_unavailable = ""  # why MinIO cannot take writes at all (set once, stops the run)
-        self._put = transfer.put.retry_with(retry=retry_if_exception(self._worth_retrying))
+        self._put = transfer.retried_put(self._worth_retrying)
 
     def run(self, root: Path) -> Report:
         """Upload everything under `root`; returns the report (also kept on self.report)."""
@@ -240,34 +252,47 @@ class Uploader:
         """Submit the inspection of a batch (empty list when there is none)."""
         return [pool.submit(self._inspect, item) for item in batch or ()]
 
-    def _finish(self) -> Report:
-        self.report.finished_at = utc_timestamp()
+    @property
+    def _accounts(self) -> Report:
+        """The report of the run in progress (`run` creates it before anything is accounted)."""
+        if self.report is None:
+            raise RuntimeError("Uploader.run has not started")
         return self.report
 
+    def _fail(self, item: WorkItem, code: str, reason: str) -> None:
+        """Account for `item` as failed, for `reason`."""
+        self._accounts.record(Outcome.FAILED, Problem(item.source, code, reason, Outcome.FAILED, item.key))
+
+    def _finish(self) -> Report:
+        report = self._accounts
+        report.finished_at = utc_timestamp()
+        return report
+
     def _must_stop(self) -> bool:
-        stop = self.options.strict and self.report.failed > 0
-        self.report.stopped_early = stop
+        report = self._accounts
+        stop = self.options.strict and report.failed > 0
+        report.stopped_early = stop
         return stop
 
     def check_services(self) -> None:
         """Fail fast, with the fix in the message, if the bucket or index is missing or unreachable."""
-        try:
-            has_bucket = transfer.bucket_exists(self.s3, self.bucket)
-        except UPLOAD_ERRORS as exc:
-            raise ServiceUnavailable(f"MinIO at {self.settings.s3_url} is unreachable: {exc}") from None
-        if not has_bucket:
-            raise ConfigError(f"bucket {self.bucket!r} does not exist: run `orchard setup`")
+        _require_exists(
+            f"bucket {self.bucket!r}",
+            partial(transfer.bucket_exists, self.s3, self.bucket),
+            f"MinIO at {self.settings.s3_url}",
+            UPLOAD_ERRORS,
+        )
         problem = self.write_quorum_problem()
         if problem:  # reads work, writes would hang then fail: say so before sending anything
             raise ServiceUnavailable(
                 f"{problem}: nothing was uploaded. Re-run once `orchard stack status` shows the MinIO nodes up."
             )
-        try:
-            has_index = index.index_exists(self.es, self.index)
-        except Exception as exc:
-            raise ServiceUnavailable(f"Elasticsearch at {self.settings.es_urls[0]} is unreachable: {exc}") from None
-        if not has_index:
-            raise ConfigError(f"index {self.index!r} does not exist: run `orchard setup`")
+        _require_exists(
+            f"index {self.index!r}",
+            partial(index.index_exists, self.es, self.index),
+            f"Elasticsearch at {self.settings.es_urls[0]}",
+            (Exception,),
+        )
 
     def _index_batch(self, stored: list[tuple[Plan, transfer.Stored]], done: int) -> None:
         self._index(stored)
@@ -281,7 +306,7 @@ class Uploader:
         try:
             return inspect_item(item, self.options.limits)
         except BadInput as exc:
-            self.report.record(Outcome.FAILED, Problem(item.source, exc.code, exc.reason, Outcome.FAILED, item.key))
+            self._fail(item, exc.code, exc.reason)
             return None
 
     def _plan(self, inspected: list[Inspected]) -> list[Plan]:
@@ -299,7 +324,7 @@ class Uploader:
         item = info.item
         duplicate_of = self._duplicate_of(info, existing.get(info.sha256))
         if duplicate_of:
-            self.report.record(
+            self._accounts.record(
                 Outcome.SKIPPED,
                 Problem(item.source, "duplicate", f"duplicate content of {duplicate_of}", Outcome.SKIPPED, item.key),
             )
@@ -314,7 +339,7 @@ class Uploader:
         )
         if plan.need_object or plan.need_doc:
             return plan
-        self.report.record(Outcome.PRESENT)
+        self._accounts.record(Outcome.PRESENT)
         return None
 
     def _duplicate_of(self, info: Inspected, doc: dict | None) -> str | None:
@@ -322,18 +347,16 @@ class Uploader:
         if info.sha256 in self.seen:
             return self.seen[info.sha256]
         if doc is not None and doc.get(Field.KEY) != info.item.key:
-            return f"{s3a_uri(self.bucket, doc.get(Field.KEY))} (indexed from {doc.get(Field.SOURCE_PATH)})"
+            return f"{s3a_uri(self.bucket, str(doc.get(Field.KEY)))} (indexed from {doc.get(Field.SOURCE_PATH)})"
         return None
 
     def _store(self, plan: Plan) -> tuple[Plan, transfer.Stored] | None:
         """PUT the object if needed; returns what the document records, or None on failure."""
-        if not plan.need_object:
-            remote = plan.remote
+        remote = plan.remote
+        if not plan.need_object and remote is not None:  # (need_object is False only with a remote object)
             return plan, transfer.Stored(remote.etag, remote.last_modified or utc_timestamp())
         if self.stop_reason:  # queued behind writes MinIO refused
-            item = plan.info.item
-            reason = "not attempted: " + self.stop_reason[:120]
-            self.report.record(Outcome.FAILED, Problem(item.source, "upload_error", reason, Outcome.FAILED, item.key))
+            self._fail(plan.info.item, "upload_error", "not attempted: " + self.stop_reason[:120])
             return None
         try:
             stored = self._put(self.s3, self.bucket, plan.info)
@@ -342,9 +365,7 @@ class Uploader:
         except UPLOAD_ERRORS as exc:
             if isinstance(exc, S3Error) or transfer.is_transient(exc):  # MinIO's refusal, not a local file error
                 self._count_write(exc)
-            item = plan.info.item
-            reason = f"upload failed: {exc}".replace("\n", " ")
-            self.report.record(Outcome.FAILED, Problem(item.source, "upload_error", reason, Outcome.FAILED, item.key))
+            self._fail(plan.info.item, "upload_error", f"upload failed: {exc}".replace("\n", " "))
             return None
 
     def _index(self, stored: list[tuple[Plan, transfer.Stored]]) -> None:
@@ -355,17 +376,16 @@ class Uploader:
             if plan.need_doc
         }
         results = index.create_documents(self.es, self.index, docs) if docs else {}
+        report = self._accounts
         for plan, _ in stored:
             item = plan.info.item
             status = results.get(plan.info.sha256, index.PRESENT)
             if status not in (index.CREATED, index.PRESENT):
-                self.report.record(
-                    Outcome.FAILED, Problem(item.source, "index_error", status, Outcome.FAILED, item.key)
-                )
+                self._fail(item, "index_error", status)
                 continue
             if plan.need_object:
-                self.report.bytes_uploaded += plan.info.size
+                report.bytes_uploaded += plan.info.size
             wrote = plan.need_object or status == index.CREATED
-            self.report.record(Outcome.UPLOADED if wrote else Outcome.PRESENT)
+            report.record(Outcome.UPLOADED if wrote else Outcome.PRESENT)
             if plan.replaced_sha and plan.replaced_sha != plan.info.sha256:
                 index.delete_document_if_key(self.es, self.index, plan.replaced_sha, item.key)

@@ -27,7 +27,7 @@ from orchard.core.lake import utc_timestamp
 log = logging.getLogger(__name__)
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     """What happened to one discovered item."""
 
     UPLOADED = "uploaded"

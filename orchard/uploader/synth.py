@@ -101,11 +101,12 @@ def class_specs(classes: int, seed: int) -> list[ClassSpec]:
         shift = rng.normal(0, 10 + 14 * min(variant, 1), 3)  # variants drift further
         scale = 1.0 + (rng.uniform(-0.08, 0.08) if variant else 0.0)
         name = template.name if variant == 0 else f"{template.name} {variant + 1}"
+        red, green, blue = (float(np.clip(c + s, 8, 250)) for c, s in zip(template.rgb, shift, strict=True))
         specs.append(
             ClassSpec(
                 name=name,
                 template=template,
-                rgb=tuple(float(np.clip(c + s, 8, 250)) for c, s in zip(template.rgb, shift)),
+                rgb=(red, green, blue),
                 size=(template.size[0] * scale, min(template.size[1] * scale, 0.95)),
                 aspect=template.aspect * float(rng.uniform(0.95, 1.05)),
             )
@@ -325,7 +326,7 @@ def synthesize(
     jobs = [(out, spec, index, counts, size, seed) for index, spec in enumerate(specs)]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = pool.map(write_class, *zip(*jobs))
+            results = pool.map(write_class, *zip(*jobs, strict=True))
             _add_results(summary, results, progress)
     else:
         _add_results(summary, (write_class(*job) for job in jobs), progress)

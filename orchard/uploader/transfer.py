@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -31,10 +32,10 @@ PREFIXES_CACHED = 4  # items arrive sorted by key, so only the current label fol
 
 
 # What is worth retrying, and how (orchard.core.retry; bounded in attempts and in time: with write
-# quorum lost MinIO answers 503 SlowDownWrite to every PUT, and a file must fail in seconds).
+# quorum lost MinIO answers 503 SlowDownWrite to every PUT, and a file must fail in seconds; PUTs:
+# `retried_put`).
 is_transient = s3_transient
 s3_read_retry = retried(S3_READ, s3_transient, log)
-s3_write_retry = retried(S3_WRITE, s3_transient, log)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Stored:
     uploaded_at: str
 
 
-def _meta_sha(metadata) -> str | None:
+def _meta_sha(metadata: Mapping[str, str] | None) -> str | None:
     """The sha256 user metadata from a listing or HEAD response (header case varies)."""
     if not metadata:
         return None
@@ -92,9 +93,9 @@ class RemoteIndex:
         return remote
 
     @s3_read_retry
-    def _list(self, prefix: str) -> dict[str, Remote]:
+    def _list(self, prefix: str) -> dict[str, Remote | None]:
         objects = self.client.list_objects(self.bucket, prefix=prefix, recursive=False, include_user_meta=True)
-        found = {}
+        found: dict[str, Remote | None] = {}
         for obj in objects:
             if obj.is_dir:
                 continue
@@ -121,11 +122,10 @@ class RemoteIndex:
         )
 
 
-@s3_write_retry
 def put(client: Minio, bucket: str, info: Inspected) -> Stored:
-    """Store `info`'s content at its key with its sha256 as metadata; retried on transient errors."""
+    """Store `info`'s content at its key with its sha256 as metadata (one attempt: see `retried_put`)."""
     key = info.item.key
-    metadata = {SHA_META: info.sha256}
+    metadata: dict[str, str | list[str] | tuple[str]] = {SHA_META: info.sha256}
     if info.data is not None:
         result = client.put_object(
             bucket, key, io.BytesIO(info.data), len(info.data), content_type=info.content_type, metadata=metadata
@@ -133,6 +133,14 @@ def put(client: Minio, bucket: str, info: Inspected) -> Stored:
     else:
         result = client.fput_object(bucket, key, str(info.item.path), content_type=info.content_type, metadata=metadata)
     return Stored(etag=(result.etag or "").strip('"'), uploaded_at=utc_timestamp())
+
+
+def retried_put(
+    retry_on: Callable[[BaseException], bool] = is_transient,
+) -> Callable[[Minio, str, Inspected], Stored]:
+    """`put` under the S3_WRITE policy, retrying the errors `retry_on` accepts (default: every transient one;
+    the uploader also stops retrying once MinIO has lost write quorum)."""
+    return retried(S3_WRITE, retry_on, log)(put)
 
 
 def bucket_exists(client: Minio, bucket: str) -> bool:

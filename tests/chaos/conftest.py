@@ -12,6 +12,7 @@ the table is printed at the end of the run and written to out/chaos/results.{jso
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -156,8 +157,9 @@ class Background:
     def __init__(self, argv: list[str], env: dict[str, str], log_dir: Path, name: str) -> None:
         self.argv = argv
         self.log_path = log_dir / f"{name}.log"
-        self._out = open(log_dir / f"{name}.stdout", "w+b")
-        self._err = open(log_dir / f"{name}.stderr", "w+b")
+        # Open for the command's whole life (it writes into them until it ends); closed in _result().
+        self._out = open(log_dir / f"{name}.stdout", "w+b")  # noqa: SIM115
+        self._err = open(log_dir / f"{name}.stderr", "w+b")  # noqa: SIM115
         self.proc = subprocess.Popen(
             argv, env=env, stdout=self._out, stderr=self._err, cwd=REPO, start_new_session=True
         )
@@ -197,10 +199,8 @@ class Background:
         return self._result()
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=30)
 
     def _result(self) -> Run:
@@ -288,16 +288,12 @@ class ChaosStack:
         proc = record.process() if record else None
         assert proc is not None, f"{service} is not running"
         family = [proc, *proc.children(recursive=True)]
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         for member in family:
-            try:
+            with contextlib.suppress(psutil.Error):
                 member.kill()
-            except psutil.Error:
-                pass
-        gone, alive = psutil.wait_procs(family, timeout=30)
+        _, alive = psutil.wait_procs(family, timeout=30)
         assert not alive, f"{service}: {alive} survived SIGKILL"
         log.info("SIGKILLed %s (pid %d, %d processes)", service, proc.pid, len(family))
         return proc.pid
@@ -510,8 +506,8 @@ def prediction_problems(docs: dict[str, dict], version: str) -> dict[str, str]:
 
 def read_json_line(text: str) -> dict:
     """The last line of `text` that is a JSON object (a command's --json summary)."""
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
+    for raw in reversed(text.strip().splitlines()):
+        line = raw.strip()
         if line.startswith("{"):
             return json.loads(line)
     raise AssertionError(f"no JSON summary in output:\n{text[-2000:]}")

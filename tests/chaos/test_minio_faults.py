@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -41,7 +42,7 @@ MINIO_NODES = ["minio1", "minio2", "minio3", "minio4"]
 class State:
     """What the ordered tests of this module hand on to each other."""
 
-    expected: dict[str, str] = {}  # key -> sha256 of every uploaded file
+    expected: ClassVar[dict[str, str]] = {}  # key -> sha256 of every uploaded file
     dataset = ""
 
 
@@ -141,7 +142,8 @@ def test_two_nodes_down_reads_work_writes_fail_clearly(minio_stack: ChaosStack, 
     assert mc_put.returncode != 0, "mc wrote an object without write quorum"
     ledger.record(
         f"SIGKILL {SECOND} too (2 of 4 down): reads, and a write attempt",
-        f"{len(State.expected)} objects read back; 18-file upload stopped after {took:.0f} s, exit {result.returncode}, "
+        f"{len(State.expected)} objects read back; "
+        f"18-file upload stopped after {took:.0f} s, exit {result.returncode}, "
         f'{len(reasons)} failed with a reason, {body["not_attempted"]} not attempted ("{why}")',
         len(lost),
     )

@@ -59,8 +59,10 @@ window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.images);
   var boxes = imgs.map(function (i) { var r = i.getBoundingClientRect();
     return {id: i.id || '', cls: i.className || '', alt: i.alt, x: r.left + window.scrollX,
-            y: r.top + window.scrollY, w: r.width, h: r.height, nw: i.naturalWidth, ok: i.complete && i.naturalWidth > 0}; });
-  document.body.setAttribute('data-probe', JSON.stringify({height: document.documentElement.scrollHeight, images: boxes}));
+            y: r.top + window.scrollY, w: r.width, h: r.height, nw: i.naturalWidth,
+            ok: i.complete && i.naturalWidth > 0}; });
+  document.body.setAttribute('data-probe',
+    JSON.stringify({height: document.documentElement.scrollHeight, images: boxes}));
 });
 </script>"""
 
@@ -269,7 +271,7 @@ def test_report_renders_in_chromium_with_visible_images_and_plots(demo_run) -> N
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape[1] == WIDTH and pixels.std() > 20  # not a blank page
     for box in images:
-        x, y, w, h = (int(round(box[k])) for k in ("x", "y", "w", "h"))
+        x, y, w, h = (round(box[k]) for k in ("x", "y", "w", "h"))
         assert w > 20 and h > 20, f"{box['id'] or box['alt']} is {w}x{h} px on the page"
         region = pixels[y : y + h, x : x + w]
         assert region.size and region.std() > 8, f"{box['id'] or box['alt']} looks blank in {shot}"

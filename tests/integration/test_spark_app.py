@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -54,7 +55,7 @@ class Dataset:
 
 def orchard(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
     """Run the CLI like a user; stdout/stderr captured."""
-    return subprocess.run([str(ORCHARD), *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([str(ORCHARD), *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -447,7 +448,7 @@ def test_pca_has_the_expected_shape_and_explained_variance(dataset: Dataset, tra
     projected = read_parquet(dataset.settings, features["pca_uri"]).to_pydict()
     assert len(embeddings["id"]) == len(projected["id"]) == decodable
     assert all(len(v) == 128 for v in embeddings["embedding"]) and all(len(v) == k for v in projected["pca"])
-    assert all(row[0] == pytest.approx(x) for row, x in zip(projected["pca"], projected["x"]))
+    assert all(row[0] == pytest.approx(x) for row, x in zip(projected["pca"], projected["x"], strict=True))
     # explained variance of the kept components, recomputed with numpy from the Parquet embeddings
     x = np.asarray(embeddings["embedding"], dtype=np.float64)
     eigen = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
@@ -478,7 +479,7 @@ def test_knn_of_an_image_returns_that_image_first(dataset: Dataset, features: di
         rows = search_json("--similar", key, "-k", "5", "--dataset", dataset.name)
         assert len(rows) == 5 and rows[0]["key"] == key
         assert rows[0]["score"] == pytest.approx(1.0, abs=1e-4)  # cosine 1: rescored with the float vector
-        assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
+        assert all(a["score"] >= b["score"] for a, b in itertools.pairwise(rows))
 
 
 def test_search_filters_by_label_prediction_and_confidence(dataset: Dataset, trained: dict, features: dict):

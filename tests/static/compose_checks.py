@@ -51,7 +51,7 @@ def find_tool(name: str) -> Path:
 
 def run(argv: list[str | Path], **kwargs) -> subprocess.CompletedProcess:
     """Run a command, capturing text output; never raises on a non-zero exit."""
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120, **kwargs)
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120, check=False, **kwargs)
 
 
 def write_env(path: Path) -> Path:

@@ -46,6 +46,8 @@ def test_help_and_status_load_neither_tensorflow_nor_pyspark(tmp_path):
 
 
 def test_the_probe_would_see_tensorflow_if_it_were_loaded():
-    probe = f"import sys, orchard.spark_app.model\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))"
+    probe = (
+        f"import sys, orchard.spark_app.model\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert "tensorflow" in out.stdout

@@ -2,8 +2,9 @@
 
 Links: Markdown `[text](target)` with a relative target (the file must exist; an `#anchor` must be a
 heading of that file). Paths: back-quoted names under a top-level folder of this repository
-(`orchard/...`, `tests/...`, `docs/<page>.md`, ...) and back-quoted `.py`/`.sh` paths must exist, so a moved module cannot leave the docs
-behind. Any tracked file that points at `docs/<name>.md` is checked too (code comments included).
+(`orchard/...`, `tests/...`, `docs/<page>.md`, ...) and back-quoted `.py`/`.sh` paths must exist,
+so a moved module cannot leave the docs behind. Any tracked file that points at `docs/<name>.md`
+is checked too (code comments included).
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def test_every_docs_page_that_files_point_at_exists() -> None:
 
 def test_the_checker_finds_a_broken_link(tmp_path: Path) -> None:
     doc = tmp_path / "page.md"
-    doc.write_text("# Title\n[ok](page.md#title) [gone](nowhere.md) [bad anchor](page.md#nope)\n`tests/no_such_file.py` `gone_pkg/mod.py`\n")
+    doc.write_text(
+        "# Title\n[ok](page.md#title) [gone](nowhere.md) [bad anchor](page.md#nope)\n"
+        "`tests/no_such_file.py` `gone_pkg/mod.py`\n"
+    )
     assert broken_links(doc) == ["nowhere.md", "page.md#nope"]
     assert missing_paths(doc, {"tests"}) == ["tests/no_such_file.py", "gone_pkg/mod.py"]

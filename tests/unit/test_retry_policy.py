@@ -222,11 +222,11 @@ def test_a_put_is_retried_with_s3_write_and_stops_once_write_quorum_is_lost(cloc
     item = WorkItem(path=None, key="d/train/a/1.jpg", dataset="d", split="train", label="a", label_text="a")
     info = Inspected(item, "ab" * 32, 3, "jpeg", 1, 1, 3, "RGB", b"abc")
     with pytest.raises(S3Error):
-        transfer.put(RefusingMinio(), "images", info)
+        transfer.retried_put()(RefusingMinio(), "images", info)
     assert RefusingMinio.calls == retry.S3_WRITE.attempts and clock.sleeps == retry.S3_WRITE.waits()
 
     RefusingMinio.calls, clock.sleeps = 0, []
-    quorum_lost = transfer.put.retry_with(retry=tenacity.retry_if_exception(lambda exc: False))  # as pipeline.Uploader
+    quorum_lost = transfer.retried_put(lambda exc: False)  # as pipeline.Uploader once write quorum is lost
     with pytest.raises(S3Error):
         quorum_lost(RefusingMinio(), "images", info)
     assert RefusingMinio.calls == 1 and clock.sleeps == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from orchard.core.errors import ConfigError
 from orchard.core.settings import load_settings
@@ -47,6 +48,14 @@ def test_missing_setting_names_the_variable():
         load_settings().require("s3_access_key")
 
 
+def test_secret_returns_the_value_or_names_the_unset_variable():
+    assert load_settings(s3_secret_key="-s3 cr:3t").secret("s3_secret_key") == "-s3 cr:3t"
+    with pytest.raises(ConfigError, match="ORCHARD_ES_PASSWORD"):
+        load_settings().secret("es_password")
+    with pytest.raises(TypeError, match="es_heap"):
+        load_settings().secret("es_heap")
+
+
 def test_invalid_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("ORCHARD_MINIO_PORT", "not-a-port")
     with pytest.raises(ConfigError, match="ORCHARD_MINIO_PORT"):
@@ -60,7 +69,7 @@ def test_es_hosts_list_is_split_and_trimmed(monkeypatch):
 
 def test_settings_are_frozen():
     s = load_settings()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         s.es_heap = "8g"
 
 

@@ -7,10 +7,10 @@ import pickle
 import re
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from orchard.core.settings import Settings
 from orchard.spark_app import registry, search
 from orchard.spark_app.images import ImageRef
 from orchard.spark_app.infer import (
@@ -24,15 +24,8 @@ from orchard.spark_app.infer import (
 )
 from orchard.spark_app.sink import Tally, failure_reason, merge_tallies
 from orchard.spark_app.versions import read_class_names
+from spark_app_settings import CFG
 
-CFG = Settings(  # explicit values: the caller's ORCHARD_* environment does not leak in
-    s3_endpoint="http://s3",
-    s3_access_key="ak",
-    s3_secret_key="sk",
-    es_hosts="http://es",
-    images_bucket="images",
-    images_index="orchard-images",
-)
 SPEC = PredictSpec(CFG, "v1", ("a", "b"), "scale01", (100, 100), 3, 8, "2026-01-01T00:00:00+00:00")
 REF = ImageRef("abc123", "ds/test/a/1.jpg", "ds", "test", "a")
 
@@ -191,10 +184,9 @@ class FakeIndices:
         self.index_type = index_type
 
     def get_mapping(self, index):
-        class Response:
-            body = {index: {"mappings": {"properties": {"embedding": {"index_options": {"type": self.index_type}}}}}}
-
-        return Response()
+        return SimpleNamespace(
+            body={index: {"mappings": {"properties": {"embedding": {"index_options": {"type": self.index_type}}}}}}
+        )
 
 
 class FakeSearchEs:

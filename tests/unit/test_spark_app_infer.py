@@ -9,18 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchard.core.iterables import batched
-from orchard.core.settings import Settings
 from orchard.spark_app import infer
+from orchard.spark_app.preprocess import map_batches
+from spark_app_settings import CFG
 
-CFG = Settings(  # explicit values: the caller's ORCHARD_* environment does not leak in
-    s3_endpoint="http://s3",
-    s3_access_key="ak",
-    s3_secret_key="sk",
-    es_hosts="http://es",
-    images_bucket="images",
-    images_index="orchard-images",
-)
 SPEC = infer.PredictSpec(CFG, "v", ("blue", "red"), "scale01", (8, 8), 3, 2, "now")
 
 
@@ -32,11 +24,7 @@ def red_or_blue(x: np.ndarray) -> np.ndarray:
 
 def fake_stream(items, batch_size=2):
     """What OrchardSparkModel.predict_stream does in a partition, with red_or_blue as the model."""
-    for batch in batched(items, batch_size):
-        xs = [x for _, x in batch if x is not None]
-        outputs = iter(red_or_blue(np.stack(xs))) if xs else iter(())
-        for meta, x in batch:
-            yield meta, (next(outputs) if x is not None else None)
+    return map_batches(red_or_blue, items, batch_size)
 
 
 def jpeg(color) -> bytes:
@@ -62,9 +50,7 @@ def test_model_inputs_are_preprocessed_and_errors_carried_along():
 
 
 def test_predictions_stream_and_mark_undecodable_images():
-    out = dict(
-        (ref.key, pred) for ref, pred in infer.to_predictions(SPEC, fake_stream(infer.model_inputs(SPEC, rows())))
-    )
+    out = {ref.key: pred for ref, pred in infer.to_predictions(SPEC, fake_stream(infer.model_inputs(SPEC, rows())))}
     assert out["ds/test/red/1.jpg"]["label"] == "red" and out["ds/test/blue/2.jpg"]["label"] == "blue"
     assert out["ds/test/red/3.jpg"]["error"].startswith("undecodable image")
     assert out["ds/test/red/3.jpg"]["label"] is None

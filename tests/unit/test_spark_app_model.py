@@ -121,7 +121,7 @@ def test_elephas_trains_synchronously_and_logs_every_epoch(local_spark):
     assert [m["epoch"] for m in spark_model.epoch_metrics] == [1, 2, 3]
     assert all(m["workers"] == 2 for m in spark_model.epoch_metrics)
     assert {"loss", "accuracy"} <= set(spark_model.epoch_metrics[0])
-    assert any(not np.allclose(a, b) for a, b in zip(before, net.get_weights()))
+    assert any(not np.allclose(a, b) for a, b in zip(before, net.get_weights(), strict=True))
     # The averaged model itself learned the (trivially separable) data. Per-epoch worker losses are
     # not compared: averaging the workers' weights can make one epoch's mean loss jump.
     loss_after, accuracy_after = net.evaluate(xs, ys, verbose=0)
