@@ -5,7 +5,7 @@
 #   python venv   ~/.cache/orchard/venv            (requirements.txt, hash-stamped)
 #   minio, mc     ~/.cache/orchard/bin/             (go install at pinned commits, go.sum verified)
 #   elasticsearch ~/.cache/orchard/elasticsearch-V  (Maven Central zip, sha256 verified)
-#   s3a jars      ~/.cache/orchard/jars/            (Maven Central, sha256 verified)
+#   s3a + Delta   ~/.cache/orchard/jars/            (Maven Central, sha256 verified)
 #   nginx         Debian package (the single S3 endpoint in front of the 4 MinIO nodes)
 set -euo pipefail
 
@@ -117,6 +117,10 @@ install_jars() {
     "$CACHE/jars/hadoop-aws-$HADOOP_VERSION.jar" "$HADOOP_AWS_SHA256"
   mvn_fetch software.amazon.awssdk bundle "$AWS_SDK_BUNDLE_VERSION" jar \
     "$CACHE/jars/bundle-$AWS_SDK_BUNDLE_VERSION.jar" "$AWS_SDK_BUNDLE_SHA256"
+  mvn_fetch io.delta delta-spark_2.13 "$DELTA_VERSION" jar \
+    "$CACHE/jars/delta-spark_2.13-$DELTA_VERSION.jar" "$DELTA_SPARK_SHA256"
+  mvn_fetch io.delta delta-storage "$DELTA_VERSION" jar \
+    "$CACHE/jars/delta-storage-$DELTA_VERSION.jar" "$DELTA_STORAGE_SHA256"
 }
 
 main() {

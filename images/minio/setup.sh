@@ -5,7 +5,8 @@
 #
 # Environment (from compose/.env): MINIO_ROOT_USER/PASSWORD, UPLOADER_S3_ACCESS_KEY/SECRET_KEY,
 # SPARK_S3_ACCESS_KEY/SECRET_KEY, ORCHARD_IMAGES_BUCKET, ORCHARD_FEATURES_BUCKET,
-# ORCHARD_MODELS_BUCKET; MINIO_SETUP_ENDPOINT (default http://minio-lb:9000).
+# ORCHARD_MODELS_BUCKET, ORCHARD_LAKE_BUCKET (the Delta table's bucket, default lake);
+# MINIO_SETUP_ENDPOINT (default http://minio-lb:9000).
 #
 # Any secret works: the keys reach mc on its standard input, never as arguments (an argument
 # starting with `-` is parsed as a flag by mc, and arguments show in `ps` on the Docker host), and
@@ -17,6 +18,7 @@ ENDPOINT=${MINIO_SETUP_ENDPOINT:-http://minio-lb:9000}
 IMAGES=${ORCHARD_IMAGES_BUCKET:-images}
 FEATURES=${ORCHARD_FEATURES_BUCKET:-features}
 MODELS=${ORCHARD_MODELS_BUCKET:-models}
+LAKE=${ORCHARD_LAKE_BUCKET:-lake}
 ALIAS=orchard
 
 log() { printf '[minio-setup] %s\n' "$*" >&2; }
@@ -61,7 +63,8 @@ bucket_arn() { printf '"arn:aws:s3:::%s"' "$1"; }
 objects_arn() { printf '"arn:aws:s3:::%s/*"' "$1"; }
 
 # uploader: list and write objects of the images bucket (multipart included); HEAD of an object
-# (s3:GetObject) lets it skip images already uploaded, so a re-run uploads nothing twice.
+# (s3:GetObject) lets it skip images already uploaded, so a re-run uploads nothing twice. Nothing
+# in the lake bucket: the Delta table there is written by the Spark app only (docs/lake.md).
 uploader_policy() {
   cat <<EOF
 {
@@ -78,7 +81,8 @@ uploader_policy() {
 EOF
 }
 
-# spark: read the images; read and write (s3a commits delete temporary objects) features and models.
+# spark: read the images; read and write (s3a commits delete temporary objects) features and
+# models, and the Delta table in the lake bucket (Delta writes and deletes its log and data files).
 spark_policy() {
   cat <<EOF
 {
@@ -86,14 +90,15 @@ spark_policy() {
   "Statement": [
     {"Effect": "Allow",
      "Action": ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"],
-     "Resource": [$(bucket_arn "$IMAGES"), $(bucket_arn "$FEATURES"), $(bucket_arn "$MODELS")]},
+     "Resource": [$(bucket_arn "$IMAGES"), $(bucket_arn "$FEATURES"), $(bucket_arn "$MODELS"),
+                  $(bucket_arn "$LAKE")]},
     {"Effect": "Allow",
      "Action": ["s3:GetObject"],
      "Resource": [$(objects_arn "$IMAGES")]},
     {"Effect": "Allow",
      "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject",
                 "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
-     "Resource": [$(objects_arn "$FEATURES"), $(objects_arn "$MODELS")]}
+     "Resource": [$(objects_arn "$FEATURES"), $(objects_arn "$MODELS"), $(objects_arn "$LAKE")]}
   ]
 }
 EOF
@@ -101,7 +106,7 @@ EOF
 
 make_buckets() {
   local bucket
-  for bucket in "$IMAGES" "$FEATURES" "$MODELS"; do
+  for bucket in "$IMAGES" "$FEATURES" "$MODELS" "$LAKE"; do
     mc mb --ignore-existing "$ALIAS/$bucket" >/dev/null
     log "bucket $bucket ok"
   done

@@ -39,10 +39,11 @@ def spark_options(func):
     )(func)
     func = click.option(
         "--images-per-partition",
-        default=64,
+        default=1024,
         show_default=True,
         type=click.IntRange(1),
-        help="Images per Spark task (smaller = finer retries after a lost executor).",
+        help="Images per Spark task, at least two tasks per core (smaller = finer retries after a lost "
+        "executor, but each task has a fixed cost).",
     )(func)
     func = click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")(func)
     return click.option("--dataset", required=True, help="Dataset name (first key component).")(func)
@@ -125,18 +126,28 @@ def echo_summary(summary: dict, as_json: bool, keys: list[str]) -> None:
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--learning-rate", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option(
+    "--as-of",
+    "as_of",
+    type=click.IntRange(0),
+    default=None,
+    metavar="VERSION",
+    help="Train on this earlier version of the images table (see `orchard lake history`); "
+    "default: sync the dataset into the table and use the version that leaves.",
+)
 @click.pass_context
 def train(
-    ctx, dataset, train_split, test_split, epochs, batch_size, learning_rate, images_per_partition, as_json, conf
+    ctx, dataset, train_split, test_split, epochs, batch_size, learning_rate, as_of, images_per_partition, as_json, conf
 ) -> int:
     """Train the default CNN with Elephas on the train split, evaluate it on the test split, register it."""
     s = settings_from(ctx)
     with spark_session(s, f"orchard-train-{dataset}", extra_conf(conf)) as spark:
         doc = run_training(
-            spark, s, dataset, train_split, test_split, epochs, batch_size, learning_rate, images_per_partition
+            spark, s, dataset, train_split, test_split, epochs, batch_size, learning_rate, images_per_partition, as_of
         )
     summary = {
         "version": doc["version"],
+        "trained_on_version": doc["trained_on_version"],
         **doc["metrics"],
         "classes": doc["num_classes"],
         "train_images": doc["train_images"],
@@ -186,6 +197,7 @@ def infer(
             "errors",
             "failed",
             "model_loads",
+            "table_version",
             "seconds",
             "images_per_second",
         ],

@@ -46,6 +46,12 @@ class DatasetNotFound(OrchardError):
     exit_status = ExitStatus.CONFIG
 
 
+class TableNotFound(OrchardError):
+    """There is no images table at the configured location yet."""
+
+    exit_status = ExitStatus.CONFIG
+
+
 class ItemsFailed(OrchardError):
     """A batch run finished with some failed items (already reported)."""
 

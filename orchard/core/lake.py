@@ -11,6 +11,8 @@ Owned here (and built or parsed nowhere else):
 - Field names of an image document: `Field` (dotted paths for nested fields, as queries use them),
   `Prediction` and `Pca` (the names inside those objects, as documents are built and read), exactly
   the fields of es_mappings/images.json (tests/unit/test_lake.py checks both ways).
+- The Delta table of images (`Column`, `TABLE_SCHEMA`, `PARTITION_COLUMNS`): one row per distinct
+  image, derived from the bucket (docs/lake.md); its location is `Settings.images_table_uri`.
 - Stored times: `utc_timestamp`, the one ISO-8601 UTC formatter (uploaded_at, predicted_at,
   created_at, upload reports).
 
@@ -42,6 +44,17 @@ def parse_key(key: str) -> tuple[str, str, str]:
     if len(parts) < 4 or not all(parts[:4]):
         raise ValueError(f"key {key!r} is not {KEY_LAYOUT}")
     return parts[0], parts[1], parts[-2]
+
+
+# Suffixes of the image objects (lower case): what the uploader accepts as images and the images
+# table is built from (.npy arrays are uploaded too, but are not images).
+IMAGE_SUFFIXES: Final = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+
+def is_image_key(key: str) -> bool:
+    """True if the key's file name has an image suffix."""
+    name = key.rsplit("/", 1)[-1].lower()
+    return "." in name and name[name.rindex(".") :] in IMAGE_SUFFIXES
 
 
 # --- splits -----------------------------------------------------------------------------------------
@@ -119,6 +132,7 @@ class Prediction:
     TOP5: Final = "top5"
     MODEL_VERSION: Final = "model_version"
     PREDICTED_AT: Final = "predicted_at"
+    TABLE_VERSION: Final = "table_version"  # the images table version the prediction read
     ERROR: Final = "error"
 
 
@@ -157,12 +171,56 @@ class Field:
     PREDICTION_TOP5: Final = path(PREDICTION, Prediction.TOP5)
     PREDICTION_MODEL_VERSION: Final = path(PREDICTION, Prediction.MODEL_VERSION)
     PREDICTION_PREDICTED_AT: Final = path(PREDICTION, Prediction.PREDICTED_AT)
+    PREDICTION_TABLE_VERSION: Final = path(PREDICTION, Prediction.TABLE_VERSION)
     PREDICTION_ERROR: Final = path(PREDICTION, Prediction.ERROR)
     EMBEDDING: Final = "embedding"
     EMBEDDING_MODEL: Final = "embedding_model"
     PCA: Final = "pca"  # object: see Pca
     PCA_X: Final = path(PCA, Pca.X)
     PCA_Y: Final = path(PCA, Pca.Y)
+
+
+# --- the images table (Delta Lake) -------------------------------------------------------------------
+
+
+class Column:
+    """Columns of the images table: one row per distinct image (by content), derived from the bucket."""
+
+    ID: Final = "id"  # content sha256 = the document _id
+    KEY: Final = "key"  # object key in the images bucket (the first key seen with this content)
+    DATASET: Final = "dataset"  # partition column
+    SPLIT: Final = "split"
+    LABEL: Final = "label"
+    FORMAT: Final = "format"  # Pillow's format name, lower case (jpeg, png, ...)
+    WIDTH: Final = "width"
+    HEIGHT: Final = "height"
+    CHANNELS: Final = "channels"
+    BYTES: Final = "bytes"  # object size
+    ETAG: Final = "etag"  # the object's ETag when it was read: an overwritten object is read again
+    CONTENT: Final = "content"  # the object's bytes; null above Settings.lake_inline_max_bytes (read by key)
+    INGESTED_AT: Final = "ingested_at"
+
+
+# Spark DDL of the table (column order = storage order; the binary column last keeps the small
+# columns of a row group together).
+TABLE_SCHEMA: Final = ", ".join(
+    (
+        f"{Column.ID} STRING NOT NULL",
+        f"{Column.KEY} STRING NOT NULL",
+        f"{Column.DATASET} STRING NOT NULL",
+        f"{Column.SPLIT} STRING",
+        f"{Column.LABEL} STRING",
+        f"{Column.FORMAT} STRING",
+        f"{Column.WIDTH} INT",
+        f"{Column.HEIGHT} INT",
+        f"{Column.CHANNELS} INT",
+        f"{Column.BYTES} BIGINT",
+        f"{Column.ETAG} STRING",
+        f"{Column.INGESTED_AT} TIMESTAMP",
+        f"{Column.CONTENT} BINARY",
+    )
+)
+PARTITION_COLUMNS: Final = (Column.DATASET,)
 
 
 # --- stored times -----------------------------------------------------------------------------------

@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     images_bucket: str = "images"
     features_bucket: str = "features"
     models_bucket: str = "models"
+    # The Delta Lake table of images (orchard/core/lake.py): default s3a://<lake_bucket>/images.
+    lake_bucket: str = "lake"
+    lake_uri: str | None = None
+    # Images larger than this are referenced by key in the table (content null), not copied:
+    # large rasters stay single objects, the table stays a table of thumbnails-to-photos.
+    lake_inline_max_bytes: int = 16 * 2**20
+    lake_target_file_mb: int = 128  # `orchard lake optimize` compacts to files of about this size
+    # `orchard lake vacuum` keeps removed files this long: longer than any job reading a snapshot.
+    lake_retention_hours: int = 168
     es_hosts: str | None = None  # comma-separated; default: the 3 native nodes
     es_username: str | None = None
     es_password: SecretStr | None = None
@@ -81,6 +90,11 @@ class Settings(BaseSettings):
     def s3_url(self) -> str:
         """The S3 endpoint clients use."""
         return self.s3_endpoint or f"http://{self.bind_host}:{self.minio_port}"
+
+    @property
+    def images_table_uri(self) -> str:
+        """Where the Delta table of images lives (s3a URI)."""
+        return self.lake_uri or f"s3a://{self.lake_bucket}/images"
 
     @property
     def es_urls(self) -> list[str]:

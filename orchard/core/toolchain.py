@@ -51,6 +51,8 @@ class Toolchain:
         return [
             jar_dir / f"hadoop-aws-{self.versions['HADOOP_VERSION']}.jar",
             jar_dir / f"bundle-{self.versions['AWS_SDK_BUNDLE_VERSION']}.jar",
+            jar_dir / f"delta-spark_2.13-{self.versions['DELTA_VERSION']}.jar",
+            jar_dir / f"delta-storage-{self.versions['DELTA_VERSION']}.jar",
         ]
 
     @property

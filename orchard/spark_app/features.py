@@ -23,9 +23,10 @@ from orchard.core.errors import ConfigError
 from orchard.core.lake import Field, Pca, features_uri
 from orchard.core.settings import Settings
 from orchard.spark_app.context import es_of
-from orchard.spark_app.infer import ModelRun, PredictSpec, inputs
+from orchard.spark_app.infer import ImageSource, ModelRun, PredictSpec, inputs
 from orchard.spark_app.preprocess import choose_k
 from orchard.spark_app.sink import Tally, merge_tallies, write_actions
+from orchard.spark_app.table import stage_images
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,14 @@ def embedding_rows(outputs: Iterable, skipped=None) -> Iterator[tuple]:
         yield ref.id, ref.key, ref.split, ref.label, [float(v) for v in np.ravel(vector)]
 
 
-def write_embeddings(spark, files_df, spec: PredictSpec, spark_model, layer: str | None, out: str) -> int:
+def write_embeddings(spark, pairs_rdd, spec: PredictSpec, spark_model, layer: str | None, out: str) -> int:
     """Embed every image into Parquet at `out` (overwritten); returns the number of images skipped.
 
     The embeddings come from the Elephas-wrapped model's streaming predict on `layer` (None: the
     `embedding` layer, else the penultimate one).
     """
     skipped = spark.sparkContext.accumulator(0)
-    outputs = spark_model.predict_stream(inputs(files_df.rdd, spec), spec.batch_size, layer=layer)
+    outputs = spark_model.predict_stream(inputs(pairs_rdd, spec), spec.batch_size, layer=layer)
     rows = outputs.mapPartitions(partial(embedding_rows, skipped=skipped))
     spark.createDataFrame(rows, EMBEDDING_SCHEMA).write.mode("overwrite").parquet(out)
     return skipped.value
@@ -140,14 +141,15 @@ def run_features(
     threshold: float = 0.95,
     batch_size: int = 64,
     layer: str | None = None,
-    images_per_partition: int = 64,
+    images_per_partition: int = 1024,
+    source: ImageSource = stage_images,
 ) -> dict:
     """Embeddings -> Parquet -> PCA -> Parquet + documents; returns the run summary."""
     choose_k([1.0], threshold)  # validates the threshold before any work
-    run = ModelRun.start(spark, s, dataset, version, split, batch_size, images_per_partition)
+    run = ModelRun.start(spark, s, dataset, version, split, batch_size, images_per_partition, source)
     emb_uri = features_uri(s.features_bucket, dataset, version, "embeddings")
     pca_uri = features_uri(s.features_bucket, dataset, version, "pca")
-    skipped = write_embeddings(spark, run.files, run.spec, run.spark_model, layer, emb_uri)
+    skipped = write_embeddings(spark, run.images, run.spec, run.spark_model, layer, emb_uri)
     embeddings = spark.read.parquet(emb_uri)
     pipeline, explained, dims = fit_pca(embeddings)
     check_embedding_dims(s, dims)
@@ -156,7 +158,8 @@ def run_features(
     projected.drop("embedding").write.mode("overwrite").parquet(pca_uri)
     tally = write_features(projected, s, version)  # the same deterministic transform, read again
     seconds = run.finish(tally)
-    return features_summary(version, dims, k, explained, threshold, skipped, tally, emb_uri, pca_uri, seconds)
+    summary = features_summary(version, dims, k, explained, threshold, skipped, tally, emb_uri, pca_uri, seconds)
+    return {**summary, "table_version": run.spec.table_version}
 
 
 def features_summary(

@@ -1,27 +1,36 @@
-"""Images from s3a into Spark: which files, what their keys say (dataset/split/label), decoding in executors.
+"""Images in executors: (ImageRef, content) pairs, decoding, and the `binaryFile` baseline reader.
 
-Key layout (orchard.core.lake, written by the uploader): `<dataset>/<split>/<label>/<file>` in the
-images bucket; the image's Elasticsearch document id is the sha256 of its bytes, so it is recomputed here from the
-content and never needs a lookup.
+Every Spark stage reads the images table (orchard.spark_app.table.stage_images), whose rows carry
+the id, key, dataset, split and label. `read_image_files` + `file_pairs` are the former path (each
+image its own S3 object, the id re-hashed from the bytes), kept as the benchmark's baseline.
+Key layout (orchard.core.lake): `<dataset>/<split>/<label>/<file>`; the id is the content sha256.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
+from minio.error import S3Error
 from PIL import Image, UnidentifiedImageError
 
 from orchard.core.errors import DatasetNotFound
 from orchard.core.lake import dataset_uri, key_of, parse_key
+from orchard.core.retry import S3_READ, retrying, s3_transient
+from orchard.core.settings import Settings
+from orchard.spark_app.context import s3_of
 
-IMAGE_GLOB = "*.{jpg,jpeg,png,JPG,JPEG,PNG}"
+IMAGE_GLOB = "*.{jpg,jpeg,png,JPG,JPEG,PNG}"  # what the baseline reads
 # binaryFile counts every file as its length + openCostInBytes when packing partitions; with
 # thumbnails the open cost dominates, so images per partition ~= maxPartitionBytes / openCost.
 OPEN_COST_BYTES = 4 * 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class ImageDecodeError(ValueError):
@@ -39,11 +48,37 @@ class ImageRef:
     label: str
 
 
+Pair = tuple[ImageRef, bytes | None]  # content None: too large for the table, read by key
+
+
 def ref_of(path: str, content: bytes, bucket: str) -> ImageRef:
-    """The ImageRef of one file read by Spark."""
+    """The ImageRef of one file read by Spark's binaryFile source (baseline path)."""
     key = key_of(path, bucket)
     dataset, split, label = parse_key(key)
     return ImageRef(hashlib.sha256(content).hexdigest(), key, dataset, split, label)
+
+
+def file_pair(bucket: str, row) -> Pair:
+    """(ref, content) of one (path, content) row of `read_image_files` (baseline path)."""
+    content = bytes(row[1])
+    return ref_of(row[0], content, bucket), content
+
+
+def file_pairs(files_df, bucket: str):
+    """RDD of (ref, content) from a DataFrame of (path, content) (baseline path)."""
+    return files_df.rdd.map(partial(file_pair, bucket))
+
+
+def binaryfile_images(spark, s: Settings, dataset: str, split: str | None = None, images_per_partition: int = 64):
+    """The former image source, kept as the benchmark's baseline: (RDD of (ref, content) read with
+    `binaryFile`, one S3 object per image, the id re-hashed from the bytes; None: no table version)."""
+    files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
+    return file_pairs(files, s.images_bucket), None
+
+
+def table_pair(row) -> Pair:
+    """(ref, content) of one table row (id, key, dataset, split, label, content)."""
+    return ImageRef(row[0], row[1], row[2], row[3], row[4]), (bytes(row[5]) if row[5] is not None else None)
 
 
 def decode_image(content: bytes, size: tuple[int, int], channels: int = 3) -> np.ndarray:
@@ -63,16 +98,18 @@ def decode_image(content: bytes, size: tuple[int, int], channels: int = 3) -> np
 
 
 def decode_rows(
-    rows: Iterable, bucket: str, size: tuple[int, int], channels: int = 3
+    pairs: Iterable[Pair], s: Settings, size: tuple[int, int], channels: int = 3
 ) -> Iterator[tuple[ImageRef, np.ndarray | None, str | None]]:
-    """(ref, uint8 array or None, error or None) per (path, content) row, lazily (runs in executors)."""
-    for row in rows:
-        content = bytes(row[1])
-        ref = ref_of(row[0], content, bucket)
+    """(ref, uint8 array or None, error or None) per (ref, content) pair, lazily (runs in executors);
+    content None (a large image the table references by key) is read from the bucket."""
+    for ref, content in pairs:
         try:
-            yield ref, decode_image(content, size, channels), None
+            data = content if content is not None else read_object(s3_of(s), s.images_bucket, ref.key)
+            yield ref, decode_image(data, size, channels), None
         except ImageDecodeError as exc:
             yield ref, None, str(exc)
+        except S3Error as exc:
+            yield ref, None, f"cannot read the object: {exc.code}"
 
 
 def read_image_files(spark, bucket: str, dataset: str, split: str | None = None, images_per_partition: int = 64):
@@ -97,3 +134,17 @@ def read_image_files(spark, bucket: str, dataset: str, split: str | None = None,
             f"{what} has no objects at {root}: upload it first (`orchard upload DIR "
             f"--dataset {dataset}`) or check --dataset/--split"
         ) from None
+
+
+def read_object(client, bucket: str, key: str) -> bytes:
+    """The bytes of one object, read with the S3_READ retry policy (transient errors retried)."""
+    return retrying(S3_READ, s3_transient, log)(_get_object, client, bucket, key)
+
+
+def _get_object(client, bucket: str, key: str) -> bytes:
+    response = client.get_object(bucket, key)
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()

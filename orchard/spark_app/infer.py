@@ -1,4 +1,5 @@
-"""Streaming batched inference over an RDD of image files, and prediction write-back from executors.
+"""Streaming batched inference over an RDD of (ImageRef, content) pairs read from the images table,
+and prediction write-back from executors.
 
 `predict` returns a lazy RDD of (ImageRef, prediction): decode + preprocess (executors) -> the
 Keras model wrapped by Elephas, applied with `OrchardSparkModel.predict_stream` (batches inside each
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,13 +25,14 @@ from orchard.core.iterables import batched
 from orchard.core.lake import Field, Prediction, path, utc_timestamp
 from orchard.core.settings import Settings
 from orchard.spark_app.context import es_of
-from orchard.spark_app.images import ImageRef, decode_rows, read_image_files
+from orchard.spark_app.images import ImageRef, decode_rows
 from orchard.spark_app.preprocess import as_probabilities, cross_entropy_terms, preprocessor, top_k
 from orchard.spark_app.sink import Tally, log_retries, merge_tallies, tally_partition
+from orchard.spark_app.table import stage_images
 from orchard.spark_app.versions import load_version
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame
+    from pyspark import RDD
 
     from orchard.spark_app.model import OrchardSparkModel
 
@@ -48,9 +50,15 @@ PREDICTION_FIELDS = (
     Prediction.TOP5,
     Prediction.MODEL_VERSION,
     Prediction.PREDICTED_AT,
+    Prediction.TABLE_VERSION,
     Prediction.ERROR,
 )
 SAME_WHEN_EQUAL = (Prediction.MODEL_VERSION, Prediction.LABEL, Prediction.ERROR)
+
+
+# Where a stage's images come from: (spark, settings, dataset, split, images per partition) ->
+# (RDD of (ImageRef, content), table version or None).
+ImageSource = Callable[..., tuple[Any, int | None]]
 
 
 @dataclass(frozen=True)
@@ -66,9 +74,10 @@ class PredictSpec:
     batch_size: int = 64
     predicted_at: str = ""
     top: int = 5
+    table_version: int | None = None  # the images table version the run reads
 
     @classmethod
-    def from_card(cls, s: Settings, card: dict, batch_size: int) -> PredictSpec:
+    def from_card(cls, s: Settings, card: dict, batch_size: int, table_version: int | None = None) -> PredictSpec:
         """A spec for a model version from its card (labels.json)."""
         return cls(
             s,
@@ -79,6 +88,7 @@ class PredictSpec:
             int(card.get("channels", 3)),
             batch_size,
             utc_timestamp(timespec="seconds", zulu=False),
+            table_version=table_version,
         )
 
 
@@ -90,6 +100,7 @@ def prediction_doc(spec: PredictSpec, top: list[tuple[str, float]]) -> dict:
         Prediction.TOP5: [{Prediction.LABEL: label, Prediction.CONFIDENCE: round(p, 6)} for label, p in top],
         Prediction.MODEL_VERSION: spec.version,
         Prediction.PREDICTED_AT: spec.predicted_at,
+        Prediction.TABLE_VERSION: spec.table_version,
         Prediction.ERROR: None,
     }
 
@@ -102,6 +113,7 @@ def error_doc(spec: PredictSpec, error: str) -> dict:
         Prediction.TOP5: None,
         Prediction.MODEL_VERSION: spec.version,
         Prediction.PREDICTED_AT: spec.predicted_at,
+        Prediction.TABLE_VERSION: spec.table_version,
         Prediction.ERROR: error,
     }
 
@@ -114,15 +126,15 @@ def same_prediction(stored: dict | None, new: dict) -> bool:
 
 
 def model_inputs(spec: PredictSpec, rows: Iterable) -> Iterator[tuple[tuple[ImageRef, str | None], np.ndarray | None]]:
-    """mapPartitions body: ((ref, error), preprocessed image or None) per (path, content) row."""
+    """mapPartitions body: ((ref, error), preprocessed image or None) per (ref, content) pair."""
     prep = preprocessor(spec.preprocessing)
-    for ref, array, error in decode_rows(rows, spec.settings.images_bucket, spec.size, spec.channels):
+    for ref, array, error in decode_rows(rows, spec.settings, spec.size, spec.channels):
         yield (ref, error), (prep(array) if array is not None else None)  # array is None exactly when error is set
 
 
-def inputs(files_rdd, spec: PredictSpec):
-    """Lazy RDD of model inputs for an RDD of (path, content) rows."""
-    return files_rdd.mapPartitions(partial(model_inputs, spec))
+def inputs(pairs_rdd, spec: PredictSpec):
+    """Lazy RDD of model inputs for an RDD of (ref, content) pairs."""
+    return pairs_rdd.mapPartitions(partial(model_inputs, spec))
 
 
 def probability_batches(spec: PredictSpec, outputs: Iterable) -> Iterator[tuple[list, list, np.ndarray | None]]:
@@ -144,9 +156,9 @@ def to_predictions(spec: PredictSpec, outputs: Iterable) -> Iterator[tuple[Image
                 yield ref, prediction_doc(spec, top)
 
 
-def predict(files_rdd, spec: PredictSpec, spark_model, loads=None):
-    """Lazy RDD of (ImageRef, prediction) for an RDD of (path, content) rows."""
-    outputs = spark_model.predict_stream(inputs(files_rdd, spec), spec.batch_size, loads=loads)
+def predict(pairs_rdd, spec: PredictSpec, spark_model, loads=None):
+    """Lazy RDD of (ImageRef, prediction) for an RDD of (ref, content) pairs."""
+    outputs = spark_model.predict_stream(inputs(pairs_rdd, spec), spec.batch_size, loads=loads)
     return outputs.mapPartitions(partial(to_predictions, spec))
 
 
@@ -188,7 +200,10 @@ def write_partition(s: Settings, force: bool, chunk_size: int, pairs: Iterable) 
     items = (
         (update_action(s.images_index, ref, pred), ref.key, pred[Prediction.ERROR] is not None) for ref, pred in pairs
     )
-    return tally_partition(lambda: es_of(s), items, chunk_size, partial(skip_unchanged, force))
+    # With --force nothing is compared, so nothing is read first: a document that does not exist
+    # fails its update (document_missing_exception, counted with its reason by the sink).
+    select = None if force else partial(skip_unchanged, force)
+    return tally_partition(lambda: es_of(s), items, chunk_size, select)
 
 
 def write_predictions(pairs_rdd, s: Settings, force: bool = False, chunk_size: int = 500) -> Tally:
@@ -234,10 +249,10 @@ def merge_scores(a: dict[str, Score], b: dict[str, Score]) -> dict[str, Score]:
     return merged
 
 
-def evaluate(files_rdd, spec: PredictSpec, spark_model, splits: set[str] | None = None) -> dict[str, dict]:
-    """Per split: accuracy and mean cross-entropy of a model on labelled image files (one streamed pass)."""
+def evaluate(pairs_rdd, spec: PredictSpec, spark_model, splits: set[str] | None = None) -> dict[str, dict]:
+    """Per split: accuracy and mean cross-entropy of a model on labelled images (one streamed pass)."""
     wanted = frozenset(splits) if splits else None
-    outputs = spark_model.predict_stream(inputs(files_rdd, spec), spec.batch_size)
+    outputs = spark_model.predict_stream(inputs(pairs_rdd, spec), spec.batch_size)
     totals = outputs.mapPartitions(partial(score_partition, spec, wanted)).fold({}, merge_scores)
     results = {}
     for split in splits or totals:
@@ -256,12 +271,12 @@ def evaluate(files_rdd, spec: PredictSpec, spark_model, splits: set[str] | None 
 @dataclass(frozen=True)
 class ModelRun:
     """What a model job over a dataset's images (`orchard infer`, `orchard features`) starts with and
-    ends with: a registered version loaded on the driver, its spec, the image files; then, after the
-    executors' writes, the resends logged and the images index refreshed."""
+    ends with: a registered version loaded on the driver, its spec, the images (from the table, at
+    a pinned version); then, after the executors' writes, the resends logged and the index refreshed."""
 
     spark_model: OrchardSparkModel
     spec: PredictSpec
-    files: DataFrame  # (path, content), read by the executors
+    images: RDD  # (ImageRef, content) pairs, read by the executors
     began: float  # time.monotonic() at the start
 
     @classmethod
@@ -274,13 +289,15 @@ class ModelRun:
         split: str | None,
         batch_size: int,
         images_per_partition: int,
+        source: ImageSource = stage_images,
     ) -> ModelRun:
-        """Load `version` (driver side) and list the images of `dataset` (split)."""
+        """Load `version` (driver side); sync the dataset into the table and read it at that version
+        (`source`: the images table; the benchmark passes its binaryFile baseline)."""
         began = time.monotonic()
         spark_model, card = load_version(s, version)
-        spec = PredictSpec.from_card(s, card, batch_size)
-        files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
-        return cls(spark_model, spec, files, began)
+        images, table_version = source(spark, s, dataset, split, images_per_partition)
+        spec = PredictSpec.from_card(s, card, batch_size, table_version)
+        return cls(spark_model, spec, images, began)
 
     def finish(self, tally: Tally) -> float:
         """After the executors' writes: log their resends, make the documents searchable (refresh);
@@ -298,22 +315,25 @@ def run_inference(
     version: str,
     split: str | None = None,
     batch_size: int = 64,
-    images_per_partition: int = 64,
+    images_per_partition: int = 1024,
     force: bool = False,
+    source: ImageSource = stage_images,
 ) -> dict:
     """Predict every image of a dataset (split) and write the predictions; returns the run summary
     (counts, failure reasons and examples; the caller decides the exit status)."""
-    run = ModelRun.start(spark, s, dataset, version, split, batch_size, images_per_partition)
+    run = ModelRun.start(spark, s, dataset, version, split, batch_size, images_per_partition, source)
     loads = spark.sparkContext.accumulator(0)
     log.info(
         "inference of %s with %s, %d partitions",
         dataset + (f"/{split}" if split else ""),
         version,
-        run.files.rdd.getNumPartitions(),
+        run.images.getNumPartitions(),
     )
-    tally = write_predictions(predict(run.files.rdd, run.spec, run.spark_model, loads), s, force)
+    tally = write_predictions(predict(run.images, run.spec, run.spark_model, loads), s, force)
+    log.info("%d predictions written (%d unchanged)", tally.updated, tally.noop)
     seconds = run.finish(tally)
-    return inference_summary(tally, version, loads.value, seconds, run.spec.predicted_at)
+    summary = inference_summary(tally, version, loads.value, seconds, run.spec.predicted_at)
+    return {**summary, "table_version": run.spec.table_version}
 
 
 def inference_summary(tally: Tally, version: str, loads: int, seconds: float, predicted_at: str = "") -> dict:

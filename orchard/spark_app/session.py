@@ -44,6 +44,15 @@ DEFAULT_CONF = {
     "spark.task.maxFailures": "8",  # a killed worker must not fail the job
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.ui.showConsoleProgress": "false",
+    # Delta Lake, as in images/spark/spark-defaults.conf.template (a session may run without that file).
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+    # Delta rebuilds a table's state (its list of files) in this many tasks when a session first
+    # reads it; the default 50 is sized for logs of millions of files: the images table has one
+    # file per sync/optimize, and 50 tasks cost seconds on every job here.
+    "spark.databricks.delta.snapshotPartitions": "4",
+    # Timestamps (the table's ingested_at) read back as UTC whatever the machine's zone.
+    "spark.sql.session.timeZone": "UTC",
 }
 
 

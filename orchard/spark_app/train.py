@@ -20,34 +20,33 @@ from pathlib import Path
 import numpy as np
 
 from orchard.core.errors import ConfigError
-from orchard.core.lake import LABEL_PATTERN, TEST, TRAIN, dataset_uri, utc_timestamp
+from orchard.core.lake import TEST, TRAIN, Column, utc_timestamp
 from orchard.core.settings import Settings
 from orchard.spark_app import registry
-from orchard.spark_app.images import decode_rows, read_image_files
+from orchard.spark_app.images import decode_rows
 from orchard.spark_app.infer import PredictSpec, evaluate
 from orchard.spark_app.preprocess import label_map, one_hot, preprocessor
 from orchard.spark_app.session import executor_count
+from orchard.spark_app.table import read_images, stage_images, sync
 
 log = logging.getLogger(__name__)
 
 PREPROCESSING = "scale01"  # the default CNN's preprocessing (recorded in its card)
 
 
-def discover_classes(files_df) -> list[str]:
-    """Sorted distinct labels of the files (path column only: Spark does not read the contents)."""
-    from pyspark.sql import functions as F
-
-    labels = files_df.select(F.regexp_extract("path", LABEL_PATTERN, 1).alias("label")).distinct()
-    return sorted(row.label for row in labels.collect() if row.label)
+def discover_classes(spark, s: Settings, dataset: str, split: str, version: int) -> list[str]:
+    """Sorted distinct labels of a split at a table version (the label column only)."""
+    rows = read_images(spark, s, dataset, split, version).select(Column.LABEL).distinct().collect()
+    return sorted(row[0] for row in rows if row[0])  # one row per class
 
 
 def labelled_examples(
-    bucket: str, classes: tuple[str, ...], preprocessing: str, size: tuple[int, int], rows: Iterable, skipped=None
+    s: Settings, classes: tuple[str, ...], preprocessing: str, size: tuple[int, int], rows: Iterable, skipped=None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """mapPartitions body: (preprocessed image, one-hot label) per decodable image of a known class."""
     index = label_map(classes)
     prep = preprocessor(preprocessing)
-    for ref, array, _error in decode_rows(rows, bucket, size):
+    for ref, array, _error in decode_rows(rows, s, size):
         if array is None or ref.label not in index:  # undecodable (array is None exactly when error is set)
             if skipped is not None:
                 skipped.add(1)
@@ -55,13 +54,13 @@ def labelled_examples(
         yield prep(array), one_hot(index[ref.label], len(classes))
 
 
-def train_rdd(files_df, bucket: str, classes: list[str], skipped=None):
-    """RDD of (x, y) for Elephas from a DataFrame of (path, content)."""
+def train_rdd(pairs_rdd, s: Settings, classes: list[str], skipped=None):
+    """RDD of (x, y) for Elephas from an RDD of (ref, content) pairs."""
     # TensorFlow: loaded only when a model is trained (the caller, fit, has loaded it already).
     from orchard.spark_app.model import DEFAULT_SIZE  # noqa: PLC0415
 
-    body = partial(labelled_examples, bucket, tuple(classes), PREPROCESSING, DEFAULT_SIZE, skipped=skipped)
-    return files_df.rdd.mapPartitions(body)
+    body = partial(labelled_examples, s, tuple(classes), PREPROCESSING, DEFAULT_SIZE, skipped=skipped)
+    return pairs_rdd.mapPartitions(body)
 
 
 def fit(
@@ -73,16 +72,17 @@ def fit(
     batch_size: int,
     learning_rate: float,
     images_per_partition: int,
+    table_version: int,
 ):
-    """Train the default CNN with Elephas; returns (Elephas model, classes, workers)."""
+    """Train the default CNN with Elephas on the table at `table_version`; returns (Elephas model, classes, workers)."""
     # TensorFlow: loaded only when a model is trained.
     from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
-    files = read_image_files(spark, s.images_bucket, dataset, split, images_per_partition)
-    classes = discover_classes(files)
+    pairs, _ = stage_images(spark, s, dataset, split, images_per_partition, as_of=table_version)
+    classes = discover_classes(spark, s, dataset, split, table_version)
     if len(classes) < 2:
         raise ConfigError(
-            f"{dataset}/{split}: found {len(classes)} labels under {dataset_uri(s.images_bucket, dataset, split)}; "
+            f"{dataset}/{split}: found {len(classes)} labels at table version {table_version}; "
             "training needs at least 2 (is the split name right?)"
         )
     workers = executor_count(spark)
@@ -99,9 +99,7 @@ def fit(
         batch_size,
         workers,
     )
-    spark_model = keras_model.train_elephas(
-        net, train_rdd(files, s.images_bucket, classes, skipped), epochs, batch_size, workers
-    )
+    spark_model = keras_model.train_elephas(net, train_rdd(pairs, s, classes, skipped), epochs, batch_size, workers)
     if skipped.value:
         log.warning("%d train images were skipped (undecodable)", skipped.value)
     return spark_model, classes, workers
@@ -132,12 +130,13 @@ def evaluate_splits(
     splits: dict[str, str],
     batch_size: int,
     images_per_partition: int,
+    table_version: int,
 ) -> dict[str, dict]:
     """Streaming evaluation of the trained model on named splits ({"train": "train", "test": "test"}),
-    in one pass over the dataset."""
-    spec = PredictSpec.from_card(s, card, batch_size)
-    files = read_image_files(spark, s.images_bucket, dataset, None, images_per_partition)
-    by_split = evaluate(files.rdd, spec, spark_model, set(splits.values()))
+    in one pass over the dataset at the table version it was trained on."""
+    spec = PredictSpec.from_card(s, card, batch_size, table_version)
+    pairs, _ = stage_images(spark, s, dataset, None, images_per_partition, as_of=table_version)
+    by_split = evaluate(pairs, spec, spark_model, set(splits.values()))
     results = {name: by_split[split] for name, split in splits.items()}
     for name, split in splits.items():
         log.info(
@@ -160,19 +159,24 @@ def run_training(
     epochs: int = 5,
     batch_size: int = 16,
     learning_rate: float = 1e-3,
-    images_per_partition: int = 64,
+    images_per_partition: int = 1024,
+    as_of: int | None = None,
 ) -> dict:
-    """Train, save, evaluate and register a model version; returns the registry document."""
+    """Train, save, evaluate and register a model version; returns the registry document.
+
+    The images are the table's at `as_of` (default: the dataset synced into the table first, then
+    the version that leaves); the version is recorded as the model's `trained_on_version`."""
     # TensorFlow: loaded only when a model is trained.
     from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
     began = time.monotonic()
+    table_version = as_of if as_of is not None else sync(spark, s, dataset).version
     spark_model, classes, workers = fit(
-        spark, s, dataset, train_split, epochs, batch_size, learning_rate, images_per_partition
+        spark, s, dataset, train_split, epochs, batch_size, learning_rate, images_per_partition, table_version
     )
     net, history = spark_model.master_network, spark_model.epoch_metrics
     version = registry.new_version("cnn", keras_model.weights_digest(net))
-    card = model_card(version, classes, net)
+    card = {**model_card(version, classes, net), "trained_on_version": table_version}
     with tempfile.TemporaryDirectory(prefix="orchard-train-") as tmp:
         path = keras_model.save_model(net, Path(tmp) / registry.MODEL_FILE)
         registry.put_file(s, f"{version}/{registry.MODEL_FILE}", path)
@@ -187,6 +191,7 @@ def run_training(
         {"train": train_split, "test": test_split},
         batch_size=64,
         images_per_partition=images_per_partition,
+        table_version=table_version,
     )
     metrics = {
         "test_accuracy": scores["test"]["accuracy"],
@@ -195,6 +200,7 @@ def run_training(
         "train_loss": scores["train"]["loss"],
     }
     doc = registry_document(dataset, train_split, test_split, card, net, epochs, scores, metrics, history)
+    doc["trained_on_version"] = table_version
     registry.register(
         s,
         version,

@@ -57,9 +57,9 @@ def ensure_bucket(client: Minio, bucket: str) -> bool:
 
 
 def ensure_buckets(s: Settings) -> None:
-    """The images, features and models buckets exist."""
+    """The images, features, models and lake buckets exist."""
     client = s3_client(s)
-    for bucket in (s.images_bucket, s.features_bucket, s.models_bucket):
+    for bucket in (s.images_bucket, s.features_bucket, s.models_bucket, s.lake_bucket):
         if ensure_bucket(client, bucket):
             log.info("created bucket %s", bucket)
 
@@ -71,16 +71,42 @@ def apply_templates(s: Settings) -> None:
 
 @retried(ES_SETUP, es_transient, log)  # Elasticsearch may still be starting (orchard.core.retry)
 def put_templates(es: Elasticsearch, bodies: dict[str, dict[str, Any]]) -> None:
-    """Put the index templates, create the indices they template, wait for green (redone as a whole)."""
+    """Put the index templates, create the indices they template (or add new fields to existing
+    ones), wait for green (redone as a whole)."""
     es = without_transport_retries(es)
     for name, body in bodies.items():
         es.indices.put_index_template(name=name, **body)
         if not es.indices.exists(index=name):
             es.indices.create(index=name)
             log.info("created index %s", name)
+        else:  # an index made by an older release gets the fields added since
+            add_new_fields(es, name, body["template"]["mappings"])
     es.options(request_timeout=GREEN_WAIT_SECONDS + 15).cluster.health(
         wait_for_status="green", timeout=f"{GREEN_WAIT_SECONDS}s"
     )
+
+
+def add_new_fields(es: Elasticsearch, index: str, mappings: dict[str, Any]) -> None:
+    """Put the fields of `mappings` that `index` does not have yet (existing fields are left as they
+    are: e.g. the embedding's dims, fixed by the first document)."""
+    current = es.indices.get_mapping(index=index)[index]["mappings"].get("properties", {})
+    new = missing_properties(mappings.get("properties", {}), current)
+    if new:
+        es.indices.put_mapping(index=index, properties=new)
+        log.info("added fields %s to index %s", ", ".join(sorted(new)), index)
+
+
+def missing_properties(wanted: dict[str, Any], existing: dict[str, Any]) -> dict[str, Any]:
+    """The part of the `wanted` properties tree that `existing` lacks (objects recursed into)."""
+    missing: dict[str, Any] = {}
+    for name, spec in wanted.items():
+        if name not in existing:
+            missing[name] = spec
+        elif "properties" in spec and "properties" in existing[name]:
+            below = missing_properties(spec["properties"], existing[name]["properties"])
+            if below:
+                missing[name] = {"properties": below}
+    return missing
 
 
 def setup_stack(s: Settings) -> None:

@@ -39,12 +39,11 @@ from typing import BinaryIO
 import numpy as np
 
 from orchard.core.files import read_names
-from orchard.core.lake import TRAIN, normalise_split, object_key
+from orchard.core.lake import IMAGE_SUFFIXES, TRAIN, normalise_split, object_key
 from orchard.uploader.report import Outcome, Problem
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 ARRAY_SUFFIX = ".npy"
 MAX_KEY_BYTES = 1024  # the S3 limit
 LAYOUT = "[<split>/]<label>/<file>"

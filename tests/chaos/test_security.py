@@ -204,6 +204,7 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
         ("uploader", "write images"): (put("uploader", s.images_bucket), True),
         ("uploader", "write models"): (put("uploader", s.models_bucket), False),
         ("uploader", "write features"): (put("uploader", s.features_bucket), False),
+        ("uploader", "write the lake"): (put("uploader", s.lake_bucket), False),
         ("uploader", "delete images"): (
             lambda: client["uploader"].remove_object(s.images_bucket, "chaos-scope/probe.txt"),
             False,
@@ -212,6 +213,7 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
         ("spark", "write images"): (put("spark", s.images_bucket), False),
         ("spark", "write features"): (put("spark", s.features_bucket), True),
         ("spark", "write models"): (put("spark", s.models_bucket), True),
+        ("spark", "write the lake"): (put("spark", s.lake_bucket), True),
         ("spark", "create buckets"): (lambda: client["spark"].make_bucket("chaos-not-allowed"), False),
     }
     expected = {case: want for case, (_, want) in matrix.items()}
@@ -227,7 +229,7 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
     assert got == expected, {c: (got[c], expected[c]) for c in matrix if got[c] != expected[c]}
     ledger.record(
         "security: compose's minio-setup run on the chaos MinIO; each scoped key tried",
-        f"{len(matrix)} permission checks (uploader: images only; spark: read images, write features/models)",
+        f"{len(matrix)} permission checks (uploader: images only; spark: read images, write features/models/lake)",
         0,
     )
 

@@ -222,10 +222,15 @@ def test_spark_defaults_render_the_same_settings(native, compose_config, service
     assert compose_conf["spark.pyspark.python"] == container_env(compose_config, service)["PYSPARK_PYTHON"]
     classpath = compose_conf["spark.driver.extraClassPath"].split(":")
     versions = read_versions()
+    # s3a, then Delta Lake: the image's jars by name and order, the same as the native ones.
     assert [Path(j).name for j in classpath] == [
         f"hadoop-aws-{versions['HADOOP_VERSION']}.jar",
         f"bundle-{versions['AWS_SDK_BUNDLE_VERSION']}.jar",
+        f"delta-spark_2.13-{versions['DELTA_VERSION']}.jar",
+        f"delta-storage-{versions['DELTA_VERSION']}.jar",
     ]
+    assert [Path(j).name for j in classpath] == [j.name for j in tools.jars]
+    assert compose_conf["spark.executor.extraClassPath"] == compose_conf["spark.driver.extraClassPath"]
 
 
 def test_spark_defaults_match_the_sessions_s3a_settings(native, compose_config):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from compose_checks import IMAGES_DIR, run
-from config_renderings import compose_nginx_conf
+from compose_checks import IMAGES_DIR, cache_dir, run
+from config_renderings import compose_nginx_conf, dockerfile_instructions, expand
 from orchard.core.toolchain import REPO_ROOT
 
 HADOLINT_CONFIG = IMAGES_DIR / ".hadolint.yaml"
@@ -54,6 +54,60 @@ def test_hadolint_rejects_a_broken_copy(hadolint_bin, tmp_path, breakage):
     copy = tmp_path / "Dockerfile"
     copy.write_text(text.replace(old, new, 1))
     assert hadolint_findings(hadolint_bin, copy) != ""
+
+
+SPARK_DOCKERFILE = IMAGES_DIR / "spark" / "Dockerfile"
+# The Delta Lake jars of the Spark image: file name, Maven Central directory, sha256 build arg.
+DELTA_JARS = [
+    ("delta-spark_2.13-${DELTA_VERSION}.jar", "io/delta/delta-spark_2.13/${DELTA_VERSION}", "DELTA_SPARK_SHA256"),
+    ("delta-storage-${DELTA_VERSION}.jar", "io/delta/delta-storage/${DELTA_VERSION}", "DELTA_STORAGE_SHA256"),
+]
+SHA256_CHECK = re.compile(r'echo "\$\{(\w+)\}  ([^"]+)" \| sha256sum -c -')
+
+
+def build_stage(dockerfile: Path, name: str) -> list[tuple[str, str]]:
+    """The instructions of build stage `name` (`FROM ... AS name`), up to the next FROM."""
+    stage: list[tuple[str, str]] = []
+    inside = False
+    for instruction, text in dockerfile_instructions(dockerfile):
+        if instruction == "FROM":
+            inside = text.lower().endswith(f" as {name}")
+        elif inside:
+            stage.append((instruction, text))
+    assert stage, f"{dockerfile} has no build stage {name!r}"
+    return stage
+
+
+def test_spark_image_fetches_and_checks_the_pinned_delta_jars(compose_config, versions):
+    """Like the s3a jars: from Maven Central, each checked against its sha256 of deps/versions.env."""
+    stage = build_stage(SPARK_DOCKERFILE, "jars")
+    declared = {text.partition("=")[0] for instruction, text in stage if instruction == "ARG"}
+    runs = "\n".join(text for instruction, text in stage if instruction == "RUN")
+    checks = {jar: arg for arg, jar in SHA256_CHECK.findall(runs)}
+    for jar, directory, sha_arg in DELTA_JARS:
+        assert {"DELTA_VERSION", sha_arg} <= declared, f"the jars stage does not declare {sha_arg}"
+        assert f'curl -fsSLO "${{MAVEN_CENTRAL}}/{directory}/{jar}"' in runs, f"{jar} is not fetched"
+        assert checks.get(jar) == sha_arg, f"{jar} is not checked against ${{{sha_arg}}}"
+    # The build gets exactly the pins, and copies every checked jar into Spark's jars/ dir.
+    args = compose_config["services"]["spark-master"]["build"]["args"]
+    pins = ("DELTA_VERSION", "DELTA_SPARK_SHA256", "DELTA_STORAGE_SHA256")
+    assert {k: args.get(k) for k in pins} == {k: versions[k] for k in pins}
+    assert ("COPY", "--from=jars /jars/*.jar ${SPARK_HOME}/jars/") in dockerfile_instructions(SPARK_DOCKERFILE)
+
+
+def test_spark_image_sha256_checks_pass_on_the_real_jars(versions):
+    """Every `sha256sum -c` of the jars stage, with the pins, passes on the jars `make deps` fetched
+    from Maven Central (deps/install.sh checks them against the same pins)."""
+    runs = "\n".join(text for instruction, text in build_stage(SPARK_DOCKERFILE, "jars") if instruction == "RUN")
+    checks = SHA256_CHECK.findall(runs)
+    assert {jar for jar, _, _ in DELTA_JARS} <= {jar for _, jar in checks}
+    jar_dir = cache_dir() / "jars"
+    for sha_arg, jar in checks:
+        name = expand(jar, versions)
+        if not (jar_dir / name).exists():
+            pytest.fail(f"{jar_dir / name} is missing: run `make deps`", pytrace=False)
+        result = run(["sha256sum", "-c", "-"], input=f"{versions[sha_arg]}  {name}\n", cwd=jar_dir)
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 def nginx_errors(conf_text: str, workdir: Path) -> str:

@@ -31,6 +31,7 @@ def test_pins_come_from_deps_versions_env(tmp_path, versions):
     values = read_versions(write_env(tmp_path / ".env"))
     pinned = [k for k in template_keys() if k in versions]
     assert {"ES_VERSION", "MINIO_VERSION", "MC_VERSION", "HADOOP_VERSION", "AWS_SDK_BUNDLE_VERSION"} <= set(pinned)
+    assert {"DELTA_VERSION", "DELTA_SPARK_SHA256", "DELTA_STORAGE_SHA256"} <= set(pinned)
     assert {k: values[k] for k in pinned} == {k: versions[k] for k in pinned}
 
 

@@ -171,7 +171,18 @@ def test_setup_succeeds_twice(setup_runs):
 
 def test_buckets_exist(setup_runs, minio_port):
     root = client(minio_port, ROOT)
-    assert {b.name for b in root.list_buckets()} >= {"images", "features", "models"}
+    assert {b.name for b in root.list_buckets()} >= {"images", "features", "models", "lake"}
+
+
+def assert_may_write_the_delta_table(c: Minio, port: int) -> None:
+    """What Delta Lake does in the lake bucket: list, write, read and delete its log and data files."""
+    log_entry = "images/_delta_log/00000000000000000000.json"
+    for key in (log_entry, "images/part-00000.snappy.parquet"):
+        assert allowed(put(c, "lake", key))
+        assert allowed(lambda k=key: c.get_object("lake", k).read())
+    assert allowed(lambda: list(c.list_objects("lake", prefix="images/_delta_log/")))
+    assert allowed(lambda: c.remove_object("lake", "images/part-00000.snappy.parquet"))  # VACUUM, OPTIMIZE
+    client(port, ROOT).remove_object("lake", log_entry)
 
 
 def test_uploader_may_only_write_images(setup_runs, minio_port):
@@ -182,6 +193,7 @@ def test_uploader_may_only_write_images(setup_runs, minio_port):
     assert not allowed(put(up, "features", "u/1.parquet"))
     assert not allowed(put(up, "models", "u/model.keras"))
     assert not allowed(lambda: up.remove_object("images", "u/1.jpg"))
+    assert not allowed(put(up, "lake", "images/_delta_log/00000000000000000000.json"))  # Spark's only
 
 
 def test_spark_reads_images_and_writes_features_and_models(setup_runs, minio_port):
@@ -194,6 +206,10 @@ def test_spark_reads_images_and_writes_features_and_models(setup_runs, minio_por
         assert allowed(lambda b=bucket: spark.get_object(b, "s/part-0").read())
         assert allowed(lambda b=bucket: spark.remove_object(b, "s/part-0"))  # s3a commit renames
     assert not allowed(lambda: spark.make_bucket("spark-made"))
+
+
+def test_spark_writes_the_delta_table(setup_runs, minio_port):
+    assert_may_write_the_delta_table(client(minio_port, SPARK), minio_port)
 
 
 def test_orchard_mc_works_with_hostile_root_credentials(setup_runs, minio_port, tools):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from orchard.core import lake
 from orchard.spark_app import images
+from spark_app_settings import CFG
 
 
 def jpeg_bytes(size=(60, 40), color=(200, 30, 30), fmt="JPEG") -> bytes:
@@ -70,6 +71,7 @@ def test_undecodable_bytes_give_a_reason_not_a_crash():
 
 def test_decode_rows_yields_errors_in_place():
     rows = [("s3a://images/ds/train/a/1.jpg", jpeg_bytes()), ("s3a://images/ds/train/a/2.jpg", b"junk")]
-    out = list(images.decode_rows(rows, "images", (20, 20)))
+    pairs = [images.file_pair("images", row) for row in rows]
+    out = list(images.decode_rows(pairs, CFG, (20, 20)))
     assert out[0][1].shape == (20, 20, 3) and out[0][2] is None
     assert out[1][1] is None and "undecodable" in out[1][2]

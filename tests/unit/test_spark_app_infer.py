@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchard.spark_app import infer
+from orchard.spark_app import images, infer
 from orchard.spark_app.preprocess import map_batches
 from spark_app_settings import CFG
 
@@ -34,10 +34,14 @@ def jpeg(color) -> bytes:
 
 
 def rows():
-    yield "s3a://images/ds/test/red/1.jpg", jpeg((250, 0, 0))
-    yield "s3a://images/ds/test/blue/2.jpg", jpeg((0, 0, 250))
-    yield "s3a://images/ds/test/red/3.jpg", b"junk"
-    yield "s3a://images/ds/train/red/4.jpg", jpeg((0, 0, 250))  # a wrong prediction
+    """(ref, content) pairs, as the images table gives them."""
+    for path, content in (
+        ("s3a://images/ds/test/red/1.jpg", jpeg((250, 0, 0))),
+        ("s3a://images/ds/test/blue/2.jpg", jpeg((0, 0, 250))),
+        ("s3a://images/ds/test/red/3.jpg", b"junk"),
+        ("s3a://images/ds/train/red/4.jpg", jpeg((0, 0, 250))),  # a wrong prediction
+    ):
+        yield images.file_pair("images", (path, content))
 
 
 def test_model_inputs_are_preprocessed_and_errors_carried_along():

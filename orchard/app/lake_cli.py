@@ -1,0 +1,90 @@
+"""`orchard lake sync | optimize | vacuum | history`: the Delta table of images (orchard.spark_app.table)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from orchard.app.cli import settings_from
+from orchard.app.spark_cli import echo_summary, extra_conf
+from orchard.core.errors import ExitStatus, ItemsFailed
+from orchard.core.tables import format_table
+from orchard.spark_app import table
+from orchard.spark_app.session import spark_session
+
+
+@click.group()
+def lake() -> None:
+    """The images table (Delta Lake): derived from the images bucket, read by every Spark stage."""
+
+
+conf_option = click.option("--conf", "conf", multiple=True, metavar="KEY=VALUE", help="Extra Spark conf (repeatable).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+
+
+@lake.command()
+@click.option("--dataset", default=None, help="Only this dataset (default: the whole bucket).")
+@conf_option
+@json_option
+@click.pass_context
+def sync(ctx, dataset, conf, as_json) -> int:
+    """Add every image object the table does not have yet (MERGE by content id; re-runnable)."""
+    s = settings_from(ctx)
+    with spark_session(s, f"orchard-lake-sync-{dataset or 'all'}", extra_conf(conf)) as spark:
+        result = table.sync(spark, s, dataset).as_dict()
+    echo_summary(result, as_json, ["listed", "added", "skipped", "failed", "table_version"])
+    if result["failed"]:
+        raise ItemsFailed(f"{result['failed']} objects were not added ({', '.join(result['failure_reasons'])})")
+    return ExitStatus.OK
+
+
+@lake.command()
+@click.option("--dataset", default=None, help="Only this dataset's partition (default: all).")
+@conf_option
+@json_option
+@click.pass_context
+def optimize(ctx, dataset, conf, as_json) -> int:
+    """Compact the table's small files (to ORCHARD_LAKE_TARGET_FILE_MB); readers keep working."""
+    s = settings_from(ctx)
+    with spark_session(s, "orchard-lake-optimize", extra_conf(conf)) as spark:
+        result = table.optimize(spark, s, dataset)
+    echo_summary(result, as_json, list(result))
+    return ExitStatus.OK
+
+
+@lake.command()
+@click.option(
+    "--retain-hours",
+    type=click.IntRange(0),
+    default=None,
+    help="Keep files removed less than this long ago (default ORCHARD_LAKE_RETENTION_HOURS, 168).",
+)
+@conf_option
+@json_option
+@click.pass_context
+def vacuum(ctx, retain_hours, conf, as_json) -> int:
+    """Delete table files no version within the retention period needs."""
+    s = settings_from(ctx)
+    with spark_session(s, "orchard-lake-vacuum", extra_conf(conf)) as spark:
+        result = table.vacuum(spark, s, retain_hours)
+    echo_summary(result, as_json, list(result))
+    return ExitStatus.OK
+
+
+@lake.command()
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
+@conf_option
+@json_option
+@click.pass_context
+def history(ctx, limit, conf, as_json) -> int:
+    """The table's latest versions: version, time, operation, rows added."""
+    s = settings_from(ctx)
+    with spark_session(s, "orchard-lake-history", extra_conf(conf)) as spark:
+        rows = table.history(spark, s, limit)
+    if as_json:
+        click.echo(json.dumps(rows))
+    else:
+        header = ["version", "timestamp", "operation", "rows_added", "files_added"]
+        click.echo(format_table(header, [[str(r[h]) for h in header] for r in rows]))
+    return ExitStatus.OK

@@ -1,0 +1,211 @@
+"""The images table (Delta Lake) on the real native stack: sync, idempotence, odd names, a killed
+sync, new uploads predicted by the next `orchard infer`, and training on an earlier version.
+
+Every command runs as `bin/orchard ...` in a subprocess, as a user would run it. The table is read
+back with a real Spark session (the test's own driver) to compare it with the bucket and the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from orchard.core.clients import es_client, s3_client
+from orchard.core.lake import Column
+from orchard.core.settings import Settings
+from tests.integration.test_spark_app import ORCHARD, Dataset, clean_up, last_json, ok, orchard
+
+pytestmark = pytest.mark.integration
+
+CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 3, 12, 4
+ODD_NAMES = ("with space.jpg", "ünïcødé 名前.jpg")
+
+
+def synth(root: Path, seed: int, per_class: int = TRAIN_PER_CLASS, test_per_class: int = TEST_PER_CLASS) -> Path:
+    """A small synthetic dataset tree."""
+    ok(
+        orchard(
+            "dataset",
+            "synth",
+            str(root),
+            "--classes",
+            str(CLASSES),
+            "--per-class",
+            str(per_class),
+            "--test-per-class",
+            str(test_per_class),
+            "--seed",
+            str(seed),
+        )
+    )
+    return root
+
+
+def rename_some(root: Path) -> None:
+    """Give two train images names with a space and with Unicode."""
+    label_dir = sorted((root / "Training").iterdir())[0]
+    for image, name in zip(sorted(label_dir.iterdir()), ODD_NAMES, strict=False):
+        image.rename(label_dir / name)
+
+
+def object_ids(s: Settings, dataset: str) -> dict[str, str]:
+    """key -> sha256 of every object of the dataset in the images bucket."""
+    client = s3_client(s)
+    ids = {}
+    for obj in client.list_objects(s.images_bucket, prefix=f"{dataset}/", recursive=True):
+        response = client.get_object(s.images_bucket, obj.object_name)
+        try:
+            ids[obj.object_name] = hashlib.sha256(response.read()).hexdigest()
+        finally:
+            response.close()
+            response.release_conn()
+    return ids
+
+
+def document_ids(s: Settings, dataset: str) -> set[str]:
+    from elasticsearch.helpers import scan
+
+    hits = scan(es_client(s), index=s.images_index, query={"query": {"term": {"dataset": dataset}}}, _source=False)
+    return {h["_id"] for h in hits}
+
+
+@pytest.fixture(scope="module")
+def spark(stack: Settings):
+    """A Spark session of the test itself, to read the table back: in local mode, so it holds none
+    of the cluster's cores (a standalone app keeps its executors while it runs, and the commands
+    under test need them)."""
+    from orchard.spark_app.session import spark_session
+
+    with spark_session(stack, "it-lake-reader", {"spark.master": "local[1]"}) as session:
+        yield session
+
+
+def table_rows(spark, s: Settings, dataset: str, version: int | None = None) -> dict[str, str]:
+    """key -> id of the dataset's rows in the table (at `version`)."""
+    from orchard.spark_app.table import read_images
+
+    rows = read_images(spark, s, dataset, version=version).select(Column.KEY, Column.ID).collect()
+    return {r[0]: r[1] for r in rows}
+
+
+def history(*args: str) -> list[dict]:
+    return last_json(ok(orchard("lake", "history", "--json", *args)))
+
+
+def forget(spark, s: Settings, dataset: str) -> None:
+    """Objects, documents, model versions and table rows of a test dataset."""
+    clean_up(Dataset(dataset, s, corrupt_key=""))
+    spark.sql(f"DELETE FROM delta.`{s.images_table_uri}` WHERE {Column.DATASET} = '{dataset}'")
+
+
+@pytest.fixture(scope="module")
+def lake_dataset(stack: Settings, spark, tmp_path_factory):
+    token = secrets.token_hex(3)
+    name = f"it-lake-{token}"
+    root = synth(tmp_path_factory.mktemp("lake") / "fruits", int(token, 16) % 100_000)
+    rename_some(root)
+    try:
+        ok(orchard("upload", str(root), "--dataset", name))
+        yield name
+    finally:
+        forget(spark, stack, name)
+
+
+@pytest.fixture(scope="module")
+def first_sync(lake_dataset: str) -> dict:
+    return last_json(ok(orchard("lake", "sync", "--dataset", lake_dataset, "--json")))
+
+
+def test_sync_makes_table_ids_equal_objects_and_documents(stack: Settings, spark, lake_dataset: str, first_sync):
+    images = CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS)
+    assert first_sync["listed"] == images and first_sync["added"] == images and first_sync["failed"] == 0
+    objects = object_ids(stack, lake_dataset)
+    rows = table_rows(spark, stack, lake_dataset)
+    assert rows == objects  # same keys, each with the sha256 of its bytes
+    assert set(rows.values()) == document_ids(stack, lake_dataset)
+    for odd in ODD_NAMES:
+        assert any(key.endswith("/" + odd) for key in rows), f"{odd!r} is missing from the table"
+
+
+def test_a_second_sync_adds_nothing_and_commits_nothing(stack: Settings, lake_dataset: str, first_sync):
+    again = last_json(ok(orchard("lake", "sync", "--dataset", lake_dataset, "--json")))
+    assert again["added"] == 0 and again["failed"] == 0
+    assert again["table_version"] == first_sync["table_version"]
+    assert history("--limit", "1")[0]["version"] == first_sync["table_version"]
+
+
+def test_a_killed_sync_leaves_a_consistent_table_and_a_rerun_completes(stack: Settings, spark, tmp_path: Path):
+    name = f"it-lake-kill-{secrets.token_hex(3)}"
+    root = synth(tmp_path / "fruits", 4242, per_class=60, test_per_class=0)
+    try:
+        ok(orchard("upload", str(root), "--dataset", name))
+        before = history("--limit", "1")[0]["version"]
+        proc = subprocess.Popen(
+            [str(ORCHARD), "lake", "sync", "--dataset", name, "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        wait_for_line(proc, "objects are new, reading them", timeout=300)
+        time.sleep(2)  # inside the write: reading objects, or merging them
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        after = history("--limit", "1")[0]["version"]
+        assert after in (before, before + 1)
+        kept = table_rows(spark, stack, name, after)
+        assert len(kept) in (0, CLASSES * 60)  # a version holds all of the commit or none of it
+        rerun = last_json(ok(orchard("lake", "sync", "--dataset", name, "--json")))
+        assert rerun["failed"] == 0
+        assert table_rows(spark, stack, name) == object_ids(stack, name)
+    finally:
+        forget(spark, stack, name)
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> None:
+    """Read the process's stderr until a line contains `text` (fails if it exits or times out first)."""
+    deadline = time.monotonic() + timeout
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if text in line:
+            return
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout} s"
+    pytest.fail(f"the process ended (exit {proc.wait()}) before logging {text!r}")
+
+
+def test_new_uploads_are_predicted_by_the_next_infer_and_as_of_trains_on_the_older_rows(
+    stack: Settings, spark, lake_dataset: str, first_sync: dict, tmp_path: Path
+):
+    trained = last_json(ok(orchard("train", "--dataset", lake_dataset, "--epochs", "1", "--batch-size", "8", "--json")))
+    version, old_table = trained["version"], trained["trained_on_version"]
+    first = last_json(ok(orchard("infer", "--dataset", lake_dataset, "--model", version, "--json")))
+    assert first["failed"] == 0 and first["table_version"] >= old_table  # versions count every dataset's commits
+    # 10 more images (other seed: other bytes), uploaded and then predicted with no other command
+    extra = synth(tmp_path / "more", 777, per_class=4, test_per_class=0)
+    files = sorted(extra.rglob("*.jpg"))
+    for image in files[10:]:
+        image.unlink()
+    for image in files[:10]:  # new keys (synth names files 0_100.jpg, 1_100.jpg, ... in every tree)
+        image.rename(image.with_name(f"extra-{image.name}"))
+    ok(orchard("upload", str(extra), "--dataset", lake_dataset))
+    second = last_json(ok(orchard("infer", "--dataset", lake_dataset, "--model", version, "--json")))
+    total = CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + 10
+    assert second["images"] == total and second["failed"] == 0
+    assert second["table_version"] > first["table_version"]  # the new images were synced first
+    es = es_client(stack)
+    query = {"bool": {"filter": [{"term": {"dataset": lake_dataset}}, {"term": {"prediction.model_version": version}}]}}
+    assert es.count(index=stack.images_index, query=query)["count"] == total
+    # --as-of: training on the version before the new images sees the older train rows
+    older = last_json(
+        ok(orchard("train", "--dataset", lake_dataset, "--epochs", "1", "--as-of", str(old_table), "--json"))
+    )
+    assert older["trained_on_version"] == old_table
+    assert older["train_images"] == CLASSES * TRAIN_PER_CLASS
+    assert len(table_rows(spark, stack, lake_dataset, old_table)) == total - 10
