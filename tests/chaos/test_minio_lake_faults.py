@@ -1,6 +1,10 @@
 """The images table: a MinIO node killed while `orchard lake sync` reads the new objects and
 commits them must lose nothing (the 4-node erasure set keeps read and write quorum with one node
-down; s3a and the executors' reads retry through the load balancer)."""
+down; s3a and the executors' reads retry through the load balancer).
+
+Named to run after test_minio_faults.py: its proof of healing reads objects from two healed drives
+only, and in CI run ci6 it failed (117 of 360 objects unreadable, SlowDownRead) when this test had
+killed and restarted a node just before it; whether that was the cause is not proven yet."""
 
 from __future__ import annotations
 
