@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from orchard.app.cli import settings_from
 from orchard.app.spark_cli import echo_summary, extra_conf
 from orchard.core.errors import ExitStatus, ItemsFailed
+from orchard.core.settings import Settings
 from orchard.core.tables import format_table
 from orchard.spark_app import table
 from orchard.spark_app.session import spark_session
@@ -23,16 +26,23 @@ conf_option = click.option("--conf", "conf", multiple=True, metavar="KEY=VALUE",
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 
+def on_table(ctx: click.Context, app_name: str, conf: tuple[str, ...], job: Callable[[Any, Settings], Any]) -> Any:
+    """`job(spark, settings)` in a Spark session named `app_name` (with the --conf flags); its result."""
+    s = settings_from(ctx)
+    with spark_session(s, app_name, extra_conf(conf)) as spark:
+        return job(spark, s)
+
+
 @lake.command()
 @click.option("--dataset", default=None, help="Only this dataset (default: the whole bucket).")
 @conf_option
 @json_option
 @click.pass_context
 def sync(ctx, dataset, conf, as_json) -> int:
-    """Add every image object the table does not have yet (MERGE by content id; re-runnable)."""
-    s = settings_from(ctx)
-    with spark_session(s, f"orchard-lake-sync-{dataset or 'all'}", extra_conf(conf)) as spark:
-        result = table.sync(spark, s, dataset).as_dict()
+    """Bring the table up to date with the bucket: new, overwritten and deleted objects, in one MERGE
+    by key (re-runnable)."""
+    app = f"orchard-lake-sync-{dataset or 'all'}"
+    result = on_table(ctx, app, conf, lambda spark, s: table.sync(spark, s, dataset).as_dict())
     echo_summary(result, as_json, ["listed", "added", "skipped", "failed", "table_version"])
     if result["failed"]:
         raise ItemsFailed(f"{result['failed']} objects were not added ({', '.join(result['failure_reasons'])})")
@@ -46,9 +56,7 @@ def sync(ctx, dataset, conf, as_json) -> int:
 @click.pass_context
 def optimize(ctx, dataset, conf, as_json) -> int:
     """Compact the table's small files (to ORCHARD_LAKE_TARGET_FILE_MB); readers keep working."""
-    s = settings_from(ctx)
-    with spark_session(s, "orchard-lake-optimize", extra_conf(conf)) as spark:
-        result = table.optimize(spark, s, dataset)
+    result = on_table(ctx, "orchard-lake-optimize", conf, lambda spark, s: table.optimize(spark, s, dataset))
     echo_summary(result, as_json, list(result))
     return ExitStatus.OK
 
@@ -65,9 +73,7 @@ def optimize(ctx, dataset, conf, as_json) -> int:
 @click.pass_context
 def vacuum(ctx, retain_hours, conf, as_json) -> int:
     """Delete table files no version within the retention period needs."""
-    s = settings_from(ctx)
-    with spark_session(s, "orchard-lake-vacuum", extra_conf(conf)) as spark:
-        result = table.vacuum(spark, s, retain_hours)
+    result = on_table(ctx, "orchard-lake-vacuum", conf, lambda spark, s: table.vacuum(spark, s, retain_hours))
     echo_summary(result, as_json, list(result))
     return ExitStatus.OK
 
@@ -79,9 +85,7 @@ def vacuum(ctx, retain_hours, conf, as_json) -> int:
 @click.pass_context
 def history(ctx, limit, conf, as_json) -> int:
     """The table's latest versions: version, time, operation, rows added."""
-    s = settings_from(ctx)
-    with spark_session(s, "orchard-lake-history", extra_conf(conf)) as spark:
-        rows = table.history(spark, s, limit)
+    rows = on_table(ctx, "orchard-lake-history", conf, lambda spark, s: table.history(spark, s, limit))
     if as_json:
         click.echo(json.dumps(rows))
     else:

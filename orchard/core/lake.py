@@ -184,10 +184,10 @@ class Field:
 
 
 class Column:
-    """Columns of the images table: one row per distinct image (by content), derived from the bucket."""
+    """Columns of the images table: one row per image object of the bucket, derived from it."""
 
     ID: Final = "id"  # content sha256 = the document _id
-    KEY: Final = "key"  # object key in the images bucket (the first key seen with this content)
+    KEY: Final = "key"  # object key in the images bucket (what sync merges rows by)
     DATASET: Final = "dataset"  # partition column
     SPLIT: Final = "split"
     LABEL: Final = "label"
@@ -201,25 +201,25 @@ class Column:
     INGESTED_AT: Final = "ingested_at"
 
 
-# Spark DDL of the table (column order = storage order; the binary column last keeps the small
-# columns of a row group together).
-TABLE_SCHEMA: Final = ", ".join(
-    (
-        f"{Column.ID} STRING NOT NULL",
-        f"{Column.KEY} STRING NOT NULL",
-        f"{Column.DATASET} STRING NOT NULL",
-        f"{Column.SPLIT} STRING",
-        f"{Column.LABEL} STRING",
-        f"{Column.FORMAT} STRING",
-        f"{Column.WIDTH} INT",
-        f"{Column.HEIGHT} INT",
-        f"{Column.CHANNELS} INT",
-        f"{Column.BYTES} BIGINT",
-        f"{Column.ETAG} STRING",
-        f"{Column.INGESTED_AT} TIMESTAMP",
-        f"{Column.CONTENT} BINARY",
-    )
+# The table's columns with their Spark SQL types, in storage order (the binary column last keeps
+# the small columns of a row group together); the DDL and the name list are derived from it.
+TABLE_COLUMNS: Final = (
+    (Column.ID, "STRING NOT NULL"),
+    (Column.KEY, "STRING NOT NULL"),
+    (Column.DATASET, "STRING NOT NULL"),
+    (Column.SPLIT, "STRING"),
+    (Column.LABEL, "STRING"),
+    (Column.FORMAT, "STRING"),
+    (Column.WIDTH, "INT"),
+    (Column.HEIGHT, "INT"),
+    (Column.CHANNELS, "INT"),
+    (Column.BYTES, "BIGINT"),
+    (Column.ETAG, "STRING"),
+    (Column.INGESTED_AT, "TIMESTAMP"),
+    (Column.CONTENT, "BINARY"),
 )
+TABLE_SCHEMA: Final = ", ".join(f"{name} {kind}" for name, kind in TABLE_COLUMNS)  # Spark DDL
+COLUMN_NAMES: Final = tuple(name for name, _ in TABLE_COLUMNS)
 PARTITION_COLUMNS: Final = (Column.DATASET,)
 
 

@@ -32,7 +32,17 @@ from PIL import Image, UnidentifiedImageError
 
 from orchard.core.clients import s3_client
 from orchard.core.errors import DatasetNotFound, TableNotFound
-from orchard.core.lake import PARTITION_COLUMNS, TABLE_SCHEMA, Column, dataset_uri, is_image_key, parse_key, s3a_uri
+from orchard.core.lake import (
+    COLUMN_NAMES,
+    PARTITION_COLUMNS,
+    TABLE_COLUMNS,
+    TABLE_SCHEMA,
+    Column,
+    dataset_uri,
+    is_image_key,
+    parse_key,
+    s3a_uri,
+)
 from orchard.core.settings import Settings
 from orchard.spark_app.context import s3_of
 from orchard.spark_app.images import read_object, table_pair
@@ -87,7 +97,7 @@ def ensure_table(spark: SparkSession, s: Settings) -> None:
         f"USING delta PARTITIONED BY ({partitions})"
     )
     have = set(spark.read.format("delta").load(s.images_table_uri).columns)
-    missing = [part for part in TABLE_SCHEMA.split(", ") if part.split()[0] not in have]
+    missing = [f"{name} {kind}" for name, kind in TABLE_COLUMNS if name not in have]
     if missing:  # a table made by an earlier release: add the columns since (null in old rows)
         spark.sql(f"ALTER TABLE delta.`{s.images_table_uri}` ADD COLUMNS ({', '.join(missing)})")
 
@@ -101,10 +111,15 @@ def table_exists(spark: SparkSession, s: Settings) -> bool:
 
 def current_version(spark: SparkSession, s: Settings) -> int:
     """The latest committed version of the table (TableNotFound if there is no table)."""
-    from delta.tables import DeltaTable
-
     if not table_exists(spark, s):
         raise TableNotFound(f"no images table at {s.images_table_uri}: run `orchard lake sync` first")
+    return latest_version(spark, s)
+
+
+def latest_version(spark: SparkSession, s: Settings) -> int:
+    """The latest committed version of a table known to exist."""
+    from delta.tables import DeltaTable
+
     return int(DeltaTable.forPath(spark, s.images_table_uri).history(1).select("version").collect()[0][0])
 
 
@@ -165,7 +180,7 @@ LISTING_DEPTH = 3  # <dataset>/<split>/<label>/: below it, executors list recurs
 
 
 def list_objects(spark: SparkSession, s: Settings, dataset: str | None) -> DataFrame:
-    """(key, length) of every image object of a dataset (or of the bucket), listed by the executors.
+    """(key, length, etag) of every image object of a dataset (or of the bucket), listed by the executors.
 
     The driver only walks the first levels of the key layout (datasets, splits, labels: a few
     hundred prefixes at most); each executor task lists whole prefixes (1,000 keys per request),
@@ -182,7 +197,8 @@ def list_objects(spark: SparkSession, s: Settings, dataset: str | None) -> DataF
 
 
 def leaf_prefixes(client, bucket: str, prefix: str, depth: int) -> list[str]:
-    """The prefixes `depth` levels below `prefix` (and `prefix` itself for objects lying above them)."""
+    """The prefixes `depth` levels below `prefix` (objects lying above that depth are not in the key
+    layout and are not listed)."""
     level = [prefix]
     for _ in range(depth):
         below: list[str] = []
@@ -205,18 +221,14 @@ def fetch_batches(s: Settings, ingested_at: datetime, batches: Iterator[pd.DataF
     for batch in batches:
         pairs = zip(batch[Column.KEY], batch[Column.ETAG], strict=True)
         rows = [{**fetch_row(client, s, key, ingested_at), Column.ETAG: etag} for key, etag in pairs]
-        yield pd.DataFrame(rows, columns=[*_column_names(), ERROR])
-
-
-def _column_names() -> list[str]:
-    return [part.split()[0] for part in TABLE_SCHEMA.split(", ")]
+        yield pd.DataFrame(rows, columns=[*COLUMN_NAMES, ERROR])
 
 
 def fetch_row(client, s: Settings, key: str, ingested_at: datetime) -> dict:
     """The table row of one object (content inline up to the size threshold), or a row with `error`
     set when the key is not in the layout or the object cannot be read. Bytes Pillow cannot parse
     still make a row (format null): the table mirrors the bucket, the stages report the image."""
-    row: dict = dict.fromkeys(_column_names())
+    row: dict = dict.fromkeys(COLUMN_NAMES)
     row.update({Column.KEY: key, Column.INGESTED_AT: ingested_at, Column.DATASET: "", ERROR: None})
     try:
         row[Column.DATASET], row[Column.SPLIT], row[Column.LABEL] = parse_key(key)
@@ -277,7 +289,7 @@ def synced_version(spark: SparkSession, s: Settings, dataset: str) -> tuple[int,
     from pyspark.sql import functions as F
 
     if table_exists(spark, s):
-        version = current_version(spark, s)
+        version = latest_version(spark, s)
         objects, changed = count_image_objects(s3_client(s), s.images_bucket, f"{dataset}/")
         stats = read_images(spark, s, dataset, version=version).agg(
             F.count("*").alias("rows"), F.max(Column.INGESTED_AT).alias("last")
@@ -327,7 +339,7 @@ def sync(spark: SparkSession, s: Settings, dataset: str | None = None, keys_per_
     try:
         listed, pending, removed = listing.count(), todo.count(), gone.count()
         if pending == 0 and removed == 0:
-            return SyncResult(listed, 0, 0, current_version(spark, s))
+            return SyncResult(listed, 0, 0, latest_version(spark, s))
         log.info("lake sync: %d of %d objects are new, reading them (%d rows to remove)", pending, listed, removed)
         keys = todo.select(Column.KEY, Column.ETAG).repartition(max(1, math.ceil(pending / keys_per_task)))
         fetched = keys.mapInPandas(partial(fetch_batches, s, began), FETCH_SCHEMA)
@@ -343,7 +355,7 @@ def sync(spark: SparkSession, s: Settings, dataset: str | None = None, keys_per_
         listed,
         metrics["added"],
         failed,
-        current_version(spark, s),
+        latest_version(spark, s),
         reasons,
         examples,
         metrics["updated"],
@@ -379,9 +391,8 @@ def merge_changes(spark: SparkSession, s: Settings, rows: DataFrame, gone: DataF
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
-    columns = _column_names()
     source = rows.withColumn("_gone", F.lit(False)).unionByName(_removal_rows(gone, rows))
-    values: dict = {c: f"u.{c}" for c in columns}  # every column from the source row
+    values: dict = {c: f"u.{c}" for c in COLUMN_NAMES}  # every column from the source row
     target = DeltaTable.forPath(spark, s.images_table_uri).alias("t")
     merge = (
         target.merge(source.alias("u"), f"t.{Column.KEY} = u.{Column.KEY}")

@@ -27,7 +27,7 @@ from orchard.spark_app.images import decode_rows
 from orchard.spark_app.infer import PredictSpec, evaluate
 from orchard.spark_app.preprocess import label_map, one_hot, preprocessor
 from orchard.spark_app.session import executor_count
-from orchard.spark_app.table import read_images, stage_images, sync
+from orchard.spark_app.table import read_images, stage_images, synced_version
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +164,13 @@ def run_training(
 ) -> dict:
     """Train, save, evaluate and register a model version; returns the registry document.
 
-    The images are the table's at `as_of` (default: the dataset synced into the table first, then
-    the version that leaves); the version is recorded as the model's `trained_on_version`."""
+    The images are the table's at `as_of` (default: the current version, after syncing the dataset
+    first if the bucket differs, as every stage does); the version is recorded as the model's `trained_on_version`."""
     # TensorFlow: loaded only when a model is trained.
     from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
     began = time.monotonic()
-    table_version = as_of if as_of is not None else sync(spark, s, dataset).version
+    table_version = as_of if as_of is not None else synced_version(spark, s, dataset)[0]
     spark_model, classes, workers = fit(
         spark, s, dataset, train_split, epochs, batch_size, learning_rate, images_per_partition, table_version
     )

@@ -21,6 +21,7 @@ from orchard.core.clients import es_client, s3_client
 from orchard.core.lake import Column
 from orchard.core.settings import Settings
 from tests.integration.test_spark_app import ORCHARD, Dataset, clean_up, last_json, ok, orchard
+from tests.integration.test_spark_app import synth as synth_tree
 
 pytestmark = pytest.mark.integration
 
@@ -29,23 +30,8 @@ ODD_NAMES = ("with space.jpg", "ünïcødé 名前.jpg")
 
 
 def synth(root: Path, seed: int, per_class: int = TRAIN_PER_CLASS, test_per_class: int = TEST_PER_CLASS) -> Path:
-    """A small synthetic dataset tree."""
-    ok(
-        orchard(
-            "dataset",
-            "synth",
-            str(root),
-            "--classes",
-            str(CLASSES),
-            "--per-class",
-            str(per_class),
-            "--test-per-class",
-            str(test_per_class),
-            "--seed",
-            str(seed),
-        )
-    )
-    return root
+    """A small synthetic dataset tree of CLASSES classes."""
+    return synth_tree(root, CLASSES, per_class, test_per_class, seed)
 
 
 def rename_some(root: Path) -> None:

@@ -131,26 +131,31 @@ def clean_up(ds: Dataset) -> None:
         es.options(ignore_status=404).delete(index=s.models_index, id=version, refresh=True)
 
 
-@pytest.fixture(scope="module")
-def dataset(stack: Settings, tmp_path_factory) -> Dataset:
-    token = secrets.token_hex(3)
-    name, seed = f"it-spark-{token}", int(token, 16) % 100_000
-    root = tmp_path_factory.mktemp("synth") / "fruits"
+def synth(root: Path, classes: int, per_class: int, test_per_class: int, seed: int) -> Path:
+    """A synthetic dataset tree written by `orchard dataset synth`; returns `root`."""
     ok(
         orchard(
             "dataset",
             "synth",
             str(root),
             "--classes",
-            str(CLASSES),
+            str(classes),
             "--per-class",
-            str(TRAIN_PER_CLASS),
+            str(per_class),
             "--test-per-class",
-            str(TEST_PER_CLASS),
+            str(test_per_class),
             "--seed",
             str(seed),
         )
     )
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(stack: Settings, tmp_path_factory) -> Dataset:
+    token = secrets.token_hex(3)
+    name, seed = f"it-spark-{token}", int(token, 16) % 100_000
+    root = synth(tmp_path_factory.mktemp("synth") / "fruits", CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, seed)
     ds = Dataset(name, stack, corrupt_key="")
     try:
         ok(orchard("upload", str(root), "--dataset", name))
