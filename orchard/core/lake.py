@@ -11,8 +11,8 @@ Owned here (and built or parsed nowhere else):
 - Field names of an image document: `Field` (dotted paths for nested fields, as queries use them),
   `Prediction` and `Pca` (the names inside those objects, as documents are built and read), exactly
   the fields of es_mappings/images.json (tests/unit/test_lake.py checks both ways).
-- The Delta table of images (`Column`, `TABLE_SCHEMA`, `PARTITION_COLUMNS`): one row per distinct
-  image, derived from the bucket (docs/lake.md); its location is `Settings.images_table_uri`.
+- The Delta table of images (`Column`, `TABLE_SCHEMA`, `PARTITION_COLUMNS`): one row per image
+  object, derived from the bucket (docs/lake.md); its location is `Settings.images_table_uri`.
 - Stored times: `utc_timestamp`, the one ISO-8601 UTC formatter (uploaded_at, predicted_at,
   created_at, upload reports).
 

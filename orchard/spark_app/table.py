@@ -20,7 +20,7 @@ import hashlib
 import io
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -170,7 +170,19 @@ def stage_images(
     # (250 tasks of 64 images took 24.5 s to read 16,000 rows, 16 tasks 4.3 s).
     cores = spark.sparkContext.defaultParallelism
     partitions = max(2 * cores, math.ceil(rows / max(1, images_per_partition)))
-    return df.repartition(partitions).rdd.map(table_pair), version
+    # Hash-partitioned by id: identical bytes under two keys land in one task, which keeps one
+    # (one prediction per distinct image); and no sort of whole rows, which a round-robin
+    # repartition does first to stay deterministic on retries.
+    return df.repartition(partitions, Column.ID).rdd.mapPartitions(distinct_pairs), version
+
+
+def distinct_pairs(rows: Iterable) -> Iterator:
+    """mapPartitions body: (ImageRef, content) of each row, the first row of each id only."""
+    seen: set[str] = set()
+    for row in rows:
+        if row[0] not in seen:
+            seen.add(row[0])
+            yield table_pair(row)
 
 
 # --- sync ---------------------------------------------------------------------------------------
@@ -284,41 +296,79 @@ def gone_keys(spark: SparkSession, s: Settings, listed: DataFrame, dataset: str 
 
 def synced_version(spark: SparkSession, s: Settings, dataset: str) -> tuple[int, int | None]:
     """(table version to read a dataset at, its rows there if known): the current version if the
-    table has as many rows for the dataset as the bucket has image objects (counted, not kept: the
-    driver's memory stays flat), else the version a sync of the dataset leaves."""
+    table is up to date with the dataset's objects (`is_synced`; counted, not kept: the driver's
+    memory stays flat), else the version a sync of the dataset leaves."""
     from pyspark.sql import functions as F
 
+    objects, newest = count_image_objects(s3_client(s), s.images_bucket, f"{dataset}/")
     if table_exists(spark, s):
         version = latest_version(spark, s)
-        objects, changed = count_image_objects(s3_client(s), s.images_bucket, f"{dataset}/")
         stats = read_images(spark, s, dataset, version=version).agg(
             F.count("*").alias("rows"), F.max(Column.INGESTED_AT).alias("last")
         )
-        rows, last = stats.collect()[0]  # one row, from the Delta log's statistics
-        if objects == rows and (changed is None or (last is not None and changed <= last.replace(tzinfo=UTC))):
+        rows, last = stats.collect()[0]  # one row
+        last = last.replace(tzinfo=UTC) if last is not None else None
+        if is_synced(objects, newest, rows, last, lambda: synced_marks(spark, s).get(dataset)):
             return version, rows
-        log.info(
-            "dataset %s: %d image objects (%s changed last), %d table rows: syncing first",
-            dataset,
-            objects,
-            changed,
-            rows,
-        )
+        log.info("dataset %s: %d image objects (newest %s), %d rows: syncing first", dataset, objects, newest, rows)
     result = sync(spark, s, dataset)
     log.info("lake sync of %s: %d added, %d failed", dataset, result.added, result.failed)
-    return result.version, None
+    if newest is None or result.failed or result.added or result.updated or result.removed:
+        return result.version, None
+    # The check said "changed" but the sync found nothing to do: remember why it may say so again.
+    return mark_synced(spark, s, dataset, newest), None
+
+
+def is_synced(
+    objects: int, newest: datetime | None, rows: int, last: datetime | None, mark: Callable[[], str | None]
+) -> bool:
+    """True if a dataset's rows stand for its objects: as many rows as image objects, and no
+    object written after the rows were (`last`, the newest ingested_at) unless a sync has already
+    seen that object (`mark()`: the newest LastModified a sync started from, ISO; it covers objects
+    re-put with the same bytes, which a sync leaves alone, and a MinIO clock ahead of Spark's)."""
+    if objects != rows:
+        return False
+    return newest is None or (last is not None and newest <= last) or newest.isoformat() == mark()
+
+
+SYNC_MARK = "orchard.syncedNewestObject."  # + dataset: a table property, see is_synced
+
+
+def synced_marks(spark: SparkSession, s: Settings) -> dict[str, str]:
+    """dataset -> the newest LastModified (ISO) of its objects when a stage's sync last ran."""
+    from delta.tables import DeltaTable
+
+    properties = DeltaTable.forPath(spark, s.images_table_uri).detail().collect()[0]["properties"] or {}
+    return {k[len(SYNC_MARK) :]: v for k, v in properties.items() if k.startswith(SYNC_MARK)}
+
+
+def mark_synced(spark: SparkSession, s: Settings, dataset: str, newest: datetime) -> int:
+    """Record that the table holds a dataset's objects up to `newest` (a metadata-only commit);
+    returns the table version after it."""
+    key, value = _quoted(SYNC_MARK + dataset), _quoted(newest.isoformat())
+    spark.sql(f"ALTER TABLE delta.`{s.images_table_uri}` SET TBLPROPERTIES ('{key}' = '{value}')")
+    return latest_version(spark, s)
 
 
 def count_image_objects(client, bucket: str, prefix: str) -> tuple[int, datetime | None]:
-    """(how many image objects are under `prefix`, when the last of them was written): one listing
-    request per 1,000 keys, nothing kept."""
+    """(how many image objects in the key layout are under `prefix` (what a sync makes rows of),
+    when the last of them was written): one listing request per 1,000 keys, nothing kept."""
     count, last = 0, None
     for obj in client.list_objects(bucket, prefix=prefix, recursive=True):
-        if is_image_key(obj.object_name):
+        if is_image_key(obj.object_name) and in_layout(obj.object_name):
             count += 1
             if obj.last_modified is not None and (last is None or obj.last_modified > last):
                 last = obj.last_modified
     return count, last
+
+
+def in_layout(key: str) -> bool:
+    """True if the key is `<dataset>/<split>/<label>/<file>` (or deeper)."""
+    try:
+        parse_key(key)
+    except ValueError:
+        return False
+    return True
 
 
 def _dataset_is(dataset: str) -> str:
@@ -364,13 +414,11 @@ def sync(spark: SparkSession, s: Settings, dataset: str | None = None, keys_per_
 
 
 def good_rows(fetched: DataFrame) -> DataFrame:
-    """The fetched rows without an error, one per id (the first key of identical bytes)."""
-    from pyspark.sql import Window
+    """The fetched rows without an error: one per object key (identical bytes under two keys make
+    two rows with one id; the stages keep one of them, `distinct_pairs`)."""
     from pyspark.sql import functions as F
 
-    first = Window.partitionBy(Column.ID).orderBy(Column.KEY)
-    rows = fetched.where(F.col(ERROR).isNull()).withColumn("_n", F.row_number().over(first))
-    return rows.where("_n = 1").drop("_n", ERROR)
+    return fetched.where(F.col(ERROR).isNull()).drop(ERROR)
 
 
 def failure_counts(fetched: DataFrame) -> tuple[dict[str, int], list[tuple[str, str]]]:

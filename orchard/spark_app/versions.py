@@ -23,13 +23,18 @@ if TYPE_CHECKING:
 
 def load_version(s: Settings, version: str) -> tuple[OrchardSparkModel, dict]:
     """(Elephas-wrapped model, model card) of a registered version, loaded in this (driver) process."""
+    card = registry.load_card(s, version)
+    return load_model(s, card), card
+
+
+def load_model(s: Settings, card: dict) -> OrchardSparkModel:
+    """The Elephas-wrapped model of a registered version's card, loaded in this (driver) process."""
     # TensorFlow: loaded only when a model version is loaded.
     from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
-    card = registry.load_card(s, version)
     with tempfile.TemporaryDirectory(prefix="orchard-model-") as tmp:
         path = registry.download_model(s, card, Path(tmp))
-        return keras_model.wrap(keras_model.load_model_file(path)), card
+        return keras_model.wrap(keras_model.load_model_file(path))
 
 
 def read_class_names(path: Path) -> list[str]:

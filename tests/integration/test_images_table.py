@@ -8,6 +8,7 @@ back with a real Spark session (the test's own driver) to compare it with the bu
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import secrets
 import signal
@@ -166,10 +167,15 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> None:
     pytest.fail(f"the process ended (exit {proc.wait()}) before logging {text!r}")
 
 
+@pytest.fixture(scope="module")
+def trained(lake_dataset: str, first_sync: dict) -> dict:
+    """The summary of `orchard train` on the lake dataset (before the tests below add images)."""
+    return last_json(ok(orchard("train", "--dataset", lake_dataset, "--epochs", "1", "--batch-size", "8", "--json")))
+
+
 def test_new_uploads_are_predicted_by_the_next_infer_and_as_of_trains_on_the_older_rows(
-    stack: Settings, spark, lake_dataset: str, first_sync: dict, tmp_path: Path
+    stack: Settings, spark, lake_dataset: str, trained: dict, tmp_path: Path
 ):
-    trained = last_json(ok(orchard("train", "--dataset", lake_dataset, "--epochs", "1", "--batch-size", "8", "--json")))
     version, old_table = trained["version"], trained["trained_on_version"]
     first = last_json(ok(orchard("infer", "--dataset", lake_dataset, "--model", version, "--json")))
     assert first["failed"] == 0 and first["table_version"] >= old_table  # versions count every dataset's commits
@@ -195,3 +201,39 @@ def test_new_uploads_are_predicted_by_the_next_infer_and_as_of_trains_on_the_old
     assert older["trained_on_version"] == old_table
     assert older["train_images"] == CLASSES * TRAIN_PER_CLASS
     assert len(table_rows(spark, stack, lake_dataset, old_table)) == total - 10
+
+
+def put_copy(s: Settings, key: str, new_key: str) -> None:
+    """Write the bytes of object `key` again, under `new_key` (may be `key` itself: a re-put)."""
+    client = s3_client(s)
+    response = client.get_object(s.images_bucket, key)
+    try:
+        data = response.read()
+    finally:
+        response.close()
+        response.release_conn()
+    client.put_object(s.images_bucket, new_key, io.BytesIO(data), len(data), content_type="image/jpeg")
+
+
+def test_identical_bytes_are_predicted_once_and_a_same_bytes_reput_syncs_once(
+    stack: Settings, spark, lake_dataset: str, trained: dict
+):
+    from orchard.spark_app.table import latest_version, synced_marks, synced_version
+
+    version = trained["version"]
+    key = sorted(table_rows(spark, stack, lake_dataset))[0]
+    put_copy(stack, key, key.rsplit("/", 1)[0] + "/copy of the first.jpg")  # same bytes, second key
+    copied = last_json(ok(orchard("infer", "--dataset", lake_dataset, "--model", version, "--json")))
+    rows = table_rows(spark, stack, lake_dataset)
+    assert len(rows) == len(object_ids(stack, lake_dataset))  # one row per object, the copy too
+    assert copied["images"] == len(set(rows.values())) == len(rows) - 1  # each distinct image once
+    assert copied["failed"] == 0
+    # the same bytes put again: a newer object than any row, but nothing for a sync to do
+    put_copy(stack, key, key)
+    before = latest_version(spark, stack)
+    marked, _ = synced_version(spark, stack, lake_dataset)  # syncs (no rows change), records why
+    assert marked == before + 1 == latest_version(spark, stack)  # one metadata-only commit
+    assert synced_marks(spark, stack)[lake_dataset] > copied["predicted_at"]
+    again, known_rows = synced_version(spark, stack, lake_dataset)  # no sync now
+    assert (again, known_rows) == (marked, len(rows))
+    assert latest_version(spark, stack) == marked

@@ -4,6 +4,8 @@ additive mapping update of `orchard setup`."""
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from PIL import Image
 
@@ -80,3 +82,77 @@ def test_setup_adds_only_the_fields_an_index_lacks():
         "new": {"type": "keyword"},
     }
     assert missing_properties(existing, existing) == {}
+
+
+# --- is the table up to date with the bucket (the check every stage starts with) ------------------
+
+
+def at(minute: int) -> datetime:
+    return datetime(2026, 1, 1, 12, minute, tzinfo=UTC)
+
+
+def test_synced_when_rows_match_objects_and_none_is_newer_than_the_rows():
+    assert table.is_synced(5, at(1), 5, at(2), lambda: None)
+    assert table.is_synced(0, None, 0, None, lambda: None)  # an empty dataset
+
+
+def test_not_synced_when_the_counts_differ_whatever_the_mark():
+    assert not table.is_synced(6, at(1), 5, at(2), lambda: at(1).isoformat())
+    assert not table.is_synced(4, at(1), 5, at(2), lambda: at(1).isoformat())  # an object deleted
+
+
+def test_a_newer_object_needs_a_sync_unless_a_sync_already_started_from_it():
+    assert not table.is_synced(5, at(3), 5, at(2), lambda: None)
+    assert not table.is_synced(5, at(3), 5, at(2), lambda: at(2).isoformat())  # an older mark
+    assert table.is_synced(5, at(3), 5, at(2), lambda: at(3).isoformat())  # same-bytes re-put, clock skew
+
+
+def test_the_mark_is_read_only_when_needed():
+    def unreadable() -> str:
+        raise AssertionError("read the table's properties although the counts decided")
+
+    assert table.is_synced(5, at(1), 5, at(2), unreadable)
+    assert not table.is_synced(6, at(1), 5, at(2), unreadable)
+
+
+@dataclass
+class Listed:
+    object_name: str
+    last_modified: datetime | None = None
+
+
+class Listing:
+    """A bucket listing (what MinIO's list_objects yields) of fixed objects."""
+
+    def __init__(self, *objects: Listed):
+        self.objects = objects
+
+    def list_objects(self, bucket: str, prefix: str, recursive: bool):
+        assert recursive
+        return [o for o in self.objects if o.object_name.startswith(prefix)]
+
+
+def test_counted_objects_are_the_image_keys_a_sync_can_make_rows_of():
+    listing = Listing(
+        Listed("ds/train/apple/a.jpg", at(1)),
+        Listed("ds/train/apple/deeper/b.png", at(4)),
+        Listed("ds/train/apple/c.npy", at(9)),  # not an image
+        Listed("ds/train/top.jpg", at(8)),  # above the layout: never listed by a sync
+        Listed("ds/loose.jpg", at(7)),
+        Listed("other/train/apple/d.jpg", at(6)),  # another dataset
+    )
+    assert table.count_image_objects(listing, "images", "ds/") == (2, at(4))
+    assert table.count_image_objects(Listing(), "images", "ds/") == (0, None)
+
+
+def test_stages_read_each_id_once_keeping_the_first_row():
+    rows = [
+        ("id1", "ds/train/a/x.jpg", "ds", "train", "a", b"x"),
+        ("id2", "ds/train/a/y.jpg", "ds", "train", "a", b"y"),
+        ("id1", "ds/train/b/copy.jpg", "ds", "train", "b", b"x"),
+    ]
+    pairs = list(table.distinct_pairs(iter(rows)))
+    assert [(ref.id, ref.key, content) for ref, content in pairs] == [
+        ("id1", "ds/train/a/x.jpg", b"x"),
+        ("id2", "ds/train/a/y.jpg", b"y"),
+    ]
