@@ -46,6 +46,15 @@ def parse_key(key: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[-2]
 
 
+def in_layout(key: str) -> bool:
+    """True if `parse_key` accepts the key: `<dataset>/<split>/<label>/<file>` (or deeper)."""
+    try:
+        parse_key(key)
+    except ValueError:
+        return False
+    return True
+
+
 # Suffixes of the image objects (lower case): what the uploader accepts as images and the images
 # table is built from (.npy arrays are uploaded too, but are not images).
 IMAGE_SUFFIXES: Final = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})

@@ -39,6 +39,7 @@ from orchard.core.lake import (
     TABLE_SCHEMA,
     Column,
     dataset_uri,
+    in_layout,
     is_image_key,
     parse_key,
     s3a_uri,
@@ -360,15 +361,6 @@ def count_image_objects(client, bucket: str, prefix: str) -> tuple[int, datetime
             if obj.last_modified is not None and (last is None or obj.last_modified > last):
                 last = obj.last_modified
     return count, last
-
-
-def in_layout(key: str) -> bool:
-    """True if the key is `<dataset>/<split>/<label>/<file>` (or deeper)."""
-    try:
-        parse_key(key)
-    except ValueError:
-        return False
-    return True
 
 
 def _dataset_is(dataset: str) -> str:
