@@ -500,11 +500,20 @@ def history(spark: SparkSession, s: Settings, limit: int = 20) -> list[dict]:
 def history_entry(row: dict) -> dict:
     """One version of DESCRIBE HISTORY as a small dict."""
     metrics = row.get("operationMetrics") or {}
-    added = metrics.get("numTargetRowsInserted", metrics.get("numOutputRows", "0"))
     return {
         "version": row["version"],
         "timestamp": str(row["timestamp"]),
         "operation": row["operation"],
-        "rows_added": int(added or 0),
-        "files_added": int(metrics.get("numFilesAdded", metrics.get("numAddedFiles", metrics.get("numFiles", 0))) or 0),
+        "rows_added": _first_metric(metrics, ROWS_ADDED_METRICS),
+        "files_added": _first_metric(metrics, FILES_ADDED_METRICS),
     }
+
+
+# Each Delta operation names its counts differently (MERGE, WRITE, OPTIMIZE, ...): first one present wins.
+ROWS_ADDED_METRICS = ("numTargetRowsInserted", "numOutputRows")
+FILES_ADDED_METRICS = ("numTargetFilesAdded", "numFilesAdded", "numAddedFiles", "numFiles")
+
+
+def _first_metric(metrics: dict, names: tuple[str, ...]) -> int:
+    """The integer value of the first of `names` in `metrics` (Delta reports them as strings), else 0."""
+    return next((int(metrics[n] or 0) for n in names if n in metrics), 0)

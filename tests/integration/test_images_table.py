@@ -125,7 +125,9 @@ def test_a_second_sync_adds_nothing_and_commits_nothing(stack: Settings, lake_da
     again = last_json(ok(orchard("lake", "sync", "--dataset", lake_dataset, "--json")))
     assert again["added"] == 0 and again["failed"] == 0
     assert again["table_version"] == first_sync["table_version"]
-    assert history("--limit", "1")[0]["version"] == first_sync["table_version"]
+    latest = history("--limit", "1")[0]
+    assert latest["version"] == first_sync["table_version"]
+    assert latest["rows_added"] == first_sync["added"] and latest["files_added"] >= 1, latest  # the sync's commit
 
 
 def test_a_killed_sync_leaves_a_consistent_table_and_a_rerun_completes(stack: Settings, spark, tmp_path: Path):

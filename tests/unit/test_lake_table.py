@@ -65,9 +65,11 @@ def test_history_entry_takes_rows_added_from_each_operation():
         "operationMetrics": {"numOutputRows": "5", "numFiles": "2"},
     }
     create = {"version": 0, "timestamp": "t", "operation": "CREATE TABLE", "operationMetrics": None}
-    assert table.history_entry(merge)["rows_added"] == 12
+    optimize = {"version": 4, "timestamp": "t", "operation": "OPTIMIZE", "operationMetrics": {"numFilesAdded": "3"}}
+    assert table.history_entry(merge)["rows_added"] == 12 and table.history_entry(merge)["files_added"] == 1
     assert table.history_entry(write)["rows_added"] == 5 and table.history_entry(write)["files_added"] == 2
-    assert table.history_entry(create)["rows_added"] == 0
+    assert table.history_entry(create)["rows_added"] == 0 and table.history_entry(create)["files_added"] == 0
+    assert table.history_entry(optimize)["files_added"] == 3 and table.history_entry(optimize)["rows_added"] == 0
 
 
 def test_setup_adds_only_the_fields_an_index_lacks():
