@@ -28,6 +28,7 @@ from PIL import Image
 
 from orchard.app.cli import main
 from orchard.core.clients import es_client, s3_client
+from orchard.core.retry import S3_TRANSIENT_CODES, S3_WRITE, retrying
 from orchard.core.settings import Settings
 from orchard.uploader.synth import class_specs, encode_jpeg, image_rng, render, synthesize
 
@@ -45,6 +46,14 @@ class StoredObject:
     size: int
     etag: str
     last_modified: object
+
+
+class DeletesRefused(Exception):
+    """Objects MinIO did not delete (its DeleteError per object)."""
+
+    def __init__(self, errors: list) -> None:
+        super().__init__(errors)
+        self.transient = all(e.code in S3_TRANSIENT_CODES for e in errors)
 
 
 class Lake:
@@ -84,6 +93,14 @@ class Lake:
             last = now
         raise AssertionError(f"the objects of {dataset} still changed after {timeout:.0f} s")
 
+    def remove_objects(self, dataset: str) -> None:
+        """Delete every object under `<dataset>/`; DeletesRefused if MinIO refused any."""
+        from minio.deleteobjects import DeleteObject
+
+        errors = list(self.s3.remove_objects(self.bucket, [DeleteObject(key) for key in self.objects(dataset)]))
+        if errors:
+            raise DeletesRefused(errors)
+
     def object_bytes(self, key: str) -> bytes:
         response = self.s3.get_object(self.bucket, key)
         try:
@@ -103,16 +120,10 @@ class Lake:
         return {hit["_source"]["key"]: hit for hit in hits}
 
     def remove(self, dataset: str) -> None:
-        from minio.deleteobjects import DeleteObject
-
-        errors: list = []
-        for wait in (0, 1, 2, 4, 8):  # MinIO answers SlowDown while it is short of write quorum
-            time.sleep(wait)
-            names = [DeleteObject(key) for key in self.objects(dataset)]
-            errors = list(self.s3.remove_objects(self.bucket, names))
-            if not errors:
-                break
-        assert not errors, errors
+        # MinIO refuses deletes with SlowDown while it is short of write quorum: retried as any S3 write
+        retrying(S3_WRITE, lambda exc: isinstance(exc, DeletesRefused) and exc.transient, log)(
+            self.remove_objects, dataset
+        )
         # by id: the integ-test distribution of Elasticsearch has no _delete_by_query (reindex module)
         actions = [
             {"_op_type": "delete", "_index": self.index, "_id": hit["_id"]} for hit in self.docs(dataset).values()
