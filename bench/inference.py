@@ -361,12 +361,12 @@ def delete_table_rows(s: Settings, datasets: list[str]) -> None:
     """Delete the datasets' rows from the images table (one Delta commit; after every measurement,
     since a Spark app in this process would hold the cluster's cores)."""
     from orchard.core.lake import Column
+    from orchard.core.table_log import table_exists
     from orchard.spark_app.session import spark_session
-    from orchard.spark_app.table import table_exists
 
     quoted = ", ".join("'" + d.replace("\\", "\\\\").replace("'", "\\'") + "'" for d in datasets)
     with spark_session(s, "bench-cleanup") as spark:
-        if table_exists(spark, s):
+        if table_exists(s):
             spark.sql(f"DELETE FROM delta.`{s.images_table_uri}` WHERE {Column.DATASET} IN ({quoted})")
 
 

@@ -230,6 +230,12 @@ TABLE_COLUMNS: Final = (
 TABLE_SCHEMA: Final = ", ".join(f"{name} {kind}" for name, kind in TABLE_COLUMNS)  # Spark DDL
 COLUMN_NAMES: Final = tuple(name for name, _ in TABLE_COLUMNS)
 PARTITION_COLUMNS: Final = (Column.DATASET,)
+# Spark DDL of the rows as read (files make every column nullable), and of the table's Parquet
+# files: every column but the partition columns, whose values are in the directory names.
+READ_SCHEMA: Final = TABLE_SCHEMA.replace(" NOT NULL", "")
+DATA_SCHEMA: Final = ", ".join(
+    f"{name} {kind.replace(' NOT NULL', '')}" for name, kind in TABLE_COLUMNS if name not in PARTITION_COLUMNS
+)
 
 
 # --- stored times -----------------------------------------------------------------------------------

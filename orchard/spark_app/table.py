@@ -8,7 +8,8 @@ from the images bucket and can be rebuilt from it at any time (docs/lake.md):
   format, size, bands; the bytes themselves up to `Settings.lake_inline_max_bytes`) and MERGEs them
   by `id`: idempotent (a re-run adds nothing), and atomic (one Delta commit: a sync killed before
   it leaves the table at its previous version). Objects it cannot use are counted with a reason.
-- `read_images` is what every Spark stage reads: one dataset (and split) at a pinned version.
+- `read_images` is what every Spark stage reads: one dataset (and split) at a pinned version, the
+  version and files answered by the log on the driver (orchard.core.table_log), then `scan`ned.
 - `optimize`, `vacuum`, `history`: table care through Delta's own SQL.
 
 Only counts, versions and at most MAX_EXAMPLES failure examples reach the driver.
@@ -30,11 +31,14 @@ import pandas as pd
 from minio.error import S3Error
 from PIL import Image, UnidentifiedImageError
 
+from orchard.core import table_log
 from orchard.core.clients import s3_client
-from orchard.core.errors import DatasetNotFound, TableNotFound
+from orchard.core.errors import DatasetNotFound
 from orchard.core.lake import (
     COLUMN_NAMES,
+    DATA_SCHEMA,
     PARTITION_COLUMNS,
+    READ_SCHEMA,
     TABLE_COLUMNS,
     TABLE_SCHEMA,
     Column,
@@ -45,6 +49,7 @@ from orchard.core.lake import (
     s3a_uri,
 )
 from orchard.core.settings import Settings
+from orchard.core.table_log import TableSnapshot
 from orchard.spark_app.context import s3_of
 from orchard.spark_app.images import read_object, table_pair
 
@@ -56,7 +61,7 @@ log = logging.getLogger(__name__)
 MAX_EXAMPLES = 20
 ERROR = "error"  # the fetch step's extra column: why an object did not become a row
 # Rows of the fetch step: the table's columns plus the error column.
-FETCH_SCHEMA = f"{TABLE_SCHEMA.replace(' NOT NULL', '')}, {ERROR} STRING"
+FETCH_SCHEMA = f"{READ_SCHEMA}, {ERROR} STRING"
 
 
 @dataclass(frozen=True)
@@ -103,38 +108,29 @@ def ensure_table(spark: SparkSession, s: Settings) -> None:
         spark.sql(f"ALTER TABLE delta.`{s.images_table_uri}` ADD COLUMNS ({', '.join(missing)})")
 
 
-def table_exists(spark: SparkSession, s: Settings) -> bool:
-    """True if a Delta table is at the configured location."""
-    from delta.tables import DeltaTable
-
-    return DeltaTable.isDeltaTable(spark, s.images_table_uri)
-
-
-def current_version(spark: SparkSession, s: Settings) -> int:
-    """The latest committed version of the table (TableNotFound if there is no table)."""
-    if not table_exists(spark, s):
-        raise TableNotFound(f"no images table at {s.images_table_uri}: run `orchard lake sync` first")
-    return latest_version(spark, s)
-
-
-def latest_version(spark: SparkSession, s: Settings) -> int:
-    """The latest committed version of a table known to exist."""
-    from delta.tables import DeltaTable
-
-    return int(DeltaTable.forPath(spark, s.images_table_uri).history(1).select("version").collect()[0][0])
-
-
 def read_images(
     spark: SparkSession, s: Settings, dataset: str, split: str | None = None, version: int | None = None
 ) -> DataFrame:
     """The table's rows of a dataset (split) at `version` (default: the latest)."""
-    reader = spark.read.format("delta")
-    if version is not None:
-        reader = reader.option("versionAsOf", version)
-    df = reader.load(s.images_table_uri).where(_dataset_is(dataset))
-    if split:
-        df = df.where(f"{Column.SPLIT} = '{_quoted(split)}'")
-    return df
+    return scan(spark, table_log.read_snapshot(s, version), dataset, split)
+
+
+def scan(spark: SparkSession, snapshot: TableSnapshot, dataset: str, split: str | None = None) -> DataFrame:
+    """A dataset's (split's) rows of a snapshot: its Parquet files when they are the table
+    (`TableSnapshot.plain`, see orchard.core.table_log), else Delta's reader at that version."""
+    from pyspark.sql import functions as F
+
+    if not snapshot.plain:
+        reader = spark.read.format("delta").option("versionAsOf", snapshot.version)
+        df = reader.load(snapshot.uri).where(_dataset_is(dataset))
+    elif files := snapshot.files_of(dataset):
+        # The schema given, not inferred: no footer read on the driver, and files written before a
+        # column was added read it as null, as Delta's reader does.
+        data = spark.read.schema(DATA_SCHEMA).parquet(*files)
+        df = data.withColumn(Column.DATASET, F.lit(dataset)).select(*COLUMN_NAMES)
+    else:
+        df = spark.createDataFrame([], READ_SCHEMA)
+    return df.where(f"{Column.SPLIT} = '{_quoted(split)}'") if split else df
 
 
 def _quoted(value: str) -> str:
@@ -299,18 +295,12 @@ def synced_version(spark: SparkSession, s: Settings, dataset: str) -> tuple[int,
     """(table version to read a dataset at, its rows there if known): the current version if the
     table is up to date with the dataset's objects (`is_synced`; counted, not kept: the driver's
     memory stays flat), else the version a sync of the dataset leaves."""
-    from pyspark.sql import functions as F
-
     objects, newest = count_image_objects(s3_client(s), s.images_bucket, f"{dataset}/")
-    if table_exists(spark, s):
-        version = latest_version(spark, s)
-        stats = read_images(spark, s, dataset, version=version).agg(
-            F.count("*").alias("rows"), F.max(Column.INGESTED_AT).alias("last")
-        )
-        rows, last = stats.collect()[0]  # one row
-        last = last.replace(tzinfo=UTC) if last is not None else None
-        if is_synced(objects, newest, rows, last, lambda: synced_marks(spark, s).get(dataset)):
-            return version, rows
+    if table_log.table_exists(s):
+        snapshot = table_log.read_snapshot(s)
+        rows, last = dataset_stats(spark, snapshot, dataset)
+        if is_synced(objects, newest, rows, last, lambda: synced_marks(snapshot).get(dataset)):
+            return snapshot.version, rows
         log.info("dataset %s: %d image objects (newest %s), %d rows: syncing first", dataset, objects, newest, rows)
     result = sync(spark, s, dataset)
     log.info("lake sync of %s: %d added, %d failed", dataset, result.added, result.failed)
@@ -318,6 +308,19 @@ def synced_version(spark: SparkSession, s: Settings, dataset: str) -> tuple[int,
         return result.version, None
     # The check said "changed" but the sync found nothing to do: remember why it may say so again.
     return mark_synced(spark, s, dataset, newest), None
+
+
+def dataset_stats(spark: SparkSession, snapshot: TableSnapshot, dataset: str) -> tuple[int, datetime | None]:
+    """(rows, newest ingested_at) of a dataset in a snapshot: from the log's file statistics, or
+    counted by Spark if a file has none."""
+    from pyspark.sql import functions as F
+
+    stats = snapshot.stats_of(dataset)
+    if stats is None:
+        query = scan(spark, snapshot, dataset).agg(F.count("*"), F.max(Column.INGESTED_AT))
+        rows, last = query.collect()[0]  # one row
+        stats = rows, last.replace(tzinfo=UTC) if last is not None else None
+    return stats
 
 
 def is_synced(
@@ -335,12 +338,10 @@ def is_synced(
 SYNC_MARK = "orchard.syncedNewestObject."  # + dataset: a table property, see is_synced
 
 
-def synced_marks(spark: SparkSession, s: Settings) -> dict[str, str]:
+def synced_marks(snapshot: TableSnapshot) -> dict[str, str]:
     """dataset -> the newest LastModified (ISO) of its objects when a stage's sync last ran."""
-    from delta.tables import DeltaTable
-
-    properties = DeltaTable.forPath(spark, s.images_table_uri).detail().collect()[0]["properties"] or {}
-    return {k[len(SYNC_MARK) :]: v for k, v in properties.items() if k.startswith(SYNC_MARK)}
+    marks = snapshot.properties.items()
+    return {k[len(SYNC_MARK) :]: v for k, v in marks if k.startswith(SYNC_MARK)}
 
 
 def mark_synced(spark: SparkSession, s: Settings, dataset: str, newest: datetime) -> int:
@@ -348,7 +349,7 @@ def mark_synced(spark: SparkSession, s: Settings, dataset: str, newest: datetime
     returns the table version after it."""
     key, value = _quoted(SYNC_MARK + dataset), _quoted(newest.isoformat())
     spark.sql(f"ALTER TABLE delta.`{s.images_table_uri}` SET TBLPROPERTIES ('{key}' = '{value}')")
-    return latest_version(spark, s)
+    return table_log.latest_version(s)
 
 
 def count_image_objects(client, bucket: str, prefix: str) -> tuple[int, datetime | None]:
@@ -381,7 +382,7 @@ def sync(spark: SparkSession, s: Settings, dataset: str | None = None, keys_per_
     try:
         listed, pending, removed = listing.count(), todo.count(), gone.count()
         if pending == 0 and removed == 0:
-            return SyncResult(listed, 0, 0, latest_version(spark, s))
+            return SyncResult(listed, 0, 0, table_log.latest_version(s))
         log.info("lake sync: %d of %d objects are new, reading them (%d rows to remove)", pending, listed, removed)
         keys = todo.select(Column.KEY, Column.ETAG).repartition(max(1, math.ceil(pending / keys_per_task)))
         fetched = keys.mapInPandas(partial(fetch_batches, s, began), FETCH_SCHEMA)
@@ -397,7 +398,7 @@ def sync(spark: SparkSession, s: Settings, dataset: str | None = None, keys_per_
         listed,
         metrics["added"],
         failed,
-        latest_version(spark, s),
+        table_log.latest_version(s),
         reasons,
         examples,
         metrics["updated"],
@@ -471,7 +472,7 @@ def optimize(spark: SparkSession, s: Settings, dataset: str | None = None) -> di
     return {
         "files_added": metrics.get("numFilesAdded", 0),
         "files_removed": metrics.get("numFilesRemoved", 0),
-        "table_version": current_version(spark, s),
+        "table_version": table_log.latest_version(s),
     }
 
 
@@ -485,14 +486,14 @@ def vacuum(spark: SparkSession, s: Settings, hours: int | None = None) -> dict:
         # snapshot would lose its files. Only an explicit --retain-hours gets here.
         spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
     DeltaTable.forPath(spark, s.images_table_uri).vacuum(float(keep))
-    return {"retain_hours": keep, "table_version": current_version(spark, s)}
+    return {"retain_hours": keep, "table_version": table_log.latest_version(s)}
 
 
 def history(spark: SparkSession, s: Settings, limit: int = 20) -> list[dict]:
     """The latest `limit` versions: version, timestamp, operation, rows added, files."""
     from delta.tables import DeltaTable
 
-    current_version(spark, s)  # TableNotFound when there is none
+    table_log.latest_version(s)  # TableNotFound when there is none
     rows = DeltaTable.forPath(spark, s.images_table_uri).history(limit).collect()  # bounded by limit
     return [history_entry(r.asDict(recursive=True)) for r in rows]
 

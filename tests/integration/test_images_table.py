@@ -130,6 +130,36 @@ def test_a_second_sync_adds_nothing_and_commits_nothing(stack: Settings, lake_da
     assert latest["rows_added"] == first_sync["added"] and latest["files_added"] >= 1, latest  # the sync's commit
 
 
+def test_the_driver_reads_the_log_as_delta_does_and_stages_scan_the_same_rows(
+    stack: Settings, spark, lake_dataset: str, first_sync
+):
+    """The log read on the driver (delta-rs: version, rows, newest row) and a stage's scan of the
+    snapshot's Parquet files agree with Delta's own reader at the same version; so does the
+    fallback the stages take for a table with reader features (Delta's reader at that version)."""
+    from dataclasses import replace
+    from datetime import UTC, timedelta
+
+    from delta.tables import DeltaTable
+
+    from orchard.core.lake import COLUMN_NAMES
+    from orchard.core.table_log import read_snapshot
+    from orchard.spark_app.table import scan
+
+    snapshot = read_snapshot(stack)
+    assert snapshot.plain  # the table Orchard creates needs no reader feature
+    assert snapshot.version == DeltaTable.forPath(spark, stack.images_table_uri).history(1).collect()[0]["version"]
+    delta = spark.read.format("delta").option("versionAsOf", snapshot.version).load(stack.images_table_uri)
+    want = sorted(delta.where(f"{Column.DATASET} = '{lake_dataset}'").select(*COLUMN_NAMES).collect())
+    assert len(want) == first_sync["listed"]
+    assert sorted(scan(spark, snapshot, lake_dataset).collect()) == want
+    assert sorted(scan(spark, replace(snapshot, plain=False), lake_dataset).collect()) == want
+    assert scan(spark, snapshot, lake_dataset, "test").count() == sum(r[Column.SPLIT] == "test" for r in want)
+    rows, newest = snapshot.stats_of(lake_dataset)
+    last = max(r[Column.INGESTED_AT] for r in want).replace(tzinfo=UTC)
+    assert rows == len(want)
+    assert newest is not None and timedelta(0) <= last - newest < timedelta(milliseconds=1)  # stats keep ms
+
+
 def test_a_killed_sync_leaves_a_consistent_table_and_a_rerun_completes(stack: Settings, spark, tmp_path: Path):
     name = f"it-lake-kill-{secrets.token_hex(3)}"
     root = synth(tmp_path / "fruits", 4242, per_class=60, test_per_class=0)
@@ -220,7 +250,8 @@ def put_copy(s: Settings, key: str, new_key: str) -> None:
 def test_identical_bytes_are_predicted_once_and_a_same_bytes_reput_syncs_once(
     stack: Settings, spark, lake_dataset: str, trained: dict
 ):
-    from orchard.spark_app.table import latest_version, synced_marks, synced_version
+    from orchard.core.table_log import latest_version, read_snapshot
+    from orchard.spark_app.table import synced_marks, synced_version
 
     version = trained["version"]
     key = sorted(table_rows(spark, stack, lake_dataset))[0]
@@ -232,10 +263,10 @@ def test_identical_bytes_are_predicted_once_and_a_same_bytes_reput_syncs_once(
     assert copied["failed"] == 0
     # the same bytes put again: a newer object than any row, but nothing for a sync to do
     put_copy(stack, key, key)
-    before = latest_version(spark, stack)
+    before = latest_version(stack)
     marked, _ = synced_version(spark, stack, lake_dataset)  # syncs (no rows change), records why
-    assert marked == before + 1 == latest_version(spark, stack)  # one metadata-only commit
-    assert synced_marks(spark, stack)[lake_dataset] > copied["predicted_at"]
+    assert marked == before + 1 == latest_version(stack)  # one metadata-only commit
+    assert synced_marks(read_snapshot(stack))[lake_dataset] > copied["predicted_at"]
     again, known_rows = synced_version(spark, stack, lake_dataset)  # no sync now
     assert (again, known_rows) == (marked, len(rows))
-    assert latest_version(spark, stack) == marked
+    assert latest_version(stack) == marked
