@@ -334,19 +334,20 @@ def summarise(rows: dict[int, dict]) -> dict:
 def clean_up(s: Settings, datasets: list[str], version: str | None) -> None:
     """Delete the bench datasets (objects, table rows, documents, Parquet) and the registered model version."""
     from elasticsearch.helpers import bulk, scan
-    from minio.deleteobjects import DeleteObject
 
     from orchard.core.clients import es_client, s3_client
     from orchard.core.lake import Field
+    from orchard.core.objects import DeletesRefused, remove_prefix
 
     es, client = es_client(s), s3_client(s)
     prefixes = [(s.images_bucket, f"{d}/") for d in datasets] + [(s.features_bucket, "_bench/")]
     prefixes += [(s.features_bucket, f"{d}/") for d in datasets]
     prefixes += [(s.models_bucket, f"{version}/")] if version else []
     for bucket, prefix in prefixes:
-        names = (DeleteObject(o.object_name) for o in client.list_objects(bucket, prefix=prefix, recursive=True))
-        for error in client.remove_objects(bucket, names):
-            log.warning("cleanup: %s", error)
+        try:
+            remove_prefix(client, bucket, prefix)
+        except DeletesRefused as exc:
+            log.warning("cleanup: %s", exc)
     for dataset in datasets:
         hits = scan(es, index=s.images_index, query={"query": {"term": {Field.DATASET: dataset}}}, _source=False)
         bulk(

@@ -1,4 +1,4 @@
-"""Benchmark: files/s of `orchard upload` (MinIO + Elasticsearch) vs `mc mirror` (MinIO only).
+"""Benchmark: files/s of `orchard upload` (MinIO + Elasticsearch + the images table) vs `mc mirror` (MinIO only).
 
 Both upload the same synthetic tree (default 50 classes x 100 = 5,000 JPEGs of 100x100) to the
 same cluster in the same run, each into a fresh prefix of the images bucket that is deleted
@@ -27,10 +27,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from elasticsearch.helpers import bulk, scan
-from minio.deleteobjects import DeleteObject
 
 from orchard.core.clients import es_client, s3_client
+from orchard.core.objects import DeletesRefused, remove_prefix
 from orchard.core.settings import Settings, load_settings
+from orchard.core.table_write import delete_rows
 from orchard.core.toolchain import Toolchain
 from orchard.stack.mc import ALIAS as MC_ALIAS
 from orchard.stack.mc import mc_env
@@ -102,17 +103,14 @@ def count_objects(settings: Settings, prefix: str) -> int:
 
 
 def clean_up(settings: Settings, name: str) -> None:
-    """Delete a round's objects (prefix `name`) and documents (dataset `name`)."""
+    """Delete a round's objects (prefix `name`), table rows and documents (dataset `name`)."""
     from orchard.core.lake import Field
 
-    client = s3_client(settings)
-    names = (
-        DeleteObject(o.object_name)
-        for o in client.list_objects(settings.images_bucket, prefix=f"{name}/", recursive=True)
-    )
-    errors = list(client.remove_objects(settings.images_bucket, names))
-    if errors:
-        log.warning("could not delete %d objects under %s", len(errors), name)
+    try:
+        remove_prefix(s3_client(settings), settings.images_bucket, f"{name}/")
+    except DeletesRefused as exc:
+        log.warning("could not delete the objects under %s: %s", name, exc)
+    delete_rows(settings, name)
     es = es_client(settings)
     es.indices.refresh(index=settings.images_index)
     hits = scan(es, index=settings.images_index, query={"query": {"term": {Field.DATASET: name}}}, _source=False)

@@ -139,6 +139,14 @@ def synth(
     default=None,
     help="Decompression-bomb limit in pixels per image; 0 = none [default: Pillow's, 89.5 Mpx].",
 )
+@click.option(
+    "--no-table",
+    "table",
+    is_flag=True,
+    flag_value=False,
+    default=True,
+    help="Leave the images table to `orchard lake sync` (e.g. when another cluster is its one writer).",
+)
 @click.pass_context
 def upload(
     ctx: click.Context,
@@ -151,19 +159,22 @@ def upload(
     strict: bool,
     report_path: Path | None,
     max_pixels: int | None,
+    table: bool,
 ) -> int:
     """Upload SOURCE into the images bucket and index every object in Elasticsearch.
 
     SOURCE is a class-per-folder tree ([<split>/]<label>/<file>, e.g. Fruits-360's
     Training/<label>/*.jpg), or a folder / file of .npy stacks with --labels. Keys are
     <dataset>/<split>/<label>/<file>. Re-running uploads and rewrites nothing; an interrupted
-    run resumes. Exit status 0 if nothing failed, 1 otherwise (see the JSON report).
+    run resumes. The run ends with the images table up to date (its rows MERGEd as objects are
+    stored), so the next Spark stage reads it without syncing first. Exit status 0 if nothing
+    failed, 1 otherwise (see the JSON report).
     """
     name, split = check_upload_args(source, dataset_name, default_split, labels)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     allow_large_images(limit)
     s = settings_from(ctx)
-    options = UploadOptions(name, split, labels, workers, batch_size, strict, Limits(max_pixels=limit))
+    options = UploadOptions(name, split, labels, workers, batch_size, strict, Limits(max_pixels=limit), table)
     report = run_upload(s, options, source, report_path or default_report_path(s.home, name))
     return ExitStatus.FAILURES if report.failed else ExitStatus.OK
 

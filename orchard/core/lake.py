@@ -6,8 +6,9 @@ Owned here (and built or parsed nowhere else):
   (`object_key`), the Spark app reads them back (`parse_key`, `key_of`, and `LABEL_PATTERN` for
   Spark SQL, which extracts the label without Python). The label is the file's parent folder.
 - Split names: train, val, test; `normalise_split` maps folder names (Training, Test, ...) to them.
-- URIs: `s3a_uri` (what Spark reads an object with, stored as the document's `uri`), and the
-  directories and files the Spark app reads and writes: `dataset_uri`, `features_uri`, `model_uri`.
+- URIs: `s3a_uri` (what Spark reads an object with, stored as the document's `uri`), the
+  directories and files the Spark app reads and writes: `dataset_uri`, `features_uri`, `model_uri`,
+  and the two spellings of one object's URI (`object_store_uri` for delta-rs, `hadoop_uri` for Spark).
 - Field names of an image document: `Field` (dotted paths for nested fields, as queries use them),
   `Prediction` and `Pca` (the names inside those objects, as documents are built and read), exactly
   the fields of es_mappings/images.json (tests/unit/test_lake.py checks both ways).
@@ -106,6 +107,17 @@ def key_of(uri: str, bucket: str) -> str:
         if uri.startswith(prefix):
             return uri[len(prefix) :]
     raise ValueError(f"{uri} is not in bucket {bucket}")
+
+
+def object_store_uri(uri: str) -> str:
+    """A URI as delta-rs (Rust's object_store) addresses it (s3://); Hadoop's s3a:// names the same
+    objects."""
+    return "s3://" + uri.removeprefix(S3A) if uri.startswith(S3A) else uri
+
+
+def hadoop_uri(uri: str) -> str:
+    """A URI from delta-rs (s3://) as Spark reads it (s3a://)."""
+    return S3A + uri.removeprefix("s3://") if uri.startswith("s3://") else uri
 
 
 def dataset_uri(bucket: str, dataset: str, split: str | None = None) -> str:

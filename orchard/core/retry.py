@@ -141,6 +141,9 @@ ES_SETUP = Policy("Elasticsearch setup", attempts=6, initial=1, max_wait=10, dea
 ES_READ = Policy("Elasticsearch read", attempts=5, initial=0.5, max_wait=8, deadline=60)
 # A bulk chunk after a dropped connection or a timeout (Spark: with the chunk's mget).
 ES_CHUNK = Policy("Elasticsearch bulk chunk", attempts=4, initial=2, max_wait=10, deadline=120)
+# One MERGE of rows into the images table with delta-rs (orchard.core.table_write): a store error, or
+# a commit another writer won (the MERGE re-reads the table and runs again).
+LAKE_COMMIT = Policy("images table commit", attempts=4, initial=1, max_wait=8, deadline=60)
 # Documents of a bulk request rejected with 429/5xx, resent by streaming_bulk.
 ES_BULK = BulkPolicy("Elasticsearch bulk", max_retries=10, initial_backoff=1, max_backoff=30)
 

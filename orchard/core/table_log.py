@@ -8,7 +8,7 @@ version 7.4 s, rows and newest row of a dataset 14.8 s, the first partition-filt
 against ~0.1 s here). Spark still writes the table (MERGE, OPTIMIZE, VACUUM) and reads it; when
 the table needs no reader feature (reader protocol 1: no deletion vectors, no column mapping) a
 snapshot's data files are plain Parquet, and Spark reads exactly those files
-(orchard.spark_app.table.read_images), pinned to the version answered here.
+(orchard.spark_app.table.scan), pinned to the version answered here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from orchard.core.errors import ServiceUnavailable, TableNotFound
-from orchard.core.lake import Column
+from orchard.core.lake import Column, hadoop_uri, object_store_uri
 from orchard.core.settings import Settings
 
 # Readers of a table at this protocol version need only its log and its Parquet files.
@@ -70,16 +70,6 @@ def storage_options(s: Settings) -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": s.secret("s3_secret_key"),
         "AWS_ALLOW_HTTP": str(s.s3_url.startswith("http://")).lower(),
     }
-
-
-def object_store_uri(uri: str) -> str:
-    """A table URI as delta-rs addresses it (s3://); Hadoop's s3a:// names the same objects."""
-    return "s3://" + uri.removeprefix("s3a://") if uri.startswith("s3a://") else uri
-
-
-def hadoop_uri(uri: str) -> str:
-    """A data file URI from delta-rs as Spark reads it (s3a://)."""
-    return "s3a://" + uri.removeprefix("s3://") if uri.startswith("s3://") else uri
 
 
 def table_exists(s: Settings) -> bool:

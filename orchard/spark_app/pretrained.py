@@ -28,11 +28,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 import keras
 import numpy as np
 
-from orchard.core.errors import CheckpointError, DependencyMissing
+from orchard.core.errors import CheckpointError, ConfigError, DependencyMissing
 from orchard.core.files import sha256_file
 from orchard.core.lake import utc_timestamp
 from orchard.core.settings import Settings
 from orchard.core.torch_weights import read_state_dict
+from orchard.spark_app.registry import PRETRAINED_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -196,17 +197,34 @@ def cached(target: Path) -> bool:
     return record.get("source_sha256") == SOURCE_SHA256 and record.get("model_sha256") == sha256_file(target)
 
 
-def load_lite0(cache_dir: Path | None = None):
-    """The pretrained EfficientNet-Lite0 (uncompiled), converted on first use and loaded from the cache after.
+def models_cache(s: Settings) -> Path:
+    """Where converted models are cached: `<ORCHARD_CACHE_DIR>/models` (~/.cache/orchard/models)."""
+    return s.cache_dir / "models"
 
-    `cache_dir` defaults to `<ORCHARD_CACHE_DIR>/models` (~/.cache/orchard/models).
-    """
-    cache_dir = cache_dir or Settings().cache_dir / "models"
+
+def load_lite0(cache_dir: Path):
+    """The pretrained EfficientNet-Lite0 (uncompiled), converted into `cache_dir` on first use and
+    loaded from it after (`models_cache(settings)`)."""
     target = cache_dir / f"{ARCHITECTURE}-{SOURCE_SHA256[:12]}.keras"
     if not cached(target):
         cache_dir.mkdir(parents=True, exist_ok=True)
         convert(source_path(), target)
     return keras.models.load_model(str(target), compile=False)
+
+
+def imagenet_card(version: str) -> dict:
+    """The card of a pretrained base used as-is: ImageNet's 1000 classes, 224x224 RGB in 0..255
+    (scaled inside the model, hence the `efficientnet` preprocessing: none). ConfigError if unknown."""
+    if version != PRETRAINED_PREFIX + ARCHITECTURE:
+        raise ConfigError(f"unknown pretrained model {version!r}; available: {PRETRAINED_PREFIX}{ARCHITECTURE}")
+    return {
+        "version": version,
+        "classes": class_names(),
+        "preprocessing": "efficientnet",
+        "input_size": list(INPUT_SIZE),
+        "channels": 3,
+        "architecture": ARCHITECTURE,
+    }
 
 
 def class_names() -> list[str]:

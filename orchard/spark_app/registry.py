@@ -43,6 +43,15 @@ def user_version(path: Path, digest: str) -> str:
     return f"user-{stem}-{digest[:10]}"
 
 
+# Models used as published, not registered versions: `imagenet:<base>` (orchard.spark_app.pretrained).
+PRETRAINED_PREFIX = "imagenet:"
+
+
+def is_pretrained(version: str) -> bool:
+    """True if `version` names a pretrained base used as-is (`imagenet:efficientnet-lite0`)."""
+    return version.startswith(PRETRAINED_PREFIX)
+
+
 def uri(s: Settings, version: str, name: str) -> str:
     """s3a URI of one file of a version (in the models bucket of `s`)."""
     return model_uri(s.models_bucket, version, name)

@@ -6,10 +6,12 @@ from the images bucket and can be rebuilt from it at any time (docs/lake.md):
 - `sync` lists the image objects of the bucket (Spark's file listing, no content read), keeps the
   keys the table does not have yet, fetches those objects in the executors (sha256, header:
   format, size, bands; the bytes themselves up to `Settings.lake_inline_max_bytes`) and MERGEs them
-  by `id`: idempotent (a re-run adds nothing), and atomic (one Delta commit: a sync killed before
-  it leaves the table at its previous version). Objects it cannot use are counted with a reason.
-- `read_images` is what every Spark stage reads: one dataset (and split) at a pinned version, the
-  version and files answered by the log on the driver (orchard.core.table_log), then `scan`ned.
+  by key (one row per object; identical bytes under two keys share an `id`): idempotent (a re-run
+  adds nothing), and atomic (one Delta commit: a sync killed before it leaves the table at its
+  previous version). Objects it cannot use are counted with a reason.
+- `stage_images` is what every Spark stage reads: one dataset (and split) at a pinned version, the
+  version and files answered by the log on the driver (orchard.core.table_log), then `scan`ned
+  (`read_images`: the same rows as a DataFrame, for tools and tests).
 - `optimize`, `vacuum`, `history`: table care through Delta's own SQL.
 
 Only counts, versions and at most MAX_EXAMPLES failure examples reach the driver.
@@ -17,8 +19,6 @@ Only counts, versions and at most MAX_EXAMPLES failure examples reach the driver
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -29,11 +29,10 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 from minio.error import S3Error
-from PIL import Image, UnidentifiedImageError
 
 from orchard.core import table_log
 from orchard.core.clients import s3_client
-from orchard.core.errors import DatasetNotFound
+from orchard.core.errors import DatasetNotFound, TableNotFound
 from orchard.core.lake import (
     COLUMN_NAMES,
     DATA_SCHEMA,
@@ -50,6 +49,7 @@ from orchard.core.lake import (
 )
 from orchard.core.settings import Settings
 from orchard.core.table_log import TableSnapshot
+from orchard.core.table_write import image_row
 from orchard.spark_app.context import s3_of
 from orchard.spark_app.images import read_object, table_pair
 
@@ -151,9 +151,10 @@ def stage_images(
     Without `as_of`, a dataset whose objects the table lacks is synced first, so a stage never
     reads a table that lags the bucket; the version read is pinned, so a concurrent writer does not
     change the stage's input halfway. DatasetNotFound if the dataset (split) has no rows."""
-    version, rows = synced_version(spark, s, dataset) if as_of is None else (as_of, None)
+    snapshot, rows = synced_snapshot(spark, s, dataset) if as_of is None else (table_log.read_snapshot(s, as_of), None)
+    version = snapshot.version
     columns = [Column.ID, Column.KEY, Column.DATASET, Column.SPLIT, Column.LABEL, Column.CONTENT]
-    df = read_images(spark, s, dataset, split, version).select(*columns)
+    df = scan(spark, snapshot, dataset, split).select(*columns)
     if rows is None or split:
         rows = df.count()
     if rows == 0:
@@ -234,42 +235,18 @@ def fetch_batches(s: Settings, ingested_at: datetime, batches: Iterator[pd.DataF
 
 
 def fetch_row(client, s: Settings, key: str, ingested_at: datetime) -> dict:
-    """The table row of one object (content inline up to the size threshold), or a row with `error`
-    set when the key is not in the layout or the object cannot be read. Bytes Pillow cannot parse
-    still make a row (format null): the table mirrors the bucket, the stages report the image."""
+    """The table row of one object (orchard.core.table_write.image_row), or a row with `error` set
+    when the key is not in the layout or the object cannot be read."""
     row: dict = dict.fromkeys(COLUMN_NAMES)
     row.update({Column.KEY: key, Column.INGESTED_AT: ingested_at, Column.DATASET: "", ERROR: None})
     try:
-        row[Column.DATASET], row[Column.SPLIT], row[Column.LABEL] = parse_key(key)
+        parse_key(key)
         content = read_object(client, s.images_bucket, key)
     except ValueError as exc:
         return {**row, ERROR: str(exc)[:200]}
     except S3Error as exc:  # e.g. deleted since the listing
         return {**row, ERROR: f"cannot read the object: {exc.code}"}
-    row.update(
-        {
-            Column.ID: hashlib.sha256(content).hexdigest(),
-            Column.BYTES: len(content),
-            Column.CONTENT: content if len(content) <= s.lake_inline_max_bytes else None,
-            **image_header(content),
-        }
-    )
-    return row
-
-
-def image_header(content: bytes) -> dict:
-    """Format (lower case), width, height and channels from an image's header; all None when
-    Pillow cannot parse it."""
-    try:
-        with Image.open(io.BytesIO(content)) as img:
-            return {
-                Column.FORMAT: (img.format or "").lower() or None,
-                Column.WIDTH: img.size[0],
-                Column.HEIGHT: img.size[1],
-                Column.CHANNELS: len(img.getbands()),
-            }
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return {Column.FORMAT: None, Column.WIDTH: None, Column.HEIGHT: None, Column.CHANNELS: None}
+    return {**image_row(key, content, "", ingested_at, s.lake_inline_max_bytes), ERROR: None}
 
 
 def known_rows(spark: SparkSession, s: Settings, dataset: str | None) -> DataFrame:
@@ -291,23 +268,26 @@ def gone_keys(spark: SparkSession, s: Settings, listed: DataFrame, dataset: str 
     return known_rows(spark, s, dataset).select(Column.KEY).join(listed.select(Column.KEY), Column.KEY, "left_anti")
 
 
-def synced_version(spark: SparkSession, s: Settings, dataset: str) -> tuple[int, int | None]:
-    """(table version to read a dataset at, its rows there if known): the current version if the
+def synced_snapshot(spark: SparkSession, s: Settings, dataset: str) -> tuple[TableSnapshot, int | None]:
+    """(the table snapshot to read a dataset at, its rows there if known): the latest one if the
     table is up to date with the dataset's objects (`is_synced`; counted, not kept: the driver's
-    memory stays flat), else the version a sync of the dataset leaves."""
+    memory stays flat), else the one a sync of the dataset leaves."""
     objects, newest = count_image_objects(s3_client(s), s.images_bucket, f"{dataset}/")
-    if table_log.table_exists(s):
+    try:
         snapshot = table_log.read_snapshot(s)
+    except TableNotFound:
+        log.info("no images table yet: syncing %s first", dataset)
+    else:
         rows, last = dataset_stats(spark, snapshot, dataset)
         if is_synced(objects, newest, rows, last, lambda: synced_marks(snapshot).get(dataset)):
-            return snapshot.version, rows
+            return snapshot, rows
         log.info("dataset %s: %d image objects (newest %s), %d rows: syncing first", dataset, objects, newest, rows)
     result = sync(spark, s, dataset)
     log.info("lake sync of %s: %d added, %d failed", dataset, result.added, result.failed)
     if newest is None or result.failed or result.added or result.updated or result.removed:
-        return result.version, None
+        return table_log.read_snapshot(s, result.version), None
     # The check said "changed" but the sync found nothing to do: remember why it may say so again.
-    return mark_synced(spark, s, dataset, newest), None
+    return table_log.read_snapshot(s, mark_synced(spark, s, dataset, newest)), None
 
 
 def dataset_stats(spark: SparkSession, snapshot: TableSnapshot, dataset: str) -> tuple[int, datetime | None]:

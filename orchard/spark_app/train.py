@@ -27,7 +27,7 @@ from orchard.spark_app.images import decode_rows
 from orchard.spark_app.infer import PredictSpec, evaluate
 from orchard.spark_app.preprocess import label_map, one_hot, preprocessor
 from orchard.spark_app.session import executor_count
-from orchard.spark_app.table import read_images, stage_images, synced_version
+from orchard.spark_app.table import read_images, stage_images, synced_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def run_training(
     from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
     began = time.monotonic()
-    table_version = as_of if as_of is not None else synced_version(spark, s, dataset)[0]
+    table_version = as_of if as_of is not None else synced_snapshot(spark, s, dataset)[0].version
     spark_model, classes, workers = fit(
         spark, s, dataset, train_split, epochs, batch_size, learning_rate, images_per_partition, table_version
     )

@@ -17,6 +17,7 @@ from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ServiceUnavailable
 from orchard.core.retry import ES_SETUP, S3_SETUP, es_transient, retried, s3_transient, without_transport_retries
 from orchard.core.settings import Settings
+from orchard.core.table_write import create_table
 from orchard.core.toolchain import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,11 @@ def missing_properties(wanted: dict[str, Any], existing: dict[str, Any]) -> dict
 
 
 def setup_stack(s: Settings) -> None:
-    """Buckets and index templates; raises ServiceUnavailable naming what failed."""
+    """Buckets, the (empty) images table, and index templates; raises ServiceUnavailable naming what failed."""
     s.require("s3_access_key", "s3_secret_key")
     try:
         ensure_buckets(s)
+        create_table(s)  # so that uploads add their rows from the start (orchard.uploader.table_feed)
     except Exception as exc:
         raise ServiceUnavailable(f"minio setup at {s.s3_url} failed: {exc}") from exc
     try:

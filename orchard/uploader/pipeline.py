@@ -46,6 +46,7 @@ from orchard.uploader import index, transfer
 from orchard.uploader.discovery import WorkItem, discover, read_labels
 from orchard.uploader.inspection import BadInput, Inspected, Limits, inspect_item
 from orchard.uploader.report import Outcome, Problem, Report
+from orchard.uploader.table_feed import TableFeed, row_of
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class UploadOptions:
     batch_size: int = 256
     strict: bool = False
     limits: Limits = field(default_factory=Limits)
+    table: bool = True  # MERGE the rows of stored objects into the images table (orchard.uploader.table_feed)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,10 @@ class Plan:
         if self.need_object and self.remote is not None and self.remote.sha256:
             return self.remote.sha256
         return None
+
+
+# A stored (or found stored) item: its plan, what the PUT returned, its table row (None: none).
+Stored = tuple[Plan, transfer.Stored, dict | None]
 
 
 class Uploader:
@@ -141,6 +147,7 @@ class Uploader:
         self.last_write_error = ""
         self.writes_unavailable = ""  # why MinIO cannot take writes at all (set once, stops the run)
         self._put = transfer.retried_put(self._worth_retrying)
+        self.feed = TableFeed(settings, enabled=options.table)
 
     def run(self, root: Path) -> Report:
         """Upload everything under `root`; returns the report (also kept on self.report)."""
@@ -161,6 +168,7 @@ class Uploader:
         indexer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
         try:
             self._run_batches(found.items, pool, indexer)
+            self.feed.flush()  # the rows of the last batches (the indexer has finished)
         except SERVICE_ERRORS as exc:  # still failing after retries: abort with one line, not a traceback
             self._finish()
             raise ServiceUnavailable(f"upload aborted, MinIO or Elasticsearch kept failing: {exc}") from exc
@@ -266,6 +274,7 @@ class Uploader:
     def _finish(self) -> Report:
         report = self._accounts
         report.finished_at = utc_timestamp()
+        report.table = self.feed.update.as_dict()
         return report
 
     def _must_stop(self) -> bool:
@@ -294,7 +303,7 @@ class Uploader:
             (Exception,),
         )
 
-    def _index_batch(self, stored: list[tuple[Plan, transfer.Stored]], done: int) -> None:
+    def _index_batch(self, stored: list[Stored], done: int) -> None:
         self._index(stored)
         self._advance(done)
 
@@ -310,7 +319,7 @@ class Uploader:
             return None
 
     def _plan(self, inspected: list[Inspected]) -> list[Plan]:
-        """Decide per item: duplicate (skip), present (nothing to do), or what to write."""
+        """Decide per item: duplicate (skip), or what to write (present items: only their table row)."""
         existing = index.existing_documents(self.es, self.index, [info.sha256 for info in inspected])
         plans = []
         for info in inspected:
@@ -320,7 +329,7 @@ class Uploader:
         return plans
 
     def _decide(self, info: Inspected, existing: dict[str, dict]) -> Plan | None:
-        """The plan of one item, or None when it is accounted for already (duplicate or present)."""
+        """The plan of one item, or None when it is accounted for already (a duplicate)."""
         item = info.item
         duplicate_of = self._duplicate_of(info, existing.get(info.sha256))
         if duplicate_of:
@@ -331,16 +340,13 @@ class Uploader:
             return None
         self.seen[info.sha256] = item.source
         remote = self.remote.get(item.key)
-        plan = Plan(
+        # Present objects get a plan too: their table rows are MERGEd (a no-op when the table has them).
+        return Plan(
             info,
             remote,
             need_object=remote is None or remote.sha256 != info.sha256,
             need_doc=info.sha256 not in existing,
         )
-        if plan.need_object or plan.need_doc:
-            return plan
-        self._accounts.record(Outcome.PRESENT)
-        return None
 
     def _duplicate_of(self, info: Inspected, doc: dict | None) -> str | None:
         """Where this content already is (in this run or in the index under another key), or None."""
@@ -350,42 +356,60 @@ class Uploader:
             return f"{s3a_uri(self.bucket, str(doc.get(Field.KEY)))} (indexed from {doc.get(Field.SOURCE_PATH)})"
         return None
 
-    def _store(self, plan: Plan) -> tuple[Plan, transfer.Stored] | None:
-        """PUT the object if needed; returns what the document records, or None on failure."""
+    def _store(self, plan: Plan) -> Stored | None:
+        """PUT the object if needed; returns what the document and the table row record, or None on failure."""
         remote = plan.remote
         if not plan.need_object and remote is not None:  # (need_object is False only with a remote object)
-            return plan, transfer.Stored(remote.etag, remote.last_modified or utc_timestamp())
+            stored = transfer.Stored(remote.etag, remote.last_modified or utc_timestamp())
+            return replace(plan, info=replace(plan.info, data=None)), stored, self._row(plan.info, stored.etag)
         if self.stop_reason:  # queued behind writes MinIO refused
             self._fail(plan.info.item, "upload_error", "not attempted: " + self.stop_reason[:120])
             return None
         try:
             stored = self._put(self.s3, self.bucket, plan.info)
             self._count_write(None)
-            return replace(plan, info=replace(plan.info, data=None)), stored  # free the bytes early
         except UPLOAD_ERRORS as exc:
             if isinstance(exc, S3Error) or transfer.is_transient(exc):  # MinIO's refusal, not a local file error
                 self._count_write(exc)
             self._fail(plan.info.item, "upload_error", f"upload failed: {exc}".replace("\n", " "))
             return None
+        row = self._row(plan.info, stored.etag)
+        return replace(plan, info=replace(plan.info, data=None)), stored, row  # free the bytes early
 
-    def _index(self, stored: list[tuple[Plan, transfer.Stored]]) -> None:
-        """Create the documents of stored objects and account for every item of the batch."""
+    def _row(self, info: Inspected, etag: str) -> dict | None:
+        """The item's table row, or None if its bytes cannot be read again (the stages sync it then)
+        or the table is not this run's to write (`--no-table`)."""
+        if not self.feed.enabled:
+            return None
+        try:
+            return row_of(info, etag, self.settings.lake_inline_max_bytes)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: no table row (%s); the next Spark stage syncs it", info.item.source, exc)
+            return None
+
+    def _index(self, stored: list[Stored]) -> None:
+        """Create the documents of stored objects, account for every item of the batch, and queue the
+        table rows of those whose document is there."""
         docs = {
             plan.info.sha256: index.build_document(plan.info, self.bucket, result.etag, result.uploaded_at)
-            for plan, result in stored
+            for plan, result, _ in stored
             if plan.need_doc
         }
         results = index.create_documents(self.es, self.index, docs) if docs else {}
         report = self._accounts
-        for plan, _ in stored:
+        rows = []
+        for plan, _, row in stored:
             item = plan.info.item
             status = results.get(plan.info.sha256, index.PRESENT)
             if status not in (index.CREATED, index.PRESENT):
                 self._fail(item, "index_error", status)
                 continue
+            if row is not None:
+                rows.append(row)
             if plan.need_object:
                 report.bytes_uploaded += plan.info.size
             wrote = plan.need_object or status == index.CREATED
             report.record(Outcome.UPLOADED if wrote else Outcome.PRESENT)
             if plan.replaced_sha and plan.replaced_sha != plan.info.sha256:
                 index.delete_document_if_key(self.es, self.index, plan.replaced_sha, item.key)
+        self.feed.add(rows)

@@ -68,6 +68,7 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     stopped_early: bool = False
     interrupted: bool = False
+    table: dict | None = None  # what the run did to the images table (orchard.uploader.table_feed)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, outcome: Outcome, problem: Problem | None = None) -> None:
@@ -111,7 +112,20 @@ class Report:
             text += " - stopped at the first failure (--strict)"
         if self.interrupted:
             text += " - interrupted"
-        return text
+        return text + self.table_summary()
+
+    def table_summary(self) -> str:
+        """`; images table: N rows added ...` (or why it was not updated), "" before the run ends."""
+        if not self.table:
+            return ""
+        if self.table["skipped"]:
+            return "; images table left to `orchard lake sync` (--no-table)"
+        if self.table["error"]:
+            return "; images table not updated (the next Spark stage syncs it)"
+        added, updated = self.table["inserted"], self.table["updated"]
+        if not (added or updated):
+            return f"; images table up to date (version {self.table['version']})"
+        return f"; images table: {added} rows added, {updated} replaced (version {self.table['version']})"
 
     def to_dict(self) -> dict:
         """The JSON report: counts plus every failure and skip with its reason."""
@@ -127,6 +141,7 @@ class Report:
             "bytes_uploaded": self.bytes_uploaded,
             "stopped_early": self.stopped_early,
             "interrupted": self.interrupted,
+            "table": self.table,
             "failures": [_problem_dict(p) for p in self.failures()],
             "skipped": [_problem_dict(p) for p in self.skips()],
         }

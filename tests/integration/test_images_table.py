@@ -89,7 +89,6 @@ def history(*args: str) -> list[dict]:
 def forget(spark, s: Settings, dataset: str) -> None:
     """Objects, documents, model versions and table rows of a test dataset."""
     clean_up(Dataset(dataset, s, corrupt_key=""))
-    spark.sql(f"DELETE FROM delta.`{s.images_table_uri}` WHERE {Column.DATASET} = '{dataset}'")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +98,7 @@ def lake_dataset(stack: Settings, spark, tmp_path_factory):
     root = synth(tmp_path_factory.mktemp("lake") / "fruits", int(token, 16) % 100_000)
     rename_some(root)
     try:
-        ok(orchard("upload", str(root), "--dataset", name))
+        ok(orchard("upload", str(root), "--dataset", name, "--no-table"))  # the table is left to the sync tested
         yield name
     finally:
         forget(spark, stack, name)
@@ -164,7 +163,7 @@ def test_a_killed_sync_leaves_a_consistent_table_and_a_rerun_completes(stack: Se
     name = f"it-lake-kill-{secrets.token_hex(3)}"
     root = synth(tmp_path / "fruits", 4242, per_class=60, test_per_class=0)
     try:
-        ok(orchard("upload", str(root), "--dataset", name))
+        ok(orchard("upload", str(root), "--dataset", name, "--no-table"))
         before = history("--limit", "1")[0]["version"]
         proc = subprocess.Popen(
             [str(ORCHARD), "lake", "sync", "--dataset", name, "--json"],
@@ -222,7 +221,7 @@ def test_new_uploads_are_predicted_by_the_next_infer_and_as_of_trains_on_the_old
     second = last_json(ok(orchard("infer", "--dataset", lake_dataset, "--model", version, "--json")))
     total = CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + 10
     assert second["images"] == total and second["failed"] == 0
-    assert second["table_version"] > first["table_version"]  # the new images were synced first
+    assert second["table_version"] > first["table_version"]  # the upload added the new images' rows
     es = es_client(stack)
     query = {"bool": {"filter": [{"term": {"dataset": lake_dataset}}, {"term": {"prediction.model_version": version}}]}}
     assert es.count(index=stack.images_index, query=query)["count"] == total
@@ -233,6 +232,46 @@ def test_new_uploads_are_predicted_by_the_next_infer_and_as_of_trains_on_the_old
     assert older["trained_on_version"] == old_table
     assert older["train_images"] == CLASSES * TRAIN_PER_CLASS
     assert len(table_rows(spark, stack, lake_dataset, old_table)) == total - 10
+
+
+def upload_report(proc: subprocess.CompletedProcess) -> dict:
+    """The JSON report an `orchard upload` wrote (its path is on the last line of stdout)."""
+    import json
+
+    return json.loads(Path(proc.stdout.strip().splitlines()[-1].removeprefix("report: ")).read_text())
+
+
+def test_upload_brings_the_table_up_to_date_so_stages_and_syncs_find_nothing_to_do(
+    stack: Settings, spark, tmp_path: Path
+):
+    from orchard.core.table_log import latest_version
+    from orchard.spark_app.table import synced_snapshot
+
+    name = f"it-lake-up-{secrets.token_hex(3)}"
+    root = synth(tmp_path / "fruits", 5151, per_class=6, test_per_class=2)
+    images = CLASSES * (6 + 2)
+    try:
+        first = upload_report(ok(orchard("upload", str(root), "--dataset", name)))
+        assert first["table"]["inserted"] == images and first["table"]["error"] == "", first["table"]
+        version = latest_version(stack)
+        assert first["table"]["version"] == version
+        assert table_rows(spark, stack, name) == object_ids(stack, name)  # same keys, same sha256
+        # a stage reads this version as it is, and a sync finds every row it would make
+        snapshot, rows = synced_snapshot(spark, stack, name)
+        assert (snapshot.version, rows) == (version, images)
+        synced = last_json(ok(orchard("lake", "sync", "--dataset", name, "--json")))
+        assert (synced["added"], synced["updated"], synced["table_version"]) == (0, 0, version), synced
+        # a re-run commits nothing; a file changed on disk replaces its row
+        again = upload_report(ok(orchard("upload", str(root), "--dataset", name)))
+        assert again["table"] == {**first["table"], "inserted": 0}
+        assert latest_version(stack) == version
+        changed = sorted(root.rglob("*.jpg"))[0]
+        changed.write_bytes(sorted(root.rglob("*.jpg"))[-1].read_bytes() + b"\0")
+        third = upload_report(ok(orchard("upload", str(root), "--dataset", name)))
+        assert (third["table"]["inserted"], third["table"]["updated"]) == (0, 1), third["table"]
+        assert table_rows(spark, stack, name) == object_ids(stack, name)
+    finally:
+        forget(spark, stack, name)
 
 
 def put_copy(s: Settings, key: str, new_key: str) -> None:
@@ -251,7 +290,7 @@ def test_identical_bytes_are_predicted_once_and_a_same_bytes_reput_syncs_once(
     stack: Settings, spark, lake_dataset: str, trained: dict
 ):
     from orchard.core.table_log import latest_version, read_snapshot
-    from orchard.spark_app.table import synced_marks, synced_version
+    from orchard.spark_app.table import synced_marks, synced_snapshot
 
     version = trained["version"]
     key = sorted(table_rows(spark, stack, lake_dataset))[0]
@@ -264,9 +303,9 @@ def test_identical_bytes_are_predicted_once_and_a_same_bytes_reput_syncs_once(
     # the same bytes put again: a newer object than any row, but nothing for a sync to do
     put_copy(stack, key, key)
     before = latest_version(stack)
-    marked, _ = synced_version(spark, stack, lake_dataset)  # syncs (no rows change), records why
+    marked = synced_snapshot(spark, stack, lake_dataset)[0].version  # syncs (no rows change), records why
     assert marked == before + 1 == latest_version(stack)  # one metadata-only commit
     assert synced_marks(read_snapshot(stack))[lake_dataset] > copied["predicted_at"]
-    again, known_rows = synced_version(spark, stack, lake_dataset)  # no sync now
-    assert (again, known_rows) == (marked, len(rows))
+    again, known_rows = synced_snapshot(spark, stack, lake_dataset)  # no sync now
+    assert (again.version, known_rows) == (marked, len(rows))
     assert latest_version(stack) == marked

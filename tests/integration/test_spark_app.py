@@ -19,7 +19,6 @@ import re
 import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,9 @@ import numpy as np
 import pytest
 
 from orchard.core.clients import es_client, s3_client
+from orchard.core.objects import remove_prefix
 from orchard.core.settings import Settings
+from orchard.core.table_write import delete_rows
 from orchard.spark_app.preprocess import choose_k
 
 pytestmark = pytest.mark.integration
@@ -94,16 +95,6 @@ def put_undecodable(s: Settings, dataset: str) -> str:
     return key
 
 
-def remove_prefix(s: Settings, bucket: str, prefix: str) -> None:
-    """Delete every object under a prefix."""
-    from minio.deleteobjects import DeleteObject
-
-    client = s3_client(s)
-    names = [DeleteObject(o.object_name) for o in client.list_objects(bucket, prefix=prefix, recursive=True)]
-    for error in client.remove_objects(bucket, names):
-        print("cleanup:", error, file=sys.stderr)
-
-
 def delete_documents(s: Settings, dataset: str) -> None:
     """Delete the dataset's image documents (by id: the native distribution has no delete-by-query)."""
     from elasticsearch.helpers import bulk, scan
@@ -119,15 +110,16 @@ def delete_documents(s: Settings, dataset: str) -> None:
 
 
 def clean_up(ds: Dataset) -> None:
-    """Objects, documents, features and model versions of the test dataset."""
+    """Objects, table rows, documents, features and model versions of the test dataset."""
     s = ds.settings
     es = es_client(s)
-    remove_prefix(s, s.images_bucket, f"{ds.name}/")
-    remove_prefix(s, s.features_bucket, f"{ds.name}/")
+    remove_prefix(s3_client(s), s.images_bucket, f"{ds.name}/")
+    delete_rows(s, ds.name)
+    remove_prefix(s3_client(s), s.features_bucket, f"{ds.name}/")
     delete_documents(s, ds.name)
     hits = es.search(index=s.models_index, query={"term": {"dataset": ds.name}}, size=100, source=False)["hits"]["hits"]
     for version in {h["_id"] for h in hits} | set(ds.versions):
-        remove_prefix(s, s.models_bucket, f"{version}/")
+        remove_prefix(s3_client(s), s.models_bucket, f"{version}/")
         es.options(ignore_status=404).delete(index=s.models_index, id=version, refresh=True)
 
 
@@ -260,6 +252,39 @@ def test_inference_updates_every_document_exactly_once(dataset: Dataset, trained
     after = {h["_id"]: (h["_seq_no"], h["_source"]["prediction"]) for h in docs_of(dataset)}
     assert again["updated"] == 0 and again["unchanged"] == IMAGES and again["failed"] == 0
     assert after == before  # no prediction changed, no document was even rewritten
+
+
+def test_predict_gives_local_files_the_prediction_infer_gave_their_objects(
+    dataset: Dataset, trained: dict, first_inference: dict, tmp_path: Path
+):
+    version, s = trained["summary"]["version"], dataset.settings
+    client = s3_client(s)
+    docs = [h["_source"] for h in docs_of(dataset, split="train")][:3]
+    files = []
+    for n, doc in enumerate(docs):
+        files.append(tmp_path / f"photo {n}.{doc['key'].rsplit('.', 1)[-1]}")
+        files[-1].write_bytes(client.get_object(s.images_bucket, doc["key"]).read())
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image\n")
+    proc = orchard("predict", *map(str, files), str(notes), "--model", version, "--json")
+    assert proc.returncode == 1, proc.stderr[-3000:]  # ExitStatus.FAILURES: one file failed
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(f) for f in [*files, notes]]
+    for line, doc in zip(lines, docs, strict=False):
+        top5 = line["top5"]
+        assert line["model"] == version and "error" not in line and len(top5) == 5
+        assert {t["label"] for t in top5} <= set(trained["doc"]["classes"])
+        assert [t["probability"] for t in top5] == sorted((t["probability"] for t in top5), reverse=True)
+        # the same decoding, preprocessing and model as `orchard infer`: the same answer
+        assert top5[0]["label"] == doc["prediction"]["label"]
+        assert abs(top5[0]["probability"] - doc["prediction"]["confidence"]) < 1e-3
+    assert lines[-1]["top5"] == [] and lines[-1]["error"].startswith("undecodable image")
+    assert f"{notes}: undecodable image" in proc.stderr
+    assert "1 of 4 files could not be predicted" in proc.stderr
+    text = ok(orchard("predict", str(files[0]), "--model", version, "--top", "2"))
+    assert re.fullmatch(rf"{re.escape(str(files[0]))}: \S+ [01]\.\d{{3}}, \S+ [01]\.\d{{3}}\n", text.stdout)
+    unknown = orchard("predict", str(files[0]), "--model", "cnn-00000000000000-deadbeef")
+    assert unknown.returncode != 0 and "cnn-00000000000000-deadbeef" in unknown.stderr
 
 
 def cmdline(proc) -> str:

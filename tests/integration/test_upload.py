@@ -28,8 +28,9 @@ from PIL import Image
 
 from orchard.app.cli import main
 from orchard.core.clients import es_client, s3_client
-from orchard.core.retry import S3_TRANSIENT_CODES, S3_WRITE, retrying
+from orchard.core.objects import remove_prefix
 from orchard.core.settings import Settings
+from orchard.core.table_write import delete_rows
 from orchard.uploader.synth import class_specs, encode_jpeg, image_rng, render, synthesize
 
 pytestmark = pytest.mark.integration
@@ -46,14 +47,6 @@ class StoredObject:
     size: int
     etag: str
     last_modified: object
-
-
-class DeletesRefused(Exception):
-    """Objects MinIO did not delete (its DeleteError per object)."""
-
-    def __init__(self, errors: list) -> None:
-        super().__init__(errors)
-        self.transient = all(e.code in S3_TRANSIENT_CODES for e in errors)
 
 
 class Lake:
@@ -93,14 +86,6 @@ class Lake:
             last = now
         raise AssertionError(f"the objects of {dataset} still changed after {timeout:.0f} s")
 
-    def remove_objects(self, dataset: str) -> None:
-        """Delete every object under `<dataset>/`; DeletesRefused if MinIO refused any."""
-        from minio.deleteobjects import DeleteObject
-
-        errors = list(self.s3.remove_objects(self.bucket, [DeleteObject(key) for key in self.objects(dataset)]))
-        if errors:
-            raise DeletesRefused(errors)
-
     def object_bytes(self, key: str) -> bytes:
         response = self.s3.get_object(self.bucket, key)
         try:
@@ -119,11 +104,19 @@ class Lake:
         assert response["hits"]["total"]["value"] == len(hits)
         return {hit["_source"]["key"]: hit for hit in hits}
 
+    def table_ids(self, dataset: str) -> dict[str, str]:
+        """key -> id of the dataset's rows in the images table (read with delta-rs)."""
+        from orchard.core.table_log import open_table
+
+        rows = open_table(self.settings, None).to_pyarrow_table(
+            filters=[("dataset", "=", dataset)], columns=["key", "id"]
+        )
+        return dict(zip(rows.column("key").to_pylist(), rows.column("id").to_pylist(), strict=True))
+
     def remove(self, dataset: str) -> None:
         # MinIO refuses deletes with SlowDown while it is short of write quorum: retried as any S3 write
-        retrying(S3_WRITE, lambda exc: isinstance(exc, DeletesRefused) and exc.transient, log)(
-            self.remove_objects, dataset
-        )
+        remove_prefix(self.s3, self.bucket, f"{dataset}/")
+        delete_rows(self.settings, dataset)
         # by id: the integ-test distribution of Elasticsearch has no _delete_by_query (reindex module)
         actions = [
             {"_op_type": "delete", "_index": self.index, "_id": hit["_id"]} for hit in self.docs(dataset).values()
@@ -257,6 +250,7 @@ def test_a_killed_run_resumes_to_the_same_state(lake: Lake, tmp_path: Path) -> N
     at_kill = lake.settled_objects(dataset)
     assert 0 < len(at_kill) < len(expected), "the run must be killed half-way"
     docs_at_kill = lake.docs(dataset)
+    assert set(lake.table_ids(dataset)) <= set(at_kill)  # never a row for an object not stored
 
     status = upload(str(root), "--dataset", dataset, "--report", str(tmp_path / "resumed.json"))
     resumed = read_report(tmp_path / "resumed.json")
@@ -272,6 +266,9 @@ def test_a_killed_run_resumes_to_the_same_state(lake: Lake, tmp_path: Path) -> N
     assert not rewritten, rewritten  # stored before the kill: not re-uploaded
     # nothing stored before the kill was sent again
     assert resumed["bytes_uploaded"] <= sum(expected[k].stat().st_size for k in set(expected) - set(at_kill))
+    # and the table has a row per object, with its bytes' sha256 (those stored before the kill too)
+    assert lake.table_ids(dataset) == {key: doc["_source"]["sha256"] for key, doc in lake.docs(dataset).items()}
+    assert resumed["table"]["error"] == "" and resumed["table"]["inserted"] > 0
 
 
 def fruit_jpeg(seed: int, index: int) -> bytes:

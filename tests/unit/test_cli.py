@@ -51,3 +51,19 @@ def test_the_probe_would_see_tensorflow_if_it_were_loaded():
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert "tensorflow" in out.stdout
+
+
+def test_predict_prints_one_line_or_one_json_object_per_file() -> None:
+    from orchard.app.predict_cli import as_line
+    from orchard.spark_app.local_prediction import FilePrediction
+
+    good = FilePrediction("a b.jpg", "cnn-1", (("apple", 0.91234567), ("pear", 0.05)))
+    bad = FilePrediction("notes.txt", "cnn-1", error="undecodable image: UnidentifiedImageError")
+    assert as_line(good) == "a b.jpg: apple 0.912, pear 0.050"
+    assert as_line(bad) == "notes.txt: error: undecodable image: UnidentifiedImageError"
+    assert good.as_dict() == {
+        "file": "a b.jpg",
+        "model": "cnn-1",
+        "top5": [{"label": "apple", "probability": 0.912346}, {"label": "pear", "probability": 0.05}],
+    }
+    assert bad.as_dict()["top5"] == [] and bad.as_dict()["error"].startswith("undecodable")

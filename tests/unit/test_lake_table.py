@@ -3,13 +3,15 @@ additive mapping update of `orchard setup`."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import pytest
 from PIL import Image
 
-from orchard.core import lake
+from orchard.core import lake, table_write
 from orchard.core.settings import Settings
 from orchard.spark_app import table
 from orchard.stack.setup import missing_properties
@@ -43,12 +45,56 @@ def png(size=(7, 5), mode="RGB") -> bytes:
 
 
 def test_image_header_reads_format_size_and_bands():
-    assert table.image_header(png()) == {"format": "png", "width": 7, "height": 5, "channels": 3}
-    assert table.image_header(png(mode="L"))["channels"] == 1
+    assert table_write.image_header(png()) == {"format": "png", "width": 7, "height": 5, "channels": 3}
+    assert table_write.image_header(png(mode="L"))["channels"] == 1
 
 
 def test_unparseable_bytes_have_an_empty_header_not_an_error():
-    assert set(table.image_header(b"\xff\xd8\xff not a jpeg").values()) == {None}
+    assert set(table_write.image_header(b"\xff\xd8\xff not a jpeg").values()) == {None}
+
+
+def test_a_row_is_built_from_the_key_and_the_bytes_with_content_inline_up_to_the_threshold():
+    when = datetime(2026, 12, 2, 14, 0, tzinfo=UTC)
+    content = png()
+    row = table_write.image_row("ds/train/red apple/ü 1.png", content, "e1", when, inline_max_bytes=len(content))
+    assert row == {
+        "id": hashlib.sha256(content).hexdigest(),
+        "key": "ds/train/red apple/ü 1.png",
+        "dataset": "ds",
+        "split": "train",
+        "label": "red apple",
+        "format": "png",
+        "width": 7,
+        "height": 5,
+        "channels": 3,
+        "bytes": len(content),
+        "etag": "e1",
+        "ingested_at": when,
+        "content": content,
+    }
+    assert list(row) == list(lake.COLUMN_NAMES)  # storage order
+    assert table_write.image_row("ds/train/a/x.png", content, "e", when, len(content) - 1)["content"] is None
+
+
+def test_arrow_schema_types_every_column_as_delta_stores_it():
+    schema = table_write.arrow_schema()
+    assert schema.names == list(lake.COLUMN_NAMES)
+    assert [str(schema.field(n).type) for n in ("width", "bytes", "ingested_at", "content")] == [
+        "int32",
+        "int64",
+        "timestamp[us, tz=UTC]",
+        "binary",
+    ]
+    assert not schema.field("id").nullable and not schema.field("dataset").nullable and schema.field("label").nullable
+
+
+def test_merge_condition_names_the_dataset_and_key_range_with_quotes_escaped():
+    rows = [{"dataset": "d", "key": "d/train/a/b.jpg"}, {"dataset": "d", "key": "d/train/a/it's.jpg"}]
+    assert table_write.merge_condition(rows) == (
+        "t.key = s.key AND t.dataset = 'd' AND t.key >= 'd/train/a/b.jpg' AND t.key <= 'd/train/a/it''s.jpg'"
+    )
+    with pytest.raises(ValueError, match="one MERGE per dataset"):
+        table_write.merge_condition([*rows, {"dataset": "e", "key": "e/train/a/c.jpg"}])
 
 
 def test_history_entry_takes_rows_added_from_each_operation():

@@ -141,3 +141,21 @@ def test_class_names_are_imagenet_1k_in_order():
     assert len(names) == 1000
     assert names[0] == "tench, Tinca tinca" and names[ESPRESSO] == "espresso"
     assert names[281] == "tabby, tabby cat" and names[999].startswith("toilet tissue")
+
+
+def test_predict_cli_names_the_photos_with_the_pretrained_base(tmp_path, monkeypatch, capsys):
+    from orchard.app.cli import main
+
+    monkeypatch.setenv("ORCHARD_CACHE_DIR", str(tmp_path / "cache"))  # converted on this first use
+    Image.fromarray(skimage.data.coffee()).save(tmp_path / "coffee.jpg", quality=92)
+    Image.fromarray(skimage.data.chelsea()).save(tmp_path / "chelsea.png")
+    files = [str(tmp_path / name) for name in ("coffee.jpg", "chelsea.png")]
+    assert main(["-q", "predict", *files, "--model", "imagenet:efficientnet-lite0", "--json"]) == 0
+    coffee, chelsea = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    log.info("coffee %s, chelsea %s", coffee["top5"][:2], chelsea["top5"][:2])
+    names = pretrained.class_names()
+    assert coffee["model"] == "imagenet:efficientnet-lite0" and coffee["file"] == files[0]
+    assert coffee["top5"][0]["label"] == names[ESPRESSO] and len(coffee["top5"]) == 5
+    assert names.index(chelsea["top5"][0]["label"]) in CATS
+    assert list((tmp_path / "cache" / "models").glob("efficientnet-lite0-*.keras"))
+    assert main(["-q", "predict", files[0], "--model", "imagenet:efficientnet-lite9"]) == 3  # ExitStatus.CONFIG

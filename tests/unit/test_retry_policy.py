@@ -494,3 +494,17 @@ def test_clients_use_the_transport_settings_of_the_retry_module() -> None:
     conf = s3a_conf(Settings(s3_endpoint="http://s3"))
     assert conf["spark.hadoop.fs.s3a.attempts.maximum"] == str(retry.S3A_SDK_RETRIES)
     assert conf["spark.hadoop.fs.s3a.retry.limit"] == str(retry.S3A_RETRY_LIMIT)
+
+
+def test_refused_deletes_are_retried_only_when_every_refusal_is_transient() -> None:
+    from minio.deleteobjects import DeleteError
+
+    from orchard.core.objects import DeletesRefused, _retryable
+
+    slow = DeleteError("SlowDownWrite", "short of write quorum", "d/train/a/1.jpg", None)
+    denied = DeleteError("AccessDenied", "Access Denied.", "d/train/a/2.jpg", None)
+    assert _retryable(DeletesRefused("images", [slow, slow]))
+    refused = DeletesRefused("images", [slow, denied])
+    assert not _retryable(refused)
+    assert str(refused) == "2 objects of images not deleted, e.g. d/train/a/1.jpg: SlowDownWrite"
+    assert _retryable(s3_error("SlowDown")) and not _retryable(s3_error("NoSuchBucket"))

@@ -18,10 +18,10 @@ def snapshot(*files: DataFile) -> TableSnapshot:
 
 
 def test_uris_switch_between_hadoop_and_object_store_schemes_only():
-    assert table_log.object_store_uri("s3a://lake/images") == "s3://lake/images"
-    assert table_log.hadoop_uri("s3://lake/images/dataset=a b/p.parquet") == "s3a://lake/images/dataset=a b/p.parquet"
-    assert table_log.object_store_uri("file:///tmp/t") == "file:///tmp/t"
-    assert table_log.hadoop_uri("file:///tmp/t/p.parquet") == "file:///tmp/t/p.parquet"
+    assert lake.object_store_uri("s3a://lake/images") == "s3://lake/images"
+    assert lake.hadoop_uri("s3://lake/images/dataset=a b/p.parquet") == "s3a://lake/images/dataset=a b/p.parquet"
+    assert lake.object_store_uri("file:///tmp/t") == "file:///tmp/t"
+    assert lake.hadoop_uri("file:///tmp/t/p.parquet") == "file:///tmp/t/p.parquet"
 
 
 def test_a_flattened_add_action_becomes_a_data_file():

@@ -61,3 +61,57 @@ def test_documents_fit_the_strict_mapping() -> None:
     assert doc["id"] == doc["sha256"] == "ab" * 32
     assert doc["uri"] == "s3a://images/f/train/apple_red/0_100.jpg"
     assert doc["source_path"] == "/d/Training/Apple Red/0_100.jpg"
+
+
+def test_summary_says_what_the_run_did_to_the_images_table() -> None:
+    from orchard.uploader.table_feed import TableUpdate
+
+    report = Report("fruits", "/data/fruits", "images", "orchard-images")
+    report.record(Outcome.UPLOADED)
+    head = "fruits: uploaded 1, already present 0, skipped 0, failed 0"
+    cases = [
+        (TableUpdate(1, 0, 7), "; images table: 1 rows added, 0 replaced (version 7)"),
+        (TableUpdate(0, 0, 7), "; images table up to date (version 7)"),
+        (
+            TableUpdate(error="cannot update the images table: timeout"),
+            "; images table not updated (the next Spark stage syncs it)",
+        ),
+        (TableUpdate(skipped=True), "; images table left to `orchard lake sync` (--no-table)"),
+    ]
+    for update, tail in cases:
+        report.table = update.as_dict()
+        assert report.summary() == head + tail
+    assert report.to_dict()["table"] == {"inserted": 0, "updated": 0, "version": None, "error": "", "skipped": True}
+
+
+def test_table_rows_of_uploaded_items_inline_small_bytes_and_reference_large_ones(tmp_path: Path) -> None:
+    import hashlib
+
+    from PIL import Image
+
+    from orchard.uploader.table_feed import row_of
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (4, 3)).save(path)
+    data = path.read_bytes()
+    item = WorkItem(path, "ds/train/red apple/a.png", "ds", "train", "red apple", "Red apple")
+    sha = hashlib.sha256(data).hexdigest()
+    kept = Inspected(item, sha, len(data), "PNG", 4, 3, 3, "RGB", data)
+    row = row_of(kept, "etag-1", inline_max_bytes=len(data))
+    assert (row["id"], row["content"], row["format"], row["etag"], row["label"]) == (
+        sha,
+        data,
+        "png",
+        "etag-1",
+        "red apple",
+    )
+    assert row_of(Inspected(item, sha, len(data), "PNG", 4, 3, 3, "RGB"), "e", len(data))["content"] == data  # re-read
+    path.unlink()  # too large to inline: the row comes from the inspection alone, the file is not read
+    large = row_of(Inspected(item, sha, len(data), "TIFF", 4, 3, 1, "L"), "e", inline_max_bytes=len(data) - 1)
+    assert (large["id"], large["content"], large["format"], large["channels"], large["bytes"]) == (
+        sha,
+        None,
+        "tiff",
+        1,
+        len(data),
+    )

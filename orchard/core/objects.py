@@ -1,0 +1,45 @@
+"""Bulk operations on objects under a prefix, retried as any S3 write (orchard.core.retry.S3_WRITE).
+
+Shared by the benches and the test suites' cleanup, which must not fail on a MinIO that briefly
+answers SlowDown (short of write quorum while a node restarts) and must fail on a real refusal.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from minio import Minio
+from minio.deleteobjects import DeleteError, DeleteObject
+
+from orchard.core.retry import S3_TRANSIENT_CODES, S3_WRITE, retrying, s3_transient
+
+log = logging.getLogger(__name__)
+
+
+class DeletesRefused(Exception):
+    """Objects MinIO did not delete: its DeleteError per object (`transient` if all may pass later)."""
+
+    def __init__(self, bucket: str, errors: list[DeleteError]) -> None:
+        first = errors[0]
+        super().__init__(f"{len(errors)} objects of {bucket} not deleted, e.g. {first.name}: {first.code}")
+        self.errors = errors
+        self.transient = all(e.code in S3_TRANSIENT_CODES for e in errors)
+
+
+def remove_prefix(client: Minio, bucket: str, prefix: str) -> int:
+    """Delete every object under `prefix` of `bucket`, retrying transient refusals and errors;
+    returns how many objects the last attempt listed. DeletesRefused if MinIO still refuses."""
+    return retrying(S3_WRITE, _retryable, log)(_remove_listed, client, bucket, prefix)
+
+
+def _retryable(exc: BaseException) -> bool:
+    return (isinstance(exc, DeletesRefused) and exc.transient) or s3_transient(exc)
+
+
+def _remove_listed(client: Minio, bucket: str, prefix: str) -> int:
+    """One attempt: list the prefix, delete what is listed (multi-object deletes of 1,000 keys)."""
+    names = [DeleteObject(o.object_name) for o in client.list_objects(bucket, prefix=prefix, recursive=True)]
+    errors = list(client.remove_objects(bucket, names))
+    if errors:
+        raise DeletesRefused(bucket, errors)
+    return len(names)

@@ -1,0 +1,84 @@
+"""Predictions for local image files with a registered model version or a pretrained ImageNet base
+(`imagenet:efficientnet-lite0`), in this process (no Spark):
+the quickest way to try a model on a photo (`orchard predict FILE...`).
+
+The same decoding (orchard.spark_app.images.decode_image), preprocessing (the card's) and top-k as
+`orchard infer`, so a file gets here the prediction the batch job gives its object in the lake.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orchard.core.iterables import batched
+from orchard.core.settings import Settings
+from orchard.spark_app.images import ImageDecodeError, decode_image
+from orchard.spark_app.preprocess import as_probabilities, preprocessor, top_k
+from orchard.spark_app.registry import is_pretrained, load_card
+from orchard.spark_app.versions import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FilePrediction:
+    """One file's top-k (label, probability) pairs, best first, or why it has none."""
+
+    file: str
+    model: str
+    top: tuple[tuple[str, float], ...] = ()
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        """{"file", "model", "top5": [{"label", "probability"}, ...]} (and "error" when it failed)."""
+        doc: dict = {"file": self.file, "model": self.model}
+        doc["top5"] = [{"label": label, "probability": round(p, 6)} for label, p in self.top]
+        if self.error is not None:
+            doc["error"] = self.error
+        return doc
+
+
+def predict_files(s: Settings, version: str, files: Sequence[Path], batch_size: int = 32, k: int = 5) -> Iterator:
+    """FilePrediction per file, in order, `batch_size` files per model call; a file that cannot be
+    read or decoded gets its error and the others proceed. ModelNotFound etc. from the registry."""
+    net, card = load_predictor(s, version)
+    classes, prep = tuple(card["classes"]), preprocessor(card["preprocessing"])
+    size, channels = tuple(card["input_size"]), int(card.get("channels", 3))
+    for batch in batched(files, batch_size):
+        decoded = [decode_file(path, size, channels) for path in batch]
+        good = [array for array, _ in decoded if array is not None]
+        probs = iter(top_k(as_probabilities(net.predict_on_batch(prep(np.stack(good)))), classes, k) if good else [])
+        yield from (
+            FilePrediction(str(path), version, tuple(next(probs)))
+            if array is not None
+            else FilePrediction(str(path), version, error=error)
+            for path, (array, error) in zip(batch, decoded, strict=True)
+        )
+
+
+def load_predictor(s: Settings, version: str) -> tuple[Any, dict]:
+    """(Keras model, model card) of a registered version or of a pretrained base (`imagenet:...`)."""
+    if is_pretrained(version):
+        # TensorFlow: loaded only when a model is (pretrained is Keras throughout).
+        from orchard.spark_app import pretrained  # noqa: PLC0415
+
+        card = pretrained.imagenet_card(version)
+        return pretrained.load_lite0(pretrained.models_cache(s)), card
+    card = load_card(s, version)  # first: an unknown version fails before TensorFlow loads
+    return load_model(s, card).master_network, card  # the Keras model itself (no Spark here)
+
+
+def decode_file(path: Path, size: Sequence[int], channels: int) -> tuple[np.ndarray | None, str | None]:
+    """(uint8 array at the model's input size, None) or (None, the reason the file cannot be used)."""
+    try:
+        return decode_image(path.read_bytes(), (int(size[0]), int(size[1])), channels), None
+    except ImageDecodeError as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"cannot read the file: {exc.strerror or exc}"
