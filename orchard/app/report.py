@@ -38,6 +38,7 @@ from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ConfigError
 from orchard.core.lake import SPLITS, TEST, TRAIN, Field, Pca, Prediction
 from orchard.core.settings import Settings
+from orchard.spark_app.registry import list_versions
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ GRID_SIZE = 48  # test images in the prediction grid
 SCATTER_POINTS = 5000  # most points drawn in the PCA scatter
 NEIGHBOURS = 8  # kNN neighbours shown beside the query image
 THUMB_PX = 96
+MAX_MODELS = 20  # versions in the report's model comparison
 SAMPLE_SEED = 360  # the same sample of points and images on every render of the same data
 COMPOSITE_PAGE = 1000
 SOFTWARE = ("pyspark", "tensorflow", "keras", "elephas", "elasticsearch", "minio")
@@ -640,6 +642,7 @@ class ReportData:
     totals: dict[str, int]
     classes: int
     model: dict | None = None
+    models: list[dict] = field(default_factory=list)  # every version trained on the dataset, newest first
     test_split: str = TEST
     predicted: int = 0  # test images predicted by the model (denominator of the accuracy)
     correct: int = 0
@@ -681,6 +684,7 @@ def collect(es, s: Settings, dataset: str, stages: Sequence[Stage] = ()) -> tupl
     }
     model = latest_model(es, s, dataset)
     if model is not None:
+        data.models = list_versions(s, dataset, limit=MAX_MODELS)
         add_model_figures(es, s, data, raw, model)
     return data, raw
 

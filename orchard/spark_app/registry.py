@@ -31,6 +31,12 @@ MODEL_FILE, LABELS_FILE, METRICS_FILE = "model.keras", "labels.json", "metrics.j
 _retrying = retried(REGISTRY, s3_transient, log)
 
 
+# Model families, recorded as `family` in the models index (and the prefix of their version ids).
+FAMILY_CNN = "cnn"  # Orchard's CNN trained from scratch with Elephas
+FAMILY_USER = "user"  # a user's Keras file, imported
+LISTED_FIELDS = ("version", "family", "base", "dataset", "created_at", "trained_on_version", "test_images")
+
+
 def new_version(prefix: str, digest: str, now: datetime | None = None) -> str:
     """A version id `<prefix>-<UTC yyyymmddHHMMSS>-<8 hex of digest>`."""
     now = now or datetime.now(UTC)
@@ -40,7 +46,7 @@ def new_version(prefix: str, digest: str, now: datetime | None = None) -> str:
 def user_version(path: Path, digest: str) -> str:
     """Content-addressed version id of a user model file: `user-<stem>-<10 hex>` (re-imports are no-ops)."""
     stem = re.sub(r"[^a-z0-9]+", "-", path.stem.lower()).strip("-")[:40] or "model"
-    return f"user-{stem}-{digest[:10]}"
+    return f"{FAMILY_USER}-{stem}-{digest[:10]}"
 
 
 # Models used as published, not registered versions: `imagenet:<base>` (orchard.spark_app.pretrained).
@@ -102,6 +108,27 @@ def download_model(s: Settings, card: dict, dest_dir: Path) -> Path:
     path = dest_dir / name
     s3_client(s).fget_object(s.models_bucket, f"{card['version']}/{name}", str(path))
     return path
+
+
+def list_versions(s: Settings, dataset: str | None = None, limit: int = 50) -> list[dict]:
+    """The newest `limit` registered versions (of one dataset), newest first, each as a summary:
+    version, family, base, dataset, creation time, table version, test images and accuracy,
+    training seconds (None where a version has no such figure, e.g. an imported file)."""
+    query = {"term": {"dataset": dataset}} if dataset else {"match_all": {}}
+    hits = es_client(s).search(
+        index=s.models_index, query=query, size=limit, sort=[{"created_at": "desc"}, {"version": "desc"}]
+    )["hits"]["hits"]
+    return [version_summary(hit["_source"]) for hit in hits]
+
+
+def version_summary(doc: dict) -> dict:
+    """The listed fields of one registry document; `family` from the version id for documents
+    registered before the field existed."""
+    summary = {name: doc.get(name) for name in LISTED_FIELDS}
+    summary["family"] = doc.get("family") or str(doc.get("version", "")).split("-", 1)[0]
+    summary["test_accuracy"] = (doc.get("metrics") or {}).get("test_accuracy")
+    summary["training_seconds"] = doc.get("training_seconds")
+    return summary
 
 
 def register(s: Settings, version: str, card: dict, metrics: dict | None, registry_doc: dict) -> dict:

@@ -175,7 +175,7 @@ def run_training(
         spark, s, dataset, train_split, epochs, batch_size, learning_rate, images_per_partition, table_version
     )
     net, history = spark_model.master_network, spark_model.epoch_metrics
-    version = registry.new_version("cnn", keras_model.weights_digest(net))
+    version = registry.new_version(registry.FAMILY_CNN, keras_model.weights_digest(net))
     card = {**model_card(version, classes, net), "trained_on_version": table_version}
     with tempfile.TemporaryDirectory(prefix="orchard-train-") as tmp:
         path = keras_model.save_model(net, Path(tmp) / registry.MODEL_FILE)
@@ -201,6 +201,7 @@ def run_training(
     }
     doc = registry_document(dataset, train_split, test_split, card, net, epochs, scores, metrics, history)
     doc["trained_on_version"] = table_version
+    doc["training_seconds"] = round(time.monotonic() - began, 1)  # data read, Elephas fit and evaluation
     registry.register(
         s,
         version,
@@ -232,6 +233,8 @@ def registry_document(
     if not scores["test"]["images"]:
         raise ConfigError(f"{dataset}/{test_split}: no test images to evaluate on")
     return {
+        "family": registry.FAMILY_CNN,
+        "base": None,  # trained from scratch
         "created_at": utc_timestamp(timespec="seconds", zulu=False),
         "dataset": dataset,
         "train_split": train_split,

@@ -77,6 +77,8 @@ def import_model_file(s: Settings, path: Path, preprocessing: str, labels_path: 
         **facts,
     }
     registry_doc = {
+        "family": registry.FAMILY_USER,
+        "base": None,
         "created_at": utc_timestamp(timespec="auto", zulu=False),
         "classes": classes,
         "num_classes": len(classes),

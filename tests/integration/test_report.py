@@ -233,6 +233,11 @@ def test_report_counts_and_accuracy_equal_elasticsearch(stack: Settings, demo_ru
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["correct"] == correct and summary["predicted"] == total
+    # the model comparison: every version trained on the dataset (one here), as the registry has it
+    assert [(m["version"], m["family"], m["test_accuracy"]) for m in summary["models"]] == [
+        (model["version"], "cnn", model["metrics"]["test_accuracy"])
+    ]
+    assert f'<tr data-version="{model["version"]}" data-accuracy="{model["metrics"]["test_accuracy"]}">' in html
     assert [st["name"] for st in summary["stages"]] == [
         "stack up",
         "synth",

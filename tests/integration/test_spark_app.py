@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from orchard.app.models_cli import COLUMNS
 from orchard.core.clients import es_client, s3_client
 from orchard.core.objects import remove_prefix
 from orchard.core.settings import Settings
@@ -443,6 +444,21 @@ def test_a_user_model_file_replaces_the_default_cnn(dataset: Dataset, first_infe
     features = last_json(ok(orchard("features", *common)))
     assert features["dims"] == 128 and features["images"] == test_images - 1 and features["failed"] == 0
     assert count(dataset, {"term": {"embedding_model": version}}) == test_images - 1
+
+
+def test_models_list_shows_the_versions_newest_first(dataset: Dataset, trained: dict):
+    cnn_version, user_version = dataset.versions[:2]  # trained, then imported by the user-model test
+    listed = [v["version"] for v in last_json(ok(orchard("models", "list", "--limit", "10000", "--json")))]
+    assert listed.index(user_version) < listed.index(cnn_version)  # newest first
+    versions = last_json(ok(orchard("models", "list", "--dataset", dataset.name, "--json")))
+    assert [v["version"] for v in versions] == [cnn_version]  # an imported file has no training dataset
+    (cnn,) = versions
+    assert (cnn["family"], cnn["base"], cnn["dataset"]) == ("cnn", None, dataset.name)
+    assert cnn["test_accuracy"] == trained["doc"]["metrics"]["test_accuracy"] and cnn["training_seconds"] > 0
+    assert cnn["trained_on_version"] == trained["doc"]["trained_on_version"]
+    text = ok(orchard("models", "list", "--dataset", dataset.name)).stdout.splitlines()
+    assert text[0].split() == list(COLUMNS)
+    assert text[1].split()[:5] == [cnn_version, "cnn", "-", dataset.name, f"{cnn['test_accuracy']:.3f}"]
 
 
 # --- features, PCA and search ----------------------------------------------------------------------

@@ -67,3 +67,25 @@ def test_predict_prints_one_line_or_one_json_object_per_file() -> None:
         "top5": [{"label": "apple", "probability": 0.912346}, {"label": "pear", "probability": 0.05}],
     }
     assert bad.as_dict()["top5"] == [] and bad.as_dict()["error"].startswith("undecodable")
+
+
+def test_models_list_summarises_registry_documents_old_and_new() -> None:
+    from orchard.app.models_cli import cell
+    from orchard.spark_app.registry import version_summary
+
+    new = {
+        "version": "cnn-20261202143000-1a2b3c4d",
+        "family": "cnn",
+        "base": None,
+        "dataset": "fruits",
+        "created_at": "2026-12-02T14:30:00+00:00",
+        "trained_on_version": 4,
+        "test_images": 40,
+        "metrics": {"test_accuracy": 0.9125, "test_loss": 0.3},
+        "training_seconds": 61.5,
+    }
+    summary = version_summary(new)
+    assert summary["family"] == "cnn" and summary["test_accuracy"] == 0.9125 and summary["training_seconds"] == 61.5
+    old = version_summary({"version": "user-tiny-0123456789", "created_at": "2026-01-01T00:00:00+00:00"})
+    assert (old["family"], old["dataset"], old["test_accuracy"], old["training_seconds"]) == ("user", None, None, None)
+    assert [cell("test_accuracy", 0.9125), cell("base", None), cell("training_seconds", 61.5)] == ["0.912", "-", "61.5"]
