@@ -12,7 +12,7 @@ and every Spark stage syncs first when the table lags the bucket. A table that c
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from orchard.core.lake import Column
 from orchard.core.retry import LAKE_COMMIT, retrying
 from orchard.core.settings import Settings
 from orchard.core.table_write import create_table, image_row, merge_rows, referenced_row
-from orchard.uploader.inspection import Inspected, read_stack_row
+from orchard.uploader.inspection import Inspected
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,7 @@ class TableUpdate:
 
     def as_dict(self) -> dict:
         """The report's `table` object."""
-        return {
-            "inserted": self.inserted,
-            "updated": self.updated,
-            "version": self.version,
-            "error": self.error,
-            "skipped": self.skipped,
-        }
+        return asdict(self)
 
 
 @dataclass
@@ -66,7 +60,7 @@ class TableFeed:
 
     def add(self, rows: list[dict]) -> None:
         """Queue rows; MERGE them once enough are held."""
-        if self.update.error or not self.enabled:  # the table refused already, or is not ours: the stages sync
+        if self.update.error:  # the table refused already: the stages sync
             return
         self.rows += rows
         self.held_bytes += sum(len(row[Column.CONTENT] or b"") for row in rows)
@@ -88,7 +82,7 @@ class TableFeed:
             return
         self.update.inserted += counts.inserted
         self.update.updated += counts.updated
-        self.update.version = counts.version if counts.version is not None else self.update.version
+        self.update.version = counts.version
 
     def _merge(self, rows: list[dict]):
         try:
@@ -114,9 +108,6 @@ def row_of(info: Inspected, etag: str, inline_max_bytes: int) -> dict:
 
 
 def content_of(info: Inspected) -> bytes:
-    """The item's bytes: kept by inspection (small files), else read again (OSError if it cannot be)."""
-    if info.data is not None:
-        return info.data
-    if info.item.row is not None:
-        return read_stack_row(info.item.path, info.item.row)
-    return Path(info.item.path).read_bytes()
+    """The item's bytes: kept by inspection (small files and .npy stack rows), else read again from
+    the file (OSError if it cannot be)."""
+    return info.data if info.data is not None else Path(info.item.path).read_bytes()
