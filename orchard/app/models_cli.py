@@ -11,7 +11,16 @@ from orchard.core.errors import ExitStatus
 from orchard.core.tables import format_table
 from orchard.spark_app.registry import list_versions
 
-COLUMNS = ("version", "family", "base", "dataset", "test_accuracy", "training_seconds", "trained_on_version")
+COLUMNS = (
+    "version",
+    "family",
+    "base",
+    "dataset",
+    "test_accuracy",
+    "training_seconds",
+    "images_per_second",
+    "trained_on_version",
+)
 
 
 @click.group()
@@ -25,7 +34,7 @@ def models() -> None:
 @click.option("--json", "as_json", is_flag=True, help="A JSON list, newest first (for scripts).")
 @click.pass_context
 def list_models(ctx, dataset, limit, as_json) -> int:
-    """Model versions, newest first: family, base, dataset, test accuracy, training time."""
+    """Model versions, newest first: family, base, dataset, test accuracy, training time, images/s."""
     versions = list_versions(settings_from(ctx), dataset, limit)
     if as_json:
         click.echo(json.dumps(versions))
@@ -37,7 +46,9 @@ def list_models(ctx, dataset, limit, as_json) -> int:
 
 
 def cell(name: str, value) -> str:
-    """One table cell: "-" for none, accuracies to 3 decimals."""
+    """One table cell: "-" for none, accuracies to 3 decimals, inference rates to 1."""
     if value is None:
         return "-"
-    return f"{value:.3f}" if name == "test_accuracy" else str(value)
+    if name == "test_accuracy":
+        return f"{value:.3f}"
+    return f"{value:.1f}" if name == "images_per_second" else str(value)

@@ -15,11 +15,12 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+from elasticsearch import NotFoundError
 from minio.error import S3Error
 
 from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ConfigError
-from orchard.core.lake import model_uri
+from orchard.core.lake import model_uri, utc_timestamp
 from orchard.core.retry import REGISTRY, retried, s3_transient
 from orchard.core.settings import Settings
 
@@ -113,7 +114,8 @@ def download_model(s: Settings, card: dict, dest_dir: Path) -> Path:
 def list_versions(s: Settings, dataset: str | None = None, limit: int = 50) -> list[dict]:
     """The newest `limit` registered versions (of one dataset), newest first, each as a summary:
     version, family, base, dataset, creation time, table version, test images and accuracy,
-    training seconds (None where a version has no such figure, e.g. an imported file)."""
+    training seconds, inference images/s (None where a version has no such figure, e.g. an imported
+    file or a version never run by `orchard infer`)."""
     query = {"term": {"dataset": dataset}} if dataset else {"match_all": {}}
     hits = es_client(s).search(
         index=s.models_index, query=query, size=limit, sort=[{"created_at": "desc"}, {"version": "desc"}]
@@ -128,7 +130,38 @@ def version_summary(doc: dict) -> dict:
     summary["family"] = doc.get("family") or str(doc.get("version", "")).split("-", 1)[0]
     summary["test_accuracy"] = (doc.get("metrics") or {}).get("test_accuracy")
     summary["training_seconds"] = doc.get("training_seconds")
+    summary["images_per_second"] = (doc.get("inference") or {}).get("images_per_second")
     return summary
+
+
+def inference_figures(summary: dict) -> dict | None:
+    """The `inference` object of a registry document from an `orchard infer` run summary; None if
+    the run measured nothing (no image predicted, or no time elapsed)."""
+    if not summary.get("images") or summary.get("images_per_second") is None:
+        return None
+    return {
+        "images_per_second": summary["images_per_second"],
+        "images": summary["images"],
+        "seconds": summary.get("seconds"),
+        "measured_at": summary.get("predicted_at") or utc_timestamp(timespec="seconds", zulu=False),
+        "table_version": summary.get("table_version"),
+    }
+
+
+def record_inference(s: Settings, version: str, summary: dict) -> None:
+    """Record the inference rate of an `orchard infer` run in the version's registry document
+    (replacing the previous measurement); pretrained bases and empty runs are not recorded."""
+    figures = inference_figures(summary)
+    if is_pretrained(version) or figures is None:
+        return
+    try:
+        es_client(s).update(index=s.models_index, id=version, doc={"inference": figures}, refresh="wait_for")
+    except NotFoundError:
+        # A version whose files exist but whose document does not (e.g. an index rebuilt since):
+        # the predictions are written, the rate is only a figure for comparison.
+        log.warning("model %s has no document in %s: its inference rate is not recorded", version, s.models_index)
+        return
+    log.info("recorded %s images/s for model %s", figures["images_per_second"], version)
 
 
 def register(s: Settings, version: str, card: dict, metrics: dict | None, registry_doc: dict) -> dict:

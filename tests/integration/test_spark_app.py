@@ -253,6 +253,11 @@ def test_inference_updates_every_document_exactly_once(dataset: Dataset, trained
     after = {h["_id"]: (h["_seq_no"], h["_source"]["prediction"]) for h in docs_of(dataset)}
     assert again["updated"] == 0 and again["unchanged"] == IMAGES and again["failed"] == 0
     assert after == before  # no prediction changed, no document was even rewritten
+    # Every run records its rate in the registry (the latest one stays), a re-run with 0 updates too.
+    assert summary["images_per_second"] > 0 and again["images_per_second"] > 0
+    listed = last_json(ok(orchard("models", "list", "--dataset", dataset.name, "--json")))
+    (registered,) = [v for v in listed if v["version"] == version]
+    assert registered["images_per_second"] == pytest.approx(again["images_per_second"], abs=0.05)
 
 
 def test_predict_gives_local_files_the_prediction_infer_gave_their_objects(
@@ -446,7 +451,7 @@ def test_a_user_model_file_replaces_the_default_cnn(dataset: Dataset, first_infe
     assert count(dataset, {"term": {"embedding_model": version}}) == test_images - 1
 
 
-def test_models_list_shows_the_versions_newest_first(dataset: Dataset, trained: dict):
+def test_models_list_shows_the_versions_newest_first(dataset: Dataset, trained: dict, first_inference: dict):
     cnn_version, user_version = dataset.versions[:2]  # trained, then imported by the user-model test
     listed = [v["version"] for v in last_json(ok(orchard("models", "list", "--limit", "10000", "--json")))]
     assert listed.index(user_version) < listed.index(cnn_version)  # newest first
@@ -456,9 +461,12 @@ def test_models_list_shows_the_versions_newest_first(dataset: Dataset, trained: 
     assert (cnn["family"], cnn["base"], cnn["dataset"]) == ("cnn", None, dataset.name)
     assert cnn["test_accuracy"] == trained["doc"]["metrics"]["test_accuracy"] and cnn["training_seconds"] > 0
     assert cnn["trained_on_version"] == trained["doc"]["trained_on_version"]
+    # The rate of the latest `orchard infer` of the version (which run that is depends on the test order).
+    assert cnn["images_per_second"] is not None and cnn["images_per_second"] > 0
     text = ok(orchard("models", "list", "--dataset", dataset.name)).stdout.splitlines()
     assert text[0].split() == list(COLUMNS)
     assert text[1].split()[:5] == [cnn_version, "cnn", "-", dataset.name, f"{cnn['test_accuracy']:.3f}"]
+    assert text[1].split()[COLUMNS.index("images_per_second")] == f"{cnn['images_per_second']:.1f}"
 
 
 # --- features, PCA and search ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -86,6 +87,31 @@ def test_models_list_summarises_registry_documents_old_and_new() -> None:
     }
     summary = version_summary(new)
     assert summary["family"] == "cnn" and summary["test_accuracy"] == 0.9125 and summary["training_seconds"] == 61.5
+    assert summary["images_per_second"] is None  # never run by `orchard infer`
+    measured = version_summary({**new, "inference": {"images_per_second": 123.4, "images": 100, "seconds": 0.8}})
+    assert measured["images_per_second"] == 123.4
     old = version_summary({"version": "user-tiny-0123456789", "created_at": "2026-01-01T00:00:00+00:00"})
     assert (old["family"], old["dataset"], old["test_accuracy"], old["training_seconds"]) == ("user", None, None, None)
+    assert old["images_per_second"] is None
     assert [cell("test_accuracy", 0.9125), cell("base", None), cell("training_seconds", 61.5)] == ["0.912", "-", "61.5"]
+    assert [cell("images_per_second", 123.456), cell("images_per_second", 80), cell("images_per_second", None)] == [
+        "123.5",
+        "80.0",
+        "-",
+    ]
+
+
+def test_models_list_shows_the_inference_rate_column_and_json(monkeypatch, capsys):
+    from orchard.app import models_cli
+
+    versions = [
+        dict.fromkeys(models_cli.COLUMNS) | {"version": "cnn-2", "images_per_second": 95.27},
+        dict.fromkeys(models_cli.COLUMNS) | {"version": "cnn-1"},
+    ]
+    monkeypatch.setattr(models_cli, "list_versions", lambda s, dataset, limit: versions)
+    assert main(["models", "list"]) == ExitStatus.OK
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert "images_per_second" in header and header.index("training_seconds") < header.index("images_per_second")
+    assert "95.3" in rows[0] and "95.27" not in rows[0] and rows[1].split()[6] == "-"
+    assert main(["models", "list", "--json"]) == ExitStatus.OK
+    assert [v["images_per_second"] for v in json.loads(capsys.readouterr().out)] == [95.27, None]

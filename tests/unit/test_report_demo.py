@@ -118,3 +118,30 @@ def test_report_only_keeps_the_stage_times_of_the_same_model_only(tmp_path: Path
     summary.write_text(json.dumps({"dataset": "demo", "model": {"version": "cnn-1"}, "stages": stage_rows(stages)}))
     assert previous_stages(summary, data) == []
     assert previous_stages(tmp_path / "missing.json", data) == []
+
+
+def test_the_models_table_shows_each_versions_inference_rate_or_a_dash() -> None:
+    from orchard.app.report import render_html
+
+    metrics = {"test_loss": 0.3, "test_accuracy": 0.9, "train_accuracy": 0.95, "train_loss": 0.2}
+    model = {"version": "cnn-2", "metrics": metrics, "params": 10, "train_images": 8, "test_images": 2}
+    listed = {"family": "cnn", "base": None, "test_accuracy": 0.9, "training_seconds": 61.5, "trained_on_version": 3}
+    data = ReportData(
+        dataset="fruits",
+        generated_at="now",
+        splits=["train"],
+        split_rows=[],
+        totals={"total": 1, "train": 1},
+        classes=1,
+        model=model,
+        models=[
+            {**listed, "version": "cnn-2", "images_per_second": 123.45},
+            {**listed, "version": "cnn-1", "images_per_second": None},
+        ],
+        stack={"software": {}, "machine": {}, "s3": {"buckets": []}, "elasticsearch": {}, "spark": {}, "indices": []},
+    )
+    html = render_html(data, {}, [], None, {})
+    table = html[html.index('id="model-table"') : html.index("</table>", html.index('id="model-table"'))]
+    assert "<th>images/s (inference)</th>" in table
+    measured, unmeasured = table.split('data-version="cnn-2"')[1].split('data-version="cnn-1"')
+    assert "<td>123.5</td>" in measured and "<td>61.5</td>\n        <td>-</td>" in unmeasured
