@@ -34,6 +34,7 @@ demo: deps ## the main job end to end; KEEP=1 leaves the stack running
 bench: deps ## benchmarks (print JSON)
 	$(VENV)/bin/python bench/upload.py
 	$(VENV)/bin/python bench/inference.py --cleanup
+	$(VENV)/bin/python bench/transfer.py
 
 stack-up: deps ## start the native stack
 	$(ORCHARD) stack up

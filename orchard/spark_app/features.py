@@ -1,17 +1,24 @@
 """`orchard features`: penultimate-layer embeddings to Parquet, PCA with Spark ML, and the embedding
 plus a 2-D projection written into every image document (for kNN search and plots).
 
-Parquet under s3a://<features bucket>/<dataset>/<model version>/:
-  embeddings/  id, key, split, label, embedding (array<float>, d values)
-  pca/         id, key, split, label, pca (array<float>, k values), x, y
+Under s3a://<features bucket>/<dataset>/<model version>/ (`imagenet:x` written `imagenet-x`):
+  embeddings/  Parquet: id, key, split, label, embedding (array<float>, d values)
+  pca/         Parquet: id, key, split, label, pca (array<float>, k values), x, y
+  pca_csv/     CSV with a header: id, key, split, label, x, y, pc1 .. pck
 PCA: embeddings are centred (StandardScaler withMean, no scaling), then Spark ML PCA with all
 components; k is the smallest number whose explained variance reaches the threshold (default 95 %);
 x, y are the first two components. Only the d x d covariance and per-partition counts reach the driver.
+
+A registered version's embeddings (its `embedding` layer) go into the documents' `embedding` and
+`pca`; a pretrained base used as-is (`--model imagenet:efficientnet-lite0`, no training) is read
+from the embeddings table (orchard.spark_app.embedding_cache: each image through the base once)
+and goes into the documents' `pretrained` object, so both kinds of search live side by side.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import cast
@@ -20,16 +27,19 @@ import numpy as np
 
 from orchard.core.clients import es_client
 from orchard.core.errors import ConfigError
-from orchard.core.lake import Field, Pca, features_uri
+from orchard.core.lake import Field, Pca, Pretrained, features_uri
 from orchard.core.settings import Settings
 from orchard.spark_app.context import es_of
-from orchard.spark_app.infer import ImageSource, ModelRun, PredictSpec, inputs
+from orchard.spark_app.embedding_cache import base_embeddings
+from orchard.spark_app.infer import ImageSource, ModelRun, PredictSpec, inputs, settle
 from orchard.spark_app.preprocess import choose_k
+from orchard.spark_app.registry import is_pretrained
 from orchard.spark_app.sink import Tally, merge_tallies, write_actions
 from orchard.spark_app.table import stage_images
 
 log = logging.getLogger(__name__)
 
+PARTS = ("embeddings", "pca", "pca_csv")  # the directories of one run's outputs
 EMBEDDING_SCHEMA = "id string, key string, split string, label string, embedding array<float>"
 
 
@@ -97,27 +107,49 @@ def project(pipeline, embeddings_df, k: int):
     )
 
 
-def feature_actions(index: str, version: str, rows: Iterable, tally: Tally) -> Iterator[tuple[dict, str, bool]]:
-    """Partial updates (embedding, embedding_model, pca) per row; zero vectors skip the embedding and fail."""
+def feature_doc(version: str, row, pretrained: bool) -> dict:
+    """The partial document of one row: embedding, model and 2-D PCA, at the top level for a
+    registered version, inside `pretrained` for a pretrained base."""
+    embedding = list(row.embedding) if any(row.embedding) else None
+    pca = {Pca.X: float(row.x), Pca.Y: float(row.y)}
+    if pretrained:
+        doc = {Pretrained.MODEL: version, Pretrained.PCA: pca, Pretrained.EMBEDDING: embedding}
+        return {Field.PRETRAINED: {k: v for k, v in doc.items() if v is not None}}
+    doc = {Field.EMBEDDING_MODEL: version, Field.PCA: pca, Field.EMBEDDING: embedding}
+    return {k: v for k, v in doc.items() if v is not None}
+
+
+def feature_actions(
+    index: str, version: str, pretrained: bool, rows: Iterable, tally: Tally
+) -> Iterator[tuple[dict, str, bool]]:
+    """Partial updates (embedding, model, pca) per row; zero vectors skip the embedding and fail."""
     for row in rows:
-        doc = {Field.EMBEDDING_MODEL: version, Field.PCA: {Pca.X: float(row.x), Pca.Y: float(row.y)}}
-        if any(row.embedding):
-            doc[Field.EMBEDDING] = list(row.embedding)
-        else:  # cosine similarity is undefined for a zero vector: Elasticsearch would reject it
+        if not any(row.embedding):  # cosine similarity is undefined for a zero vector: Elasticsearch would reject it
             tally.fail(row.key, "zero embedding (cosine similarity cannot index it)")
+        doc = feature_doc(version, row, pretrained)
         yield {"_op_type": "update", "_index": index, "_id": row.id, "doc": doc, "retry_on_conflict": 3}, row.key, False
 
 
 def write_partition(s: Settings, version: str, chunk_size: int, rows: Iterable) -> Iterator[Tally]:
     """mapPartitions body: send the partition's feature updates; yields its tally."""
     zero = Tally()
-    sent = write_actions(es_of(s), feature_actions(s.images_index, version, rows, zero), chunk_size)
+    actions = feature_actions(s.images_index, version, is_pretrained(version), rows, zero)
+    sent = write_actions(es_of(s), actions, chunk_size)
     yield sent.merge(zero)
 
 
 def write_features(projected_df, s: Settings, version: str, chunk_size: int = 200) -> Tally:
     """Write embedding + pca{x,y} into every image document from the executors; returns the counts."""
     return projected_df.rdd.mapPartitions(partial(write_partition, s, version, chunk_size)).fold(Tally(), merge_tallies)
+
+
+def write_csv(projected_df, k: int, out: str) -> None:
+    """The PCA coordinates as CSV files with a header (id, key, split, label, x, y, pc1..pck) at `out`."""
+    from pyspark.sql import functions as F
+
+    components = [F.col("pca")[i].alias(f"pc{i + 1}") for i in range(k)]
+    columns = ["id", "key", "split", "label", "x", "y"]
+    projected_df.select(*columns, *components).write.mode("overwrite").option("header", True).csv(out)
 
 
 def check_embedding_dims(s: Settings, dims: int) -> None:
@@ -144,22 +176,42 @@ def run_features(
     images_per_partition: int = 1024,
     source: ImageSource = stage_images,
 ) -> dict:
-    """Embeddings -> Parquet -> PCA -> Parquet + documents; returns the run summary."""
+    """Embeddings -> Parquet -> PCA -> Parquet + CSV + documents; returns the run summary."""
     choose_k([1.0], threshold)  # validates the threshold before any work
-    run = ModelRun.start(spark, s, dataset, version, split, batch_size, images_per_partition, source)
-    emb_uri = features_uri(s.features_bucket, dataset, version, "embeddings")
-    pca_uri = features_uri(s.features_bucket, dataset, version, "pca")
-    skipped = write_embeddings(spark, run.images, run.spec, run.spark_model, layer, emb_uri)
+    began = time.monotonic()
+    emb_uri, pca_uri, csv_uri = (features_uri(s.features_bucket, dataset, version, p) for p in PARTS)
+    options = (batch_size, layer, images_per_partition, source)
+    skipped, table_version, computed = embed_into(spark, s, dataset, version, split, options, emb_uri)
     embeddings = spark.read.parquet(emb_uri)
     pipeline, explained, dims = fit_pca(embeddings)
-    check_embedding_dims(s, dims)
+    if not is_pretrained(version):  # the pretrained object maps its own width
+        check_embedding_dims(s, dims)
     k = choose_k(explained, threshold)
     projected = project(pipeline, embeddings, k)
     projected.drop("embedding").write.mode("overwrite").parquet(pca_uri)
+    write_csv(projected, k, csv_uri)
     tally = write_features(projected, s, version)  # the same deterministic transform, read again
-    seconds = run.finish(tally)
+    settle(s, tally)
+    seconds = time.monotonic() - began
     summary = features_summary(version, dims, k, explained, threshold, skipped, tally, emb_uri, pca_uri, seconds)
-    return {**summary, "table_version": run.spec.table_version}
+    return {**summary, "csv_uri": csv_uri, "embedded_now": computed, "table_version": table_version}
+
+
+def embed_into(
+    spark, s: Settings, dataset: str, version: str, split: str | None, options: tuple, out: str
+) -> tuple[int, int | None, int | None]:
+    """Write the embeddings of a dataset (split) by `version` as Parquet at `out`; returns (images
+    skipped, table version read, images the pretrained base embedded now or None).
+
+    `options`: (batch size, layer, images per partition, image source) of a registered version."""
+    batch_size, layer, images_per_partition, source = options
+    if is_pretrained(version):
+        cached = base_embeddings(spark, s, dataset, split, batch_size, images_per_partition)
+        cached.frame.write.mode("overwrite").parquet(out)
+        return cached.failed, cached.table_version, cached.computed
+    run = ModelRun.start(spark, s, dataset, version, split, batch_size, images_per_partition, source)
+    skipped = write_embeddings(spark, run.images, run.spec, run.spark_model, layer, out)
+    return skipped, run.spec.table_version, None
 
 
 def features_summary(
@@ -194,4 +246,5 @@ def features_summary(
         "failure_reasons": tally.reasons,
         "failure_examples": [list(e) for e in tally.examples],
         "seconds": round(seconds, 1),
+        "images_per_second": round((tally.written + tally.failed) / seconds, 1) if seconds > 0 else None,
     }

@@ -28,10 +28,10 @@ from orchard.core.settings import Settings
 from orchard.spark_app.context import es_of
 from orchard.spark_app.images import ImageRef, decode_rows
 from orchard.spark_app.preprocess import as_probabilities, cross_entropy_terms, preprocessor, top_k
-from orchard.spark_app.registry import load_card, record_inference
+from orchard.spark_app.registry import record_inference
 from orchard.spark_app.sink import Tally, log_retries, merge_tallies, tally_partition
 from orchard.spark_app.table import stage_images
-from orchard.spark_app.versions import load_model
+from orchard.spark_app.versions import load_card, load_model
 
 if TYPE_CHECKING:
     from pyspark import RDD
@@ -253,8 +253,12 @@ def merge_scores(a: dict[str, Score], b: dict[str, Score]) -> dict[str, Score]:
 
 def evaluate(pairs_rdd, spec: PredictSpec, spark_model, splits: set[str] | None = None) -> dict[str, dict]:
     """Per split: accuracy and mean cross-entropy of a model on labelled images (one streamed pass)."""
+    return score(spark_model.predict_stream(inputs(pairs_rdd, spec), spec.batch_size), spec, splits)
+
+
+def score(outputs, spec: PredictSpec, splits: set[str] | None = None) -> dict[str, dict]:
+    """Per split: accuracy and mean cross-entropy of an RDD of model outputs ((ref, error), output or None)."""
     wanted = frozenset(splits) if splits else None
-    outputs = spark_model.predict_stream(inputs(pairs_rdd, spec), spec.batch_size)
     totals = outputs.mapPartitions(partial(score_partition, spec, wanted)).fold({}, merge_scores)
     results = {}
     for split in splits or totals:
@@ -308,10 +312,14 @@ class ModelRun:
     def finish(self, tally: Tally) -> float:
         """After the executors' writes: log their resends, make the documents searchable (refresh);
         returns the seconds since the start."""
-        s = self.spec.settings
-        log_retries(tally)
-        es_client(s).indices.refresh(index=s.images_index)
+        settle(self.spec.settings, tally)
         return time.monotonic() - self.began
+
+
+def settle(s: Settings, tally: Tally) -> None:
+    """After the executors' document writes: log their resends, make the documents searchable."""
+    log_retries(tally)
+    es_client(s).indices.refresh(index=s.images_index)
 
 
 def run_inference(

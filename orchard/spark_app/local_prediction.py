@@ -20,8 +20,7 @@ from orchard.core.iterables import batched
 from orchard.core.settings import Settings
 from orchard.spark_app.images import ImageDecodeError, decode_image
 from orchard.spark_app.preprocess import as_probabilities, preprocessor, top_k
-from orchard.spark_app.registry import is_pretrained, load_card
-from orchard.spark_app.versions import load_model
+from orchard.spark_app.versions import load_card, load_model
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +63,6 @@ def predict_files(s: Settings, version: str, files: Sequence[Path], batch_size: 
 
 def load_predictor(s: Settings, version: str) -> tuple[Any, dict]:
     """(Keras model, model card) of a registered version or of a pretrained base (`imagenet:...`)."""
-    if is_pretrained(version):
-        # TensorFlow: loaded only when a model is (pretrained is Keras throughout).
-        from orchard.spark_app import pretrained  # noqa: PLC0415
-
-        card = pretrained.imagenet_card(version)
-        return pretrained.load_lite0(pretrained.models_cache(s)), card
     card = load_card(s, version)  # first: an unknown version fails before TensorFlow loads
     return load_model(s, card).master_network, card  # the Keras model itself (no Spark here)
 

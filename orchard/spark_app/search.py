@@ -1,11 +1,36 @@
-"""`orchard search`: images by similarity (Elasticsearch kNN on `embedding`) and by label, prediction
-and confidence filters. Elasticsearch only: no Spark, no TensorFlow."""
+"""`orchard search`: images by similarity (Elasticsearch kNN on `embedding`, or on
+`pretrained.embedding` with --pretrained) and by label, prediction and confidence filters.
+Elasticsearch only: no Spark, no TensorFlow."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from orchard.core import tables
 from orchard.core.errors import ConfigError
 from orchard.core.lake import Field, Pca, Prediction
+
+
+@dataclass(frozen=True)
+class Space:
+    """Where one kind of embedding lives in a document: the vector, the model that made it, its 2-D PCA."""
+
+    vector: str
+    model: str
+    pca: str
+
+
+TRAINED = Space(Field.EMBEDDING, Field.EMBEDDING_MODEL, Field.PCA)  # `orchard features --model VERSION`
+PRETRAINED = Space(Field.PRETRAINED_EMBEDDING, Field.PRETRAINED_MODEL, Field.PRETRAINED_PCA)  # imagenet:<base>
+
+
+def value_at(source: dict, dotted: str):
+    """The value of a dotted field path in a document source (None if absent)."""
+    value: object = source
+    for name in dotted.split("."):
+        value = value.get(name) if isinstance(value, dict) else None
+    return value
+
 
 SOURCE_FIELDS = [
     Field.KEY,
@@ -18,6 +43,8 @@ SOURCE_FIELDS = [
     Field.PREDICTION_ERROR,
     Field.EMBEDDING_MODEL,
     Field.PCA,
+    Field.PRETRAINED_MODEL,
+    Field.PRETRAINED_PCA,
 ]
 TABLE_COLUMNS = ["score", "key", "label", "predicted", "confidence", "x", "y"]
 
@@ -44,41 +71,43 @@ def filters(
     return clauses
 
 
-def find_document(es, index: str, key_or_id: str) -> dict:
+def find_document(es, index: str, key_or_id: str, space: Space = TRAINED) -> dict:
     """The hit of the image with this key (or document id) including its embedding; ConfigError if none."""
     response = es.search(
         index=index,
         size=2,
         query={"bool": {"should": [{"term": {Field.KEY: key_or_id}}, {"ids": {"values": [key_or_id]}}]}},
-        source_includes=[Field.KEY, Field.EMBEDDING, Field.EMBEDDING_MODEL],
+        source_includes=[Field.KEY, space.vector, space.model],
     )
     hits = response["hits"]["hits"]
     if not hits:
         raise ConfigError(f"no image with key or id {key_or_id!r} in {index}")
-    if Field.EMBEDDING not in hits[0]["_source"]:
-        raise ConfigError(f"{key_or_id} has no embedding yet: run `orchard features` on its dataset first")
+    if value_at(hits[0]["_source"], space.vector) is None:
+        model = " --model imagenet:efficientnet-lite0" if space == PRETRAINED else ""
+        raise ConfigError(f"{key_or_id} has no {space.vector} yet: run `orchard features{model}` on its dataset first")
     return hits[0]
 
 
-def similar(es, index: str, key_or_id: str, k: int = 10, clauses: list[dict] | None = None) -> list[dict]:
-    """The k nearest images (cosine) to an image, itself first, as result rows."""
-    own = find_document(es, index, key_or_id)
+def similar(
+    es, index: str, key_or_id: str, k: int = 10, clauses: list[dict] | None = None, space: Space = TRAINED
+) -> list[dict]:
+    """The k nearest images (cosine) to an image in one embedding space, itself first, as result rows."""
+    own = find_document(es, index, key_or_id, space)
     source = own["_source"]
     # k + 1: the image itself is among the neighbours, and is put first explicitly below, because
     # with exact ties (identical embeddings) the ANN order between equal scores is arbitrary.
     knn = {
-        "field": Field.EMBEDDING,
-        "query_vector": source[Field.EMBEDDING],
+        "field": space.vector,
+        "query_vector": value_at(source, space.vector),
         "k": k + 1,
         "num_candidates": max(100, 10 * (k + 1)),
     }
-    if clauses:
-        knn["filter"] = {"bool": {"filter": clauses}}
-    if source.get(Field.EMBEDDING_MODEL):  # compare only embeddings of the same model
-        knn.setdefault("filter", {"bool": {"filter": []}})["bool"]["filter"].append(
-            {"term": {Field.EMBEDDING_MODEL: source[Field.EMBEDDING_MODEL]}}
-        )
-    if quantized(es, index):
+    filters = list(clauses or [])
+    if model := value_at(source, space.model):  # compare only embeddings of the same model
+        filters.append({"term": {space.model: model}})
+    if filters:
+        knn["filter"] = {"bool": {"filter": filters}}
+    if quantized(es, index, space.vector):
         # Scores from int8/int4/bbq HNSW are approximate (an image could score below its own near
         # duplicate); rescoring the candidates with the stored float vectors makes them exact.
         knn["rescore_vector"] = {"oversample": 3.0}
@@ -88,15 +117,18 @@ def similar(es, index: str, key_or_id: str, k: int = 10, clauses: list[dict] | N
     if itself is None:  # cut off by ties: fetch it, with the cosine score of a vector to itself
         itself = {**es.get(index=index, id=own["_id"], source_includes=SOURCE_FIELDS).body, "_score": 1.0}
     others = [h for h in hits if h["_id"] != own["_id"]]
-    return [result_row(hit) for hit in [itself, *others][:k]]
+    return [result_row(hit, space) for hit in [itself, *others][:k]]
 
 
-def quantized(es, index: str) -> bool:
-    """True if the index stores `embedding` quantized (int8/int4/bbq HNSW or flat, ES' default is int8_hnsw)."""
+def quantized(es, index: str, vector: str = Field.EMBEDDING) -> bool:
+    """True if the index stores the `vector` field quantized (int8/int4/bbq HNSW or flat, ES' default
+    is int8_hnsw)."""
     mapping = es.indices.get_mapping(index=index).body
     for body in mapping.values():
-        options = body["mappings"].get("properties", {}).get(Field.EMBEDDING, {}).get("index_options", {})
-        if str(options.get("type", "")).startswith(("int8", "int4", "bbq")):
+        field: dict = {"properties": body["mappings"].get("properties", {})}
+        for name in vector.split("."):
+            field = field.get("properties", {}).get(name, {})
+        if str(field.get("index_options", {}).get("type", "")).startswith(("int8", "int4", "bbq")):
             return True
     return False
 
@@ -114,11 +146,11 @@ def matching(es, index: str, clauses: list[dict], limit: int = 20) -> list[dict]
     return [result_row(hit) for hit in response["hits"]["hits"]]
 
 
-def result_row(hit: dict) -> dict:
-    """One flat result row from a search hit."""
+def result_row(hit: dict, space: Space = TRAINED) -> dict:
+    """One flat result row from a search hit (x, y: the 2-D PCA of `space`)."""
     src = hit["_source"]
     pred = src.get(Field.PREDICTION) or {}
-    pca = src.get(Field.PCA) or {}
+    pca = value_at(src, space.pca) or {}
     return {
         "score": hit.get("_score"),
         "id": hit["_id"],

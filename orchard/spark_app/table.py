@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 20
+# The columns a stage reads, in the order `table_pair` takes them.
+PAIR_COLUMNS = (Column.ID, Column.KEY, Column.DATASET, Column.SPLIT, Column.LABEL, Column.CONTENT)
 ERROR = "error"  # the fetch step's extra column: why an object did not become a row
 # Rows of the fetch step: the table's columns plus the error column.
 FETCH_SCHEMA = f"{READ_SCHEMA}, {ERROR} STRING"
@@ -146,15 +148,22 @@ def stage_images(
     images_per_partition: int = 1024,
     as_of: int | None = None,
 ):
-    """What a Spark stage reads: (RDD of (ImageRef, content), the table version read).
+    """What a Spark stage reads: (RDD of (ImageRef, content), the table version read)."""
+    df, version, rows = stage_frame(spark, s, dataset, split, as_of)
+    return image_pairs(spark, df, rows, images_per_partition), version
+
+
+def stage_frame(
+    spark: SparkSession, s: Settings, dataset: str, split: str | None = None, as_of: int | None = None
+) -> tuple[DataFrame, int, int]:
+    """(rows id, key, dataset, split, label, content; table version; row count) a stage reads.
 
     Without `as_of`, a dataset whose objects the table lacks is synced first, so a stage never
     reads a table that lags the bucket; the version read is pinned, so a concurrent writer does not
     change the stage's input halfway. DatasetNotFound if the dataset (split) has no rows."""
     snapshot, rows = synced_snapshot(spark, s, dataset) if as_of is None else (table_log.read_snapshot(s, as_of), None)
     version = snapshot.version
-    columns = [Column.ID, Column.KEY, Column.DATASET, Column.SPLIT, Column.LABEL, Column.CONTENT]
-    df = scan(spark, snapshot, dataset, split).select(*columns)
+    df = scan(spark, snapshot, dataset, split).select(*PAIR_COLUMNS)
     if rows is None or split:
         rows = df.count()
     if rows == 0:
@@ -163,6 +172,11 @@ def stage_images(
             f"{what} has no images in the table at version {version}: upload it first "
             f"(`orchard upload DIR --dataset {dataset}`) or check --dataset/--split"
         )
+    return df, version, rows
+
+
+def image_pairs(spark: SparkSession, df: DataFrame, rows: int, images_per_partition: int = 1024):
+    """RDD of (ImageRef, content) of `rows` rows of PAIR_COLUMNS, one per distinct id."""
     # Table files hold many images: spread them so every core gets tasks, two at least (a lost
     # executor redoes little). Not many more: each task costs ~0.1 s of Python worker set-up here
     # (250 tasks of 64 images took 24.5 s to read 16,000 rows, 16 tasks 4.3 s).
@@ -171,7 +185,7 @@ def stage_images(
     # Hash-partitioned by id: identical bytes under two keys land in one task, which keeps one
     # (one prediction per distinct image); and no sort of whole rows, which a round-robin
     # repartition does first to stay deterministic on retries.
-    return df.repartition(partitions, Column.ID).rdd.mapPartitions(distinct_pairs), version
+    return df.repartition(partitions, Column.ID).rdd.mapPartitions(distinct_pairs)
 
 
 def distinct_pairs(rows: Iterable) -> Iterator:

@@ -105,8 +105,8 @@ def fit(
     return spark_model, classes, workers
 
 
-def model_card(version: str, classes: list[str], net) -> dict:
-    """labels.json of a version trained here."""
+def model_card(version: str, classes: list[str], net, preprocessing: str = PREPROCESSING, **extra) -> dict:
+    """labels.json of a version trained here (`extra`: e.g. the base of a transfer version)."""
     # TensorFlow: loaded only when a model is trained (the caller has loaded it already).
     from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
@@ -114,11 +114,57 @@ def model_card(version: str, classes: list[str], net) -> dict:
         "version": version,
         "classes": classes,
         "label_map": label_map(classes),
-        "preprocessing": PREPROCESSING,
+        "preprocessing": preprocessing,
         "architecture": keras_model.ARCHITECTURE,
         "model_file": registry.MODEL_FILE,
         **keras_model.describe(net),
+        **extra,
     }
+
+
+def save_version(s: Settings, net, card: dict) -> dict:
+    """Upload a trained version's model file and card; returns the card with its `model_uri`."""
+    # TensorFlow: loaded only when a model is trained (the caller has loaded it already).
+    from orchard.spark_app import model as keras_model  # noqa: PLC0415
+
+    version = card["version"]
+    with tempfile.TemporaryDirectory(prefix="orchard-train-") as tmp:
+        path = keras_model.save_model(net, Path(tmp) / registry.MODEL_FILE)
+        registry.put_file(s, f"{version}/{registry.MODEL_FILE}", path)
+    registry.put_json(s, f"{version}/{registry.LABELS_FILE}", card)
+    return {**card, "model_uri": registry.uri(s, version, registry.MODEL_FILE)}
+
+
+def split_metrics(scores: dict[str, dict]) -> dict[str, float]:
+    """test/train accuracy and loss of an evaluation's {"train": ..., "test": ...} results."""
+    return {
+        "test_accuracy": scores["test"]["accuracy"],
+        "test_loss": scores["test"]["loss"],
+        "train_accuracy": scores["train"]["accuracy"],
+        "train_loss": scores["train"]["loss"],
+    }
+
+
+def register_trained(s: Settings, card: dict, doc: dict, began: float, extra_metrics: dict) -> dict:
+    """Register a trained, saved version (metrics.json + the models index); returns its summary:
+    the registry document plus version and model_uri."""
+    doc = {**doc, "training_seconds": round(time.monotonic() - began, 1)}  # data read, fit and evaluation
+    metrics = {**doc["metrics"], "chance": 1 / len(card["classes"]), "epochs": doc["history"], **extra_metrics}
+    registry.register(s, card["version"], card, {**metrics, "seconds": doc["training_seconds"]}, doc)
+    return {**doc, "version": card["version"], "model_uri": card["model_uri"]}
+
+
+def log_scores(results: dict[str, dict], splits: dict[str, str]) -> None:
+    """One log line per evaluated split."""
+    for name, split in splits.items():
+        log.info(
+            "%s split %r: accuracy %.4f, loss %.4f on %d images",
+            name,
+            split,
+            results[name]["accuracy"],
+            results[name]["loss"],
+            results[name]["images"],
+        )
 
 
 def evaluate_splits(
@@ -138,15 +184,7 @@ def evaluate_splits(
     pairs, _ = stage_images(spark, s, dataset, None, images_per_partition, as_of=table_version)
     by_split = evaluate(pairs, spec, spark_model, set(splits.values()))
     results = {name: by_split[split] for name, split in splits.items()}
-    for name, split in splits.items():
-        log.info(
-            "%s split %r: accuracy %.4f, loss %.4f on %d images",
-            name,
-            split,
-            results[name]["accuracy"],
-            results[name]["loss"],
-            results[name]["images"],
-        )
+    log_scores(results, splits)
     return results
 
 
@@ -176,69 +214,35 @@ def run_training(
     )
     net, history = spark_model.master_network, spark_model.epoch_metrics
     version = registry.new_version(registry.FAMILY_CNN, keras_model.weights_digest(net))
-    card = {**model_card(version, classes, net), "trained_on_version": table_version}
-    with tempfile.TemporaryDirectory(prefix="orchard-train-") as tmp:
-        path = keras_model.save_model(net, Path(tmp) / registry.MODEL_FILE)
-        registry.put_file(s, f"{version}/{registry.MODEL_FILE}", path)
-    registry.put_json(s, f"{version}/{registry.LABELS_FILE}", card)
-    card["model_uri"] = registry.uri(s, version, registry.MODEL_FILE)
-    scores = evaluate_splits(
-        spark,
-        s,
-        dataset,
-        spark_model,
-        card,
-        {"train": train_split, "test": test_split},
-        batch_size=64,
-        images_per_partition=images_per_partition,
-        table_version=table_version,
-    )
-    metrics = {
-        "test_accuracy": scores["test"]["accuracy"],
-        "test_loss": scores["test"]["loss"],
-        "train_accuracy": scores["train"]["accuracy"],
-        "train_loss": scores["train"]["loss"],
-    }
-    doc = registry_document(dataset, train_split, test_split, card, net, epochs, scores, metrics, history)
-    doc["trained_on_version"] = table_version
-    doc["training_seconds"] = round(time.monotonic() - began, 1)  # data read, Elephas fit and evaluation
-    registry.register(
-        s,
-        version,
-        card,
-        {
-            **metrics,
-            "chance": 1 / len(classes),
-            "epochs": history,
-            "elephas_workers": workers,
-            "seconds": round(time.monotonic() - began, 1),
-        },
-        doc,
-    )
-    return {**doc, "version": version, "model_uri": card["model_uri"]}
+    card = save_version(s, net, {**model_card(version, classes, net), "trained_on_version": table_version})
+    splits = {"train": train_split, "test": test_split}
+    scores = evaluate_splits(spark, s, dataset, spark_model, card, splits, 64, images_per_partition, table_version)
+    doc = registry_document(dataset, splits, card, net, epochs, scores, history)
+    return register_trained(s, card, {**doc, "trained_on_version": table_version}, began, {"elephas_workers": workers})
 
 
 def registry_document(
     dataset: str,
-    train_split: str,
-    test_split: str,
+    splits: dict[str, str],
     card: dict,
     net,
     epochs: int,
     scores: dict,
-    metrics: dict,
     history: list[dict],
+    family: str = registry.FAMILY_CNN,
+    base: str | None = None,
 ) -> dict:
-    """The models-index document of a trained version (fields of es_mappings/models.json)."""
+    """The models-index document of a trained version (fields of es_mappings/models.json);
+    `splits` names the train and test splits ({"train": ..., "test": ...})."""
     if not scores["test"]["images"]:
-        raise ConfigError(f"{dataset}/{test_split}: no test images to evaluate on")
+        raise ConfigError(f"{dataset}/{splits['test']}: no test images to evaluate on")
     return {
-        "family": registry.FAMILY_CNN,
-        "base": None,  # trained from scratch
+        "family": family,
+        "base": base,  # None: trained from scratch
         "created_at": utc_timestamp(timespec="seconds", zulu=False),
         "dataset": dataset,
-        "train_split": train_split,
-        "test_split": test_split,
+        "train_split": splits["train"],
+        "test_split": splits["test"],
         "classes": card["classes"],
         "num_classes": len(card["classes"]),
         "architecture": card["architecture"],
@@ -246,6 +250,6 @@ def registry_document(
         "epochs": epochs,
         "train_images": scores["train"]["images"],
         "test_images": scores["test"]["images"],
-        "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
+        "metrics": {k: round(float(v), 6) for k, v in split_metrics(scores).items()},
         "history": json.loads(json.dumps(history)),
     }

