@@ -410,7 +410,7 @@ def fetch_decoded(s: Settings, dataset: str, size: tuple[int, int]):
     import numpy as np
 
     from orchard.core.clients import s3_client
-    from orchard.core.lake import is_image_key
+    from orchard.core.formats import is_image_key
     from orchard.spark_app.images import decode_image, read_object
 
     client = s3_client(s)

@@ -5,6 +5,7 @@ Owned here (and built or parsed nowhere else):
 - Object keys of the images bucket: `<dataset>/<split>/<label>/<file>`. The uploader builds them
   (`object_key`), the Spark app reads them back (`parse_key`, `key_of`, and `LABEL_PATTERN` for
   Spark SQL, which extracts the label without Python). The label is the file's parent folder.
+  Which objects are images (their suffixes) is orchard.core.formats' (`is_image_key`).
 - Split names: train, val, test; `normalise_split` maps folder names (Training, Test, ...) to them.
 - URIs: `s3a_uri` (what Spark reads an object with, stored as the document's `uri`), the
   directories and files the Spark app reads and writes: `dataset_uri`, `features_uri`, `model_uri`,
@@ -54,17 +55,6 @@ def in_layout(key: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-# Suffixes of the image objects (lower case): what the uploader accepts as images and the images
-# table is built from (.npy arrays are uploaded too, but are not images).
-IMAGE_SUFFIXES: Final = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-
-
-def is_image_key(key: str) -> bool:
-    """True if the key's file name has an image suffix."""
-    name = key.rsplit("/", 1)[-1].lower()
-    return "." in name and name[name.rindex(".") :] in IMAGE_SUFFIXES
 
 
 # --- splits -----------------------------------------------------------------------------------------
@@ -227,7 +217,7 @@ class Column:
     DATASET: Final = "dataset"  # partition column
     SPLIT: Final = "split"
     LABEL: Final = "label"
-    FORMAT: Final = "format"  # Pillow's format name, lower case (jpeg, png, ...)
+    FORMAT: Final = "format"  # orchard.core.formats name (jpeg, png, tiff, npy, ...)
     WIDTH: Final = "width"
     HEIGHT: Final = "height"
     CHANNELS: Final = "channels"

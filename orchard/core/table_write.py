@@ -27,8 +27,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from orchard.core import table_log
+from orchard.core import rasters, table_log
 from orchard.core.errors import ServiceUnavailable, TableNotFound
+from orchard.core.formats import MAGIC_BYTES, NPY, TIFF, sniff
 from orchard.core.lake import PARTITION_COLUMNS, TABLE_COLUMNS, Column, object_store_uri, parse_key
 from orchard.core.settings import Settings
 
@@ -49,18 +50,34 @@ class MergeCounts:
 
 
 def image_header(content: bytes) -> dict:
-    """Format (lower case), width, height and channels from an image's header; all None when
-    Pillow cannot parse it."""
+    """Format (lower case), width, height and channels from an image's header (Pillow's; an .npy's
+    or a 16-bit/float/many-band TIFF's read by orchard.core.rasters); all None when it cannot be parsed."""
     try:
-        with Image.open(io.BytesIO(content)) as img:
-            return {
-                Column.FORMAT: (img.format or "").lower() or None,
-                Column.WIDTH: img.size[0],
-                Column.HEIGHT: img.size[1],
-                Column.CHANNELS: len(img.getbands()),
-            }
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return _array_header(content) or _picture_header(content)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError):
         return {Column.FORMAT: None, Column.WIDTH: None, Column.HEIGHT: None, Column.CHANNELS: None}
+
+
+def _array_header(content: bytes) -> dict | None:
+    """The header of an .npy, or of a TIFF that is an array rather than an 8-bit picture; else None."""
+    found = sniff(content[:MAGIC_BYTES])
+    if found is None or found.decoder not in (NPY, TIFF):
+        return None
+    if found.decoder == NPY:
+        header: rasters.RasterHeader | None = rasters.npy_header(io.BytesIO(content))
+    else:
+        header = rasters.tiff_array_header(io.BytesIO(content))
+    return None if header is None else _header(found.name, header.width, header.height, header.bands)
+
+
+def _picture_header(content: bytes) -> dict:
+    """Pillow's header of an image (format None if Pillow does not name one)."""
+    with Image.open(io.BytesIO(content)) as img:
+        return _header((img.format or "").lower() or None, img.size[0], img.size[1], len(img.getbands()))
+
+
+def _header(fmt: str | None, width: int, height: int, channels: int) -> dict:
+    return {Column.FORMAT: fmt, Column.WIDTH: width, Column.HEIGHT: height, Column.CHANNELS: channels}
 
 
 def image_row(key: str, content: bytes, etag: str, ingested_at: datetime | None, inline_max_bytes: int) -> dict:

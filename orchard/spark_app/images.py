@@ -19,7 +19,9 @@ import numpy as np
 from minio.error import S3Error
 from PIL import Image, UnidentifiedImageError
 
+from orchard.core import rasters
 from orchard.core.errors import DatasetNotFound
+from orchard.core.formats import NPY, TIFF, decoder_of
 from orchard.core.lake import dataset_uri, key_of, parse_key
 from orchard.core.retry import S3_READ, retrying, s3_transient
 from orchard.core.settings import Settings
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 class ImageDecodeError(ValueError):
-    """The bytes are not an image Pillow can decode."""
+    """The bytes are not an image of an accepted format that can be decoded."""
 
 
 @dataclass(frozen=True)
@@ -84,17 +86,36 @@ def table_pair(row) -> Pair:
 def decode_image(content: bytes, size: tuple[int, int], channels: int = 3) -> np.ndarray:
     """uint8 array (height, width, channels) of an encoded image, resized to `size` = (height, width).
 
-    Raises ImageDecodeError with a short reason when Pillow cannot read the bytes.
+    Every accepted format (orchard.core.formats): Pillow for 8-bit pictures, tifffile for other
+    TIFFs, numpy for .npy; non-8-bit data scaled by orchard.core.rasters.to_picture. Raises
+    ImageDecodeError with a short reason when the bytes cannot be decoded.
     """
     try:
-        with Image.open(io.BytesIO(content)) as opened:
-            img = opened.convert("L" if channels == 1 else "RGB")
-            if img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        with picture_of(content) as img:
+            converted = img.convert("L" if channels == 1 else "RGB")
+            if converted.size != (size[1], size[0]):
+                converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            array = np.asarray(converted, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError) as exc:
         raise ImageDecodeError(f"undecodable image: {type(exc).__name__}: {exc}"[:240]) from None
     return array[..., None] if channels == 1 else array
+
+
+def picture_of(content: bytes) -> Image.Image:
+    """A Pillow image of the bytes: opened by Pillow, or built from the array numpy or tifffile read
+    (errors as they raise them)."""
+    decoder = decoder_of(content)
+    if decoder == NPY:
+        return image_of(rasters.read_npy(content))
+    if decoder == TIFF and rasters.tiff_array_header(io.BytesIO(content)) is not None:
+        return image_of(rasters.read_tiff(content))
+    return Image.open(io.BytesIO(content))
+
+
+def image_of(array: np.ndarray) -> Image.Image:
+    """An L or RGB Pillow image of an image array (rasters.to_picture's defaults)."""
+    picture = rasters.to_picture(array)
+    return Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else np.ascontiguousarray(picture))
 
 
 def decode_rows(

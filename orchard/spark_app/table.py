@@ -33,6 +33,7 @@ from minio.error import S3Error
 from orchard.core import table_log
 from orchard.core.clients import s3_client
 from orchard.core.errors import DatasetNotFound, TableNotFound
+from orchard.core.formats import is_image_key
 from orchard.core.lake import (
     COLUMN_NAMES,
     DATA_SCHEMA,
@@ -43,7 +44,6 @@ from orchard.core.lake import (
     Column,
     dataset_uri,
     in_layout,
-    is_image_key,
     parse_key,
     s3a_uri,
 )

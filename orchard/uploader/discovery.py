@@ -18,7 +18,7 @@ Decisions (documented here because keys are forever):
 - Stack rows become `<stack stem>_<row, zero-padded>.npy` objects holding one image each.
 - Symlinks (files and folders) are never followed: they are skipped with a reason, so a link can
   neither escape the tree nor upload the same file twice. Hidden files (".DS_Store", "._x.jpg")
-  and files without an image/.npy suffix are ignored and only counted.
+  and files without an accepted suffix (orchard.core.formats) are ignored and only counted.
 - Files deeper than `<split>/<label>/<file>`, or image files outside a class folder, fail with a
   reason naming the expected layout: guessing a label for them would silently mislabel data.
 - Two files that would land on the same key (e.g. "Apple Red" and "apple_red" folders) fail
@@ -34,17 +34,17 @@ import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
 from orchard.core.files import read_names
-from orchard.core.lake import IMAGE_SUFFIXES, TRAIN, normalise_split, object_key
+from orchard.core.formats import ARRAY_SUFFIX, SUFFIXES
+from orchard.core.lake import TRAIN, normalise_split, object_key
+from orchard.core.rasters import read_npy_header
 from orchard.uploader.report import Outcome, Problem
 
 log = logging.getLogger(__name__)
 
-ARRAY_SUFFIX = ".npy"
 MAX_KEY_BYTES = 1024  # the S3 limit
 LAYOUT = "[<split>/]<label>/<file>"
 _DATASET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -123,16 +123,6 @@ def read_labels(path: Path) -> list[str]:
     return read_names(path)
 
 
-def read_npy_header(fh: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, offset of the data) from an .npy header; ValueError if it is not one."""
-    version = np.lib.format.read_magic(fh)
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in readers:
-        raise ValueError(f"unsupported .npy format version {version}")
-    shape, _, dtype = readers[version](fh)
-    return tuple(shape), dtype, fh.tell()
-
-
 def npy_shape(path: Path) -> tuple[int, ...] | None:
     """The shape in an .npy header (reads only the header), or None if it is not an .npy."""
     try:
@@ -163,7 +153,7 @@ def _kind(entry: os.DirEntry, found: Discovery) -> str:
     if entry.is_dir(follow_symlinks=False):
         return "dir"
     suffix = Path(entry.name).suffix.lower()
-    if suffix not in IMAGE_SUFFIXES and suffix != ARRAY_SUFFIX:
+    if suffix not in SUFFIXES:
         found.ignored += 1
         return "skip"
     if not entry.is_file(follow_symlinks=False):

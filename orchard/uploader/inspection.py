@@ -5,7 +5,10 @@ parsed, and later uploaded from that buffer); large files are hashed in chunks a
 their headers. Pixels are decoded to prove an image is not truncated or corrupt only up to
 `verify_pixels` (default 16 Mpx, ~48 MB as RGB); above that JPEGs are decoded at 1/8 scale
 (libjpeg DCT scaling), PNGs have every chunk CRC checked (`verify()`), other formats are
-checked from their headers only. .npy arrays are checked from their header and file size.
+checked from their headers only. .npy arrays are checked from their header and file size; TIFFs
+Pillow cannot give as 8-bit (16-bit, float, many bands) from tifffile's header, their samples read
+up to `verify_pixels`. Formats are named by their leading bytes (orchard.core.formats): a file that
+announces one but cannot be read is *corrupt*, anything else is *not an image*.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from orchard.core import formats, rasters
 from orchard.core.files import sha256_file
-from orchard.uploader.discovery import ARRAY_SUFFIX, WorkItem, read_npy_header
+from orchard.core.formats import ARRAY_SUFFIX, BY_NAME
+from orchard.core.rasters import read_npy_header
+from orchard.uploader.discovery import WorkItem
 
 SMALL_FILE = 256 << 10  # read once into memory up to this size (dataset images are mostly < 100 kB);
 # with two batches of 256 in flight that bounds buffered bytes to 128 MiB
@@ -30,29 +36,7 @@ CHUNK = 1 << 20
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
 DEFAULT_VERIFY_PIXELS = 16_000_000
 
-# Leading bytes of the image formats we accept: a file starting with one of these that Pillow
-# cannot read is a *corrupt* image; anything else is *not an image* at all.
-MAGIC = {
-    b"\xff\xd8\xff": "jpeg",
-    b"\x89PNG\r\n\x1a\n": "png",
-    b"GIF87a": "gif",
-    b"GIF89a": "gif",
-    b"BM": "bmp",
-    b"II*\x00": "tiff",
-    b"MM\x00*": "tiff",
-    b"RIFF": "webp",
-    b"\x93NUMPY": "npy",
-}
 NPY_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-CONTENT_TYPES = {
-    "jpeg": "image/jpeg",
-    "png": "image/png",
-    "gif": "image/gif",
-    "bmp": "image/bmp",
-    "tiff": "image/tiff",
-    "webp": "image/webp",
-    "npy": "application/x-npy",
-}
 
 
 class BadInput(Exception):
@@ -80,7 +64,8 @@ class Inspected:
 
     @property
     def content_type(self) -> str:
-        return CONTENT_TYPES.get(self.format, "application/octet-stream")
+        known = BY_NAME.get(self.format)
+        return known.content_type if known else "application/octet-stream"
 
 
 @dataclass(frozen=True)
@@ -155,11 +140,9 @@ def file_sha256(path: Path) -> str:
 
 
 def sniff(head: bytes) -> str | None:
-    """The format the leading bytes announce, or None."""
-    for magic, fmt in MAGIC.items():
-        if head.startswith(magic):
-            return fmt
-    return None
+    """The format the leading bytes announce (orchard.core.formats), or None."""
+    found = formats.sniff(head)
+    return found.name if found else None
 
 
 def properties(fh: BinaryIO, size: int, suffix: str, limits: Limits) -> Properties:
@@ -171,7 +154,31 @@ def properties(fh: BinaryIO, size: int, suffix: str, limits: Limits) -> Properti
         if announced != "npy":
             raise BadInput("not_image", "not an .npy array (no NUMPY magic)")
         return npy_properties(fh, size)
+    if announced == "tiff" and (header := _tiff_array_header(fh)) is not None:
+        return tiff_properties(fh, header, limits)
     return image_properties(fh, announced, limits)
+
+
+def _tiff_array_header(fh: BinaryIO) -> rasters.RasterHeader | None:
+    """rasters.tiff_array_header, the stream rewound after it."""
+    try:
+        return rasters.tiff_array_header(fh)
+    finally:
+        fh.seek(0)
+
+
+def tiff_properties(fh: BinaryIO, header: rasters.RasterHeader, limits: Limits) -> Properties:
+    """Properties of a 16-bit, float or many-band TIFF; its samples are read (to catch a truncated
+    or corrupt file) up to the verification limit."""
+    pixels = header.width * header.height
+    if limits.max_pixels and pixels > limits.max_pixels:
+        raise BadInput("decompression_bomb", f"decompression bomb: {pixels} pixels exceeds {limits.max_pixels}")
+    if pixels <= limits.verify_pixels:
+        try:
+            rasters.read_tiff(fh)
+        except (ValueError, OSError, EOFError, IndexError, KeyError) as exc:
+            raise _decode_problem(exc) from None
+    return Properties("tiff", header.width, header.height, header.bands, header.mode)
 
 
 def image_properties(fh: BinaryIO, announced: str | None, limits: Limits) -> Properties:
@@ -244,14 +251,12 @@ def npy_properties(fh: BinaryIO, size: int) -> Properties:
 
 
 def image_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """(height, width, channels) of an array shape; channels-first if the first axis is short."""
-    if len(shape) == 2:
-        return shape[0], shape[1], 1
-    if len(shape) == 3:
-        if shape[0] <= 16 < min(shape[1], shape[2]):  # (C, H, W), e.g. 13-band Sentinel-2 tiles
-            return shape[1], shape[2], shape[0]
-        return shape[0], shape[1], shape[2]
-    raise BadInput("not_image", f"array of shape {shape} is not an image (expected H x W [x C])")
+    """(height, width, channels) of an array shape (orchard.core.rasters.image_shape); BadInput if
+    it is not an image."""
+    try:
+        return rasters.image_shape(shape)
+    except ValueError as exc:
+        raise BadInput("not_image", str(exc)) from None
 
 
 def read_stack_row(path: Path, row: int) -> bytes:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 from PIL import Image
 
-from orchard.core import lake, table_write
+from orchard.core import formats, lake, table_write
 from orchard.core.settings import Settings
 from orchard.spark_app import table
 from orchard.stack.setup import missing_properties
@@ -26,11 +26,12 @@ def test_schema_has_exactly_the_columns_of_column():
 
 
 def test_image_keys_by_suffix_case_insensitively():
-    assert lake.is_image_key("ds/train/apple/a b ü.JPG")
-    assert lake.is_image_key("ds/train/apple/x.tiff")
-    assert not lake.is_image_key("ds/train/apple/x.npy")
-    assert not lake.is_image_key("ds/train/apple/README")
-    assert not lake.is_image_key("ds/train/apple.d/noext")
+    assert formats.is_image_key("ds/train/apple/a b ü.JPG")
+    assert formats.is_image_key("ds/train/apple/x.tiff")
+    assert formats.is_image_key("ds/train/apple/x.NPY")  # one image per .npy object
+    assert not formats.is_image_key("ds/train/apple/README")
+    assert not formats.is_image_key("ds/train/apple/notes.txt")
+    assert not formats.is_image_key("ds/train/apple.d/noext")
 
 
 def test_table_uri_defaults_to_the_lake_bucket():
@@ -184,12 +185,13 @@ def test_counted_objects_are_the_image_keys_a_sync_can_make_rows_of():
     listing = Listing(
         Listed("ds/train/apple/a.jpg", at(1)),
         Listed("ds/train/apple/deeper/b.png", at(4)),
-        Listed("ds/train/apple/c.npy", at(9)),  # not an image
+        Listed("ds/train/apple/c.npy", at(3)),  # an image too
+        Listed("ds/train/apple/c.txt", at(9)),  # not an image
         Listed("ds/train/top.jpg", at(8)),  # above the layout: never listed by a sync
         Listed("ds/loose.jpg", at(7)),
         Listed("other/train/apple/d.jpg", at(6)),  # another dataset
     )
-    assert table.count_image_objects(listing, "images", "ds/") == (2, at(4))
+    assert table.count_image_objects(listing, "images", "ds/") == (3, at(4))
     assert table.count_image_objects(Listing(), "images", "ds/") == (0, None)
 
 
