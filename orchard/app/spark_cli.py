@@ -299,7 +299,19 @@ def features(
     echo_summary(
         summary,
         as_json,
-        ["model_version", "images", "updated", "unchanged", "failed", "embeddings_uri", "pca_uri", "seconds"],
+        [
+            "model_version",
+            "images",
+            "updated",
+            "unchanged",
+            "failed",
+            "embedded_now",
+            "embeddings_uri",
+            "pca_uri",
+            "csv_uri",
+            "seconds",
+            "images_per_second",
+        ],
     )
     raise_for_failures(summary)
     return ExitStatus.OK

@@ -194,7 +194,8 @@ def run_features(
     settle(s, tally)
     seconds = time.monotonic() - began
     summary = features_summary(version, dims, k, explained, threshold, skipped, tally, emb_uri, pca_uri, seconds)
-    return {**summary, "csv_uri": csv_uri, "embedded_now": computed, "table_version": table_version}
+    pretrained = {"embedded_now": computed} if computed is not None else {}  # base passes in this run
+    return {**summary, "csv_uri": csv_uri, **pretrained, "table_version": table_version}
 
 
 def embed_into(
