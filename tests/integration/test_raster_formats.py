@@ -10,15 +10,14 @@ Commands run as `bin/orchard ...` subprocesses, as in test_spark_app.py. Pixels 
 from __future__ import annotations
 
 import io
-import json
 import secrets
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from orchard_cli import last_json, ok, orchard
 from PIL import Image
 
 from orchard.core.clients import es_client, s3_client
@@ -28,29 +27,11 @@ from orchard.core.table_write import delete_rows
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-ORCHARD = REPO / "bin" / "orchard"
 
 MODEL = "imagenet:efficientnet-lite0"
 LABELS = ("apple", "lime")
 SPLITS = ("Training", "Test")
 SIZE = (48, 64)  # height, width
-
-
-def orchard(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-    """Run the CLI like a user; stdout/stderr captured."""
-    return subprocess.run([str(ORCHARD), *args], capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    """Assert exit 0, showing the end of stderr otherwise."""
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
-def last_json(proc: subprocess.CompletedProcess):
-    """The JSON document on the last line of stdout."""
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def pillow(fmt: str, **options) -> Callable[[np.random.Generator], bytes]:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from orchard_cli import ORCHARD, last_json, ok, orchard
 
 from orchard.app.models_cli import COLUMNS
 from orchard.core.clients import es_client, s3_client
@@ -37,8 +38,6 @@ from orchard.spark_app.preprocess import choose_k
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-ORCHARD = REPO / "bin" / "orchard"
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 5, 30, 10
 IMAGES = CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + 1  # + the undecodable one
 ACCURACY_FACTOR = 3.0  # x chance
@@ -53,22 +52,6 @@ class Dataset:
     settings: Settings
     corrupt_key: str
     versions: list[str] = field(default_factory=list)
-
-
-def orchard(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-    """Run the CLI like a user; stdout/stderr captured."""
-    return subprocess.run([str(ORCHARD), *args], capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    """Assert exit 0, showing the end of stderr otherwise."""
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
-def last_json(proc: subprocess.CompletedProcess):
-    """The JSON document on the last line of stdout."""
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def put_undecodable(s: Settings, dataset: str) -> str:
