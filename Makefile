@@ -35,6 +35,7 @@ bench: deps ## benchmarks (print JSON)
 	$(VENV)/bin/python bench/upload.py
 	$(VENV)/bin/python bench/inference.py --cleanup
 	$(VENV)/bin/python bench/transfer.py
+	$(VENV)/bin/python bench/bovw.py
 
 stack-up: deps ## start the native stack
 	$(ORCHARD) stack up

@@ -66,9 +66,9 @@ def orchard(*args: str) -> tuple[dict | None, float]:
     return (json.loads(last) if last.startswith("{") else None), wall
 
 
-def prepare(o: argparse.Namespace, seed: int, work: Path) -> str:
-    """Synthesize and upload the dataset; returns its name."""
-    dataset = f"bench-transfer-{seed}"
+def prepare(o: argparse.Namespace, seed: int, work: Path, prefix: str = "bench-transfer") -> str:
+    """Synthesize and upload the dataset `<prefix>-<seed>`; returns its name."""
+    dataset = f"{prefix}-{seed}"
     tree = work / "tree"
     counts = ("--classes", str(o.classes), "--per-class", str(o.per_class), "--test-per-class", str(o.test_per_class))
     orchard("dataset", "synth", str(tree), *counts, "--seed", str(seed))

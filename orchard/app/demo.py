@@ -37,8 +37,10 @@ from orchard.app.upload_cli import synth_size_options
 from orchard.core.errors import ExitStatus, OrchardError
 from orchard.core.settings import Settings, load_settings
 from orchard.core.toolchain import REPO_ROOT
+from orchard.spark_app.bovw import BovwPlan, run_bovw
 from orchard.spark_app.features import run_features
 from orchard.spark_app.infer import raise_for_failures, run_inference
+from orchard.spark_app.registry import FAMILY_BOVW
 from orchard.spark_app.session import build_session, executor_count
 from orchard.spark_app.train import run_training
 from orchard.spark_app.transfer import BASES, TransferPlan, run_transfer
@@ -81,6 +83,7 @@ class DemoOptions:
     source: Path | None = None  # a real class-per-folder tree (Fruits-360) instead of synthetic data
     out: Path = Path("out/report")
     base: str | None = None  # transfer learning from this pretrained base instead of the CNN from scratch
+    family: str | None = None  # bovw: the bag-of-visual-words family instead of a CNN
 
     @property
     def synth_seed(self) -> int:
@@ -238,6 +241,10 @@ class DemoRun:
     def train(self, spark) -> tuple[int, None, str]:
         """Items: train images x epochs (each epoch passes every train image through the model or head)."""
         o = self.o
+        if o.family == FAMILY_BOVW:
+            doc = self.spark_stage("train", lambda: run_bovw(spark, self.s, BovwPlan(o.dataset)))
+            self.facts["version"] = doc["version"]
+            return int(doc["train_images"]), None, f"orchard train --dataset {o.dataset} --family bovw"
         if o.base:
             plan = TransferPlan(o.dataset, o.base, epochs=o.epochs)
             doc = self.spark_stage("train", lambda: run_transfer(spark, self.s, plan))
@@ -368,9 +375,11 @@ def summary_lines(data, stages: list[Stage], page: Path) -> list[str]:
     ]
     if data.model:
         m = data.model
+        passes = (
+            f"{m.get('epochs')} L-BFGS iterations" if m.get("family") == FAMILY_BOVW else f"{m.get('epochs')} epochs"
+        )
         lines.append(
-            f"  model     {m['version']} ({m.get('architecture')}, {m.get('params', 0):,} parameters, "
-            f"{m.get('epochs')} epochs)"
+            f"  model     {m['version']} ({m.get('architecture')}, {m.get('params', 0):,} parameters, {passes})"
         )
         acc = "-" if data.accuracy is None else f"{data.accuracy:.1%}"
         lines.append(
@@ -409,6 +418,12 @@ def stop_stack(s: Settings) -> None:
     help="Train by transfer learning from this ImageNet-pretrained base (as `orchard train --base`).",
 )
 @click.option(
+    "--family",
+    type=click.Choice([FAMILY_BOVW]),
+    default=None,
+    help="Train the bag-of-visual-words family (as `orchard train --family bovw`) instead of a CNN.",
+)
+@click.option(
     "--source",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
@@ -443,6 +458,7 @@ def demo(
     epochs: int,
     seed: int | None,
     base: str | None,
+    family: str | None,
     source: Path | None,
     out: Path,
     no_stack: bool,
@@ -450,7 +466,9 @@ def demo(
 ) -> int:
     """The main job end to end: stack, synthetic data, upload, Elephas training, inference,
     features + PCA, and a self-contained HTML report (OUT/index.html)."""
-    options = DemoOptions(dataset, classes, per_class, test_per_class, epochs, seed, source, out, base)
+    if family and base:
+        raise click.UsageError("--base and --family bovw are two different model families: choose one")
+    options = DemoOptions(dataset, classes, per_class, test_per_class, epochs, seed, source, out, base, family)
     run = DemoRun(settings_from(ctx), options)
     try:
         if not report_only:

@@ -19,14 +19,19 @@ from orchard.core.clients import es_client
 from orchard.core.errors import ConfigError, ExitStatus
 from orchard.core.settings import Settings
 from orchard.spark_app import search as finder
+from orchard.spark_app.bovw import BovwPlan, run_bovw
+from orchard.spark_app.descriptors import KINDS as DESCRIPTORS
 from orchard.spark_app.features import run_features
 from orchard.spark_app.infer import raise_for_failures, run_inference
+from orchard.spark_app.registry import FAMILY_BOVW, FAMILY_CNN, FAMILY_TRANSFER
 from orchard.spark_app.session import parse_conf, spark_session
 from orchard.spark_app.train import run_training
 from orchard.spark_app.transfer import BASES, TransferPlan, run_transfer
 from orchard.spark_app.versions import import_model_file
 
 log = logging.getLogger(__name__)
+
+FAMILIES = (FAMILY_CNN, FAMILY_TRANSFER, FAMILY_BOVW)  # what `orchard train --family` trains
 
 
 def spark_options(func):
@@ -153,6 +158,30 @@ def echo_summary(summary: dict, as_json: bool, keys: list[str]) -> None:
     help="With --base: then unfreeze the base's top N blocks and train on the images themselves.",
 )
 @click.option("--fine-tune-epochs", default=1, show_default=True, type=click.IntRange(1), help="With --fine-tune.")
+@click.option(
+    "--family",
+    type=click.Choice(FAMILIES),
+    default=None,
+    help="Model family: cnn (Orchard's CNN from scratch), transfer (with --base), bovw (SIFT/ORB bag of "
+    "visual words + PCA + perceptron, Spark ML; docs/bovw.md). Default: transfer with --base, else cnn.",
+)
+@click.option(
+    "--descriptor", type=click.Choice(DESCRIPTORS), default="sift", show_default=True, help="With --family bovw."
+)
+@click.option(
+    "--words",
+    default=256,
+    show_default=True,
+    type=click.IntRange(2),
+    help="With --family bovw: visual words (KMeans k).",
+)
+@click.option(
+    "--keypoints",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1, 2000),
+    help="With --family bovw: strongest keypoints per image.",
+)
 @click.pass_context
 def train(
     ctx,
@@ -166,25 +195,49 @@ def train(
     base,
     fine_tune,
     fine_tune_epochs,
+    family,
+    descriptor,
+    words,
+    keypoints,
     images_per_partition,
     as_json,
     conf,
 ) -> int:
-    """Train a model with Elephas on the train split (Orchard's CNN, or --base: transfer learning),
-    evaluate it on the test split, register it."""
+    """Train a model on the train split (Orchard's CNN or --base: transfer learning, with Elephas;
+    --family bovw: bag of visual words with Spark ML), evaluate it on the test split, register it."""
     s = settings_from(ctx)
-    if fine_tune and not base:
-        raise click.UsageError("--fine-tune needs --base")
+    family = chosen_family(family, base, fine_tune)
     common = (train_split, test_split, epochs, batch_size, learning_rate)
     with spark_session(s, f"orchard-train-{dataset}", extra_conf(conf)) as spark:
-        if base:
-            plan = TransferPlan(dataset, base, *common, fine_tune, fine_tune_epochs, images_per_partition)
+        if family == FAMILY_TRANSFER:
+            plan = TransferPlan(dataset, base or BASES[0], *common, fine_tune, fine_tune_epochs, images_per_partition)
             doc = run_transfer(spark, s, plan, as_of)
+        elif family == FAMILY_BOVW:
+            bovw = BovwPlan(
+                dataset,
+                descriptor,
+                words,
+                keypoints,
+                train_split,
+                test_split,
+                images_per_partition=images_per_partition,
+            )
+            doc = run_bovw(spark, s, bovw, as_of)
         else:
             doc = run_training(spark, s, dataset, *common, images_per_partition, as_of)
     summary = training_summary(doc)
     echo_summary(summary, as_json, list(summary))
     return ExitStatus.OK
+
+
+def chosen_family(family: str | None, base: str | None, fine_tune: int) -> str:
+    """The family `orchard train` runs; UsageError for flags that do not go together."""
+    family = family or (FAMILY_TRANSFER if base else FAMILY_CNN)
+    if base and family != FAMILY_TRANSFER:
+        raise click.UsageError(f"--base is for --family transfer, not {family}")
+    if fine_tune and family != FAMILY_TRANSFER:
+        raise click.UsageError("--fine-tune needs --base")
+    return family
 
 
 def training_summary(doc: dict) -> dict:
@@ -202,7 +255,7 @@ def training_summary(doc: dict) -> dict:
         "training_seconds": doc["training_seconds"],
         "model_uri": doc["model_uri"],
     }
-    for name in ("base_forward_passes", "fine_tuned_blocks"):  # transfer versions only
+    for name in ("base_forward_passes", "fine_tuned_blocks", "bovw"):  # transfer / bovw versions only
         if name in doc:
             summary[name] = doc[name]
     return summary

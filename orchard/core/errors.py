@@ -66,3 +66,8 @@ class CheckpointError(OrchardError):
 
 class ForbiddenGlobal(CheckpointError):
     """A pickled weights file names a global outside the few a state_dict needs (it could run code)."""
+
+
+class UnusableImage(ValueError):
+    """A decoded image a model's preprocessing cannot use (e.g. no keypoints for a descriptor model):
+    a per-image error, recorded in that image's document and counted, never a failed run."""

@@ -143,6 +143,7 @@ class Prediction:
     CONFIDENCE: Final = "confidence"
     TOP5: Final = "top5"
     MODEL_VERSION: Final = "model_version"
+    MODEL_FAMILY: Final = "model_family"  # cnn, transfer, bovw, user, imagenet (the version's registry family)
     PREDICTED_AT: Final = "predicted_at"
     TABLE_VERSION: Final = "table_version"  # the images table version the prediction read
     ERROR: Final = "error"
@@ -192,6 +193,7 @@ class Field:
     PREDICTION_CONFIDENCE: Final = path(PREDICTION, Prediction.CONFIDENCE)
     PREDICTION_TOP5: Final = path(PREDICTION, Prediction.TOP5)
     PREDICTION_MODEL_VERSION: Final = path(PREDICTION, Prediction.MODEL_VERSION)
+    PREDICTION_MODEL_FAMILY: Final = path(PREDICTION, Prediction.MODEL_FAMILY)
     PREDICTION_PREDICTED_AT: Final = path(PREDICTION, Prediction.PREDICTED_AT)
     PREDICTION_TABLE_VERSION: Final = path(PREDICTION, Prediction.TABLE_VERSION)
     PREDICTION_ERROR: Final = path(PREDICTION, Prediction.ERROR)

@@ -3,6 +3,7 @@
 Modules: session (SparkSession from settings), images (s3a read, key parsing, decode), preprocess
 (numpy preprocessing by name, top-k), model (ALL TensorFlow/Keras/Elephas code), context (what
 executors get: settings as a picklable dict, cached clients), sink (bulk updates from executors),
-registry (model versions in the models bucket and index), train, infer, features, search, cli.
-Nothing here imports TensorFlow or pyspark at import time except model.py and session.py.
+registry (model versions in the models bucket and index), train, transfer (a pretrained base + head),
+bovw + descriptors (the bag-of-visual-words family: OpenCV SIFT/ORB, Spark ML), infer, features, search.
+Nothing here imports TensorFlow, pyspark or OpenCV at import time except model.py and session.py.
 """

@@ -27,8 +27,8 @@ from orchard.core.lake import Field, Prediction, path, utc_timestamp
 from orchard.core.settings import Settings
 from orchard.spark_app.context import es_of
 from orchard.spark_app.images import ImageRef, decode_rows
-from orchard.spark_app.preprocess import as_probabilities, cross_entropy_terms, preprocessor, top_k
-from orchard.spark_app.registry import record_inference
+from orchard.spark_app.preprocess import as_probabilities, cross_entropy_terms, prepare, preprocessor, top_k
+from orchard.spark_app.registry import family_of, record_inference
 from orchard.spark_app.sink import Tally, log_retries, merge_tallies, tally_partition
 from orchard.spark_app.table import stage_images
 from orchard.spark_app.versions import load_card, load_model
@@ -51,6 +51,7 @@ PREDICTION_FIELDS = (
     Prediction.CONFIDENCE,
     Prediction.TOP5,
     Prediction.MODEL_VERSION,
+    Prediction.MODEL_FAMILY,
     Prediction.PREDICTED_AT,
     Prediction.TABLE_VERSION,
     Prediction.ERROR,
@@ -77,6 +78,7 @@ class PredictSpec:
     predicted_at: str = ""
     top: int = 5
     table_version: int | None = None  # the images table version the run reads
+    family: str = ""  # the version's model family (registry.family_of)
 
     @classmethod
     def from_card(cls, s: Settings, card: dict, batch_size: int, table_version: int | None = None) -> PredictSpec:
@@ -91,6 +93,7 @@ class PredictSpec:
             batch_size,
             utc_timestamp(timespec="seconds", zulu=False),
             table_version=table_version,
+            family=family_of(card["version"]),
         )
 
 
@@ -101,6 +104,7 @@ def prediction_doc(spec: PredictSpec, top: list[tuple[str, float]]) -> dict:
         Prediction.CONFIDENCE: round(top[0][1], 6),
         Prediction.TOP5: [{Prediction.LABEL: label, Prediction.CONFIDENCE: round(p, 6)} for label, p in top],
         Prediction.MODEL_VERSION: spec.version,
+        Prediction.MODEL_FAMILY: spec.family,
         Prediction.PREDICTED_AT: spec.predicted_at,
         Prediction.TABLE_VERSION: spec.table_version,
         Prediction.ERROR: None,
@@ -114,6 +118,7 @@ def error_doc(spec: PredictSpec, error: str) -> dict:
         Prediction.CONFIDENCE: None,
         Prediction.TOP5: None,
         Prediction.MODEL_VERSION: spec.version,
+        Prediction.MODEL_FAMILY: spec.family,
         Prediction.PREDICTED_AT: spec.predicted_at,
         Prediction.TABLE_VERSION: spec.table_version,
         Prediction.ERROR: error,
@@ -131,7 +136,11 @@ def model_inputs(spec: PredictSpec, rows: Iterable) -> Iterator[tuple[tuple[Imag
     """mapPartitions body: ((ref, error), preprocessed image or None) per (ref, content) pair."""
     prep = preprocessor(spec.preprocessing)
     for ref, array, error in decode_rows(rows, spec.settings, spec.size, spec.channels):
-        yield (ref, error), (prep(array) if array is not None else None)  # array is None exactly when error is set
+        if array is None:  # exactly when error is set
+            yield (ref, error), None
+            continue
+        x, unusable = prepare(prep, array)
+        yield (ref, unusable), x
 
 
 def inputs(pairs_rdd, spec: PredictSpec):

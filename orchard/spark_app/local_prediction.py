@@ -19,7 +19,7 @@ import numpy as np
 from orchard.core.iterables import batched
 from orchard.core.settings import Settings
 from orchard.spark_app.images import ImageDecodeError, decode_image
-from orchard.spark_app.preprocess import as_probabilities, preprocessor, top_k
+from orchard.spark_app.preprocess import as_probabilities, prepare, preprocessor, top_k
 from orchard.spark_app.versions import load_card, load_model
 
 log = logging.getLogger(__name__)
@@ -50,15 +50,21 @@ def predict_files(s: Settings, version: str, files: Sequence[Path], batch_size: 
     classes, prep = tuple(card["classes"]), preprocessor(card["preprocessing"])
     size, channels = tuple(card["input_size"]), int(card.get("channels", 3))
     for batch in batched(files, batch_size):
-        decoded = [decode_file(path, size, channels) for path in batch]
-        good = [array for array, _ in decoded if array is not None]
-        probs = iter(top_k(as_probabilities(net.predict_on_batch(prep(np.stack(good)))), classes, k) if good else [])
+        ready = [model_input(path, size, channels, prep) for path in batch]
+        good = [x for x, _ in ready if x is not None]
+        probs = iter(top_k(as_probabilities(net.predict_on_batch(np.stack(good))), classes, k) if good else [])
         yield from (
             FilePrediction(str(path), version, tuple(next(probs)))
-            if array is not None
+            if x is not None
             else FilePrediction(str(path), version, error=error)
-            for path, (array, error) in zip(batch, decoded, strict=True)
+            for path, (x, error) in zip(batch, ready, strict=True)
         )
+
+
+def model_input(path: Path, size: Sequence[int], channels: int, prep) -> tuple[np.ndarray | None, str | None]:
+    """(the model's input for a file, None) or (None, why the file cannot be used)."""
+    array, error = decode_file(path, size, channels)
+    return prepare(prep, array) if array is not None else (None, error)
 
 
 def load_predictor(s: Settings, version: str) -> tuple[Any, dict]:

@@ -108,6 +108,69 @@ def build_cnn(
     return model
 
 
+@keras.saving.register_keras_serializable(package="orchard")
+class BagOfWords(keras.layers.Layer):
+    """Descriptor rows (keypoints x (width + 1), last column 1 on real rows; see
+    orchard.spark_app.descriptors) -> L2-normalised tf-idf histogram of their nearest visual words:
+    Spark ML's IDF then Normalizer, on the counts orchard.spark_app.descriptors.word_counts gives.
+    Fixed weights (the vocabulary and the idf), learnt with Spark ML, not by gradient descent."""
+
+    def __init__(self, words: int, width: int, **kwargs):
+        super().__init__(**{**kwargs, "trainable": False})
+        self.words, self.width = int(words), int(width)
+        self.centers = self.add_weight(shape=(self.words, self.width), initializer="zeros", name="centers")
+        self.idf = self.add_weight(shape=(self.words,), initializer="zeros", name="idf")
+
+    def call(self, inputs):
+        descriptors, real = inputs[..., :-1], inputs[..., -1]
+        d2 = (
+            tf.reduce_sum(descriptors**2, axis=-1, keepdims=True)
+            - 2.0 * tf.einsum("bnd,kd->bnk", descriptors, self.centers)
+            + tf.reduce_sum(self.centers**2, axis=-1)
+        )
+        nearest = tf.one_hot(tf.argmin(d2, axis=-1), self.words, dtype=inputs.dtype)
+        tfidf = tf.reduce_sum(nearest * real[..., None], axis=1) * self.idf
+        norm = tf.norm(tfidf, axis=-1, keepdims=True)
+        return tfidf / tf.where(norm > 0, norm, tf.ones_like(norm))  # Spark's Normalizer keeps zero vectors
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.words)
+
+    def get_config(self):
+        return {**super().get_config(), "words": self.words, "width": self.width}
+
+
+def build_bovw(
+    keypoints: int,
+    centers: np.ndarray,
+    idf: np.ndarray,
+    embedding: tuple[np.ndarray, np.ndarray],
+    dense: list[tuple[np.ndarray, np.ndarray]],
+):
+    """The Keras form of a fitted bag-of-visual-words pipeline (orchard.spark_app.bovw), so a BoVW
+    version is predicted, embedded and served like any version: BagOfWords (vocabulary + idf) ->
+    `embedding` (Spark ML PCA then StandardScaler, one affine map, padded to the index width) ->
+    the multilayer perceptron's layers (sigmoid hidden layers, softmax output, as Spark ML's)."""
+    words, width = centers.shape
+    inputs = keras.Input(shape=(keypoints, width + 1), name="descriptors")
+    bag = BagOfWords(words, width, name="visual_words")
+    x = bag(inputs)
+    bag.set_weights([centers.astype(np.float32), idf.astype(np.float32)])
+    x = fixed_dense(x, *embedding, name=EMBEDDING_LAYER)
+    for i, (kernel, bias) in enumerate(dense):
+        last = i == len(dense) - 1
+        x = fixed_dense(x, kernel, bias, "softmax" if last else "sigmoid", "probabilities" if last else f"hidden_{i}")
+    return keras.Model(inputs, x, name="orchard_bovw")
+
+
+def fixed_dense(x, kernel: np.ndarray, bias: np.ndarray, activation: str | None = None, name: str | None = None):
+    """`x` through a Dense layer with the given weights."""
+    layer = keras.layers.Dense(kernel.shape[1], activation=activation, name=name)
+    out = layer(x)
+    layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    return out
+
+
 def save_model(model, path: Path) -> Path:
     """Save as a native Keras 3 `.keras` archive; returns the path."""
     model.save(str(path))

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from orchard.core.errors import UnusableImage
 from orchard.core.iterables import batched
 
 T = TypeVar("T")
@@ -58,11 +59,27 @@ PREPROCESSORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 def preprocessor(name: str) -> Callable[[np.ndarray], np.ndarray]:
-    """The preprocessing function called `name` (uint8 HxWxC or NxHxWxC -> float32); ValueError if unknown."""
-    try:
+    """The preprocessing function called `name` (uint8 HxWxC -> float32 model input); ValueError if
+    unknown. Besides PREPROCESSORS, a bag-of-visual-words version's `<descriptor>-<keypoints>`
+    (orchard.spark_app.descriptors; per image: it may raise UnusableImage)."""
+    if name in PREPROCESSORS:
         return PREPROCESSORS[name]
-    except KeyError:
-        raise ValueError(f"unknown preprocessing {name!r}; choose one of {', '.join(sorted(PREPROCESSORS))}") from None
+    # OpenCV: loaded only for a descriptor model.
+    from orchard.spark_app.descriptors import preprocessor_of  # noqa: PLC0415
+
+    found = preprocessor_of(name)
+    if found is None:
+        choices = ", ".join(sorted(PREPROCESSORS))
+        raise ValueError(f"unknown preprocessing {name!r}; choose one of {choices}, or sift-N / orb-N")
+    return found
+
+
+def prepare(prep: Callable[[np.ndarray], np.ndarray], array: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """(model input, None) of one decoded image, or (None, the reason) if the preprocessing cannot use it."""
+    try:
+        return prep(array), None
+    except UnusableImage as exc:
+        return None, str(exc)
 
 
 def as_probabilities(outputs: np.ndarray) -> np.ndarray:

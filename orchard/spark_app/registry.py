@@ -36,6 +36,7 @@ _retrying = retried(REGISTRY, s3_transient, log)
 FAMILY_CNN = "cnn"  # Orchard's CNN trained from scratch with Elephas
 FAMILY_USER = "user"  # a user's Keras file, imported
 FAMILY_TRANSFER = "transfer"  # an ImageNet-pretrained base plus a head trained here (orchard.spark_app.transfer)
+FAMILY_BOVW = "bovw"  # SIFT/ORB bag of visual words + PCA + perceptron, fitted with Spark ML (orchard.spark_app.bovw)
 LISTED_FIELDS = ("version", "family", "base", "dataset", "created_at", "trained_on_version", "test_images")
 
 
@@ -59,6 +60,12 @@ PRETRAINED_BASES = ("efficientnet-lite0",)  # what `--base` and `imagenet:<base>
 def is_pretrained(version: str) -> bool:
     """True if `version` names a pretrained base used as-is (`imagenet:efficientnet-lite0`)."""
     return version.startswith(PRETRAINED_PREFIX)
+
+
+def family_of(version: str) -> str:
+    """The model family a version id names: its prefix (`bovw-...` -> bovw), `imagenet` for a
+    pretrained base used as-is."""
+    return PRETRAINED_PREFIX.rstrip(":") if is_pretrained(version) else version.split("-", 1)[0]
 
 
 def uri(s: Settings, version: str, name: str) -> str:
@@ -129,7 +136,7 @@ def version_summary(doc: dict) -> dict:
     """The listed fields of one registry document; `family` from the version id for documents
     registered before the field existed."""
     summary = {name: doc.get(name) for name in LISTED_FIELDS}
-    summary["family"] = doc.get("family") or str(doc.get("version", "")).split("-", 1)[0]
+    summary["family"] = doc.get("family") or family_of(str(doc.get("version", "")))
     summary["test_accuracy"] = (doc.get("metrics") or {}).get("test_accuracy")
     summary["training_seconds"] = doc.get("training_seconds")
     summary["images_per_second"] = (doc.get("inference") or {}).get("images_per_second")

@@ -25,7 +25,7 @@ from orchard.core.settings import Settings
 from orchard.spark_app import registry
 from orchard.spark_app.images import decode_rows
 from orchard.spark_app.infer import PredictSpec, evaluate
-from orchard.spark_app.preprocess import label_map, one_hot, preprocessor
+from orchard.spark_app.preprocess import label_map, one_hot, prepare, preprocessor
 from orchard.spark_app.session import executor_count
 from orchard.spark_app.table import read_images, stage_images, synced_snapshot
 
@@ -47,11 +47,12 @@ def labelled_examples(
     index = label_map(classes)
     prep = preprocessor(preprocessing)
     for ref, array, _error in decode_rows(rows, s, size):
-        if array is None or ref.label not in index:  # undecodable (array is None exactly when error is set)
+        x = prepare(prep, array)[0] if array is not None and ref.label in index else None
+        if x is None:  # undecodable (array None exactly when error is set), unknown label, or unusable
             if skipped is not None:
                 skipped.add(1)
             continue
-        yield prep(array), one_hot(index[ref.label], len(classes))
+        yield x, one_hot(index[ref.label], len(classes))
 
 
 def train_rdd(pairs_rdd, s: Settings, classes: list[str], skipped=None):

@@ -21,19 +21,17 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
+from lake_datasets import Dataset, clean_up, count, docs_of, object_count, synth
 from orchard_cli import ORCHARD, last_json, ok, orchard
 
 from orchard.app.models_cli import COLUMNS
 from orchard.core.clients import es_client, s3_client
-from orchard.core.objects import remove_prefix
 from orchard.core.settings import Settings
-from orchard.core.table_write import delete_rows
 from orchard.spark_app.preprocess import choose_k
 
 pytestmark = pytest.mark.integration
@@ -42,16 +40,6 @@ CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 5, 30, 10
 IMAGES = CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + 1  # + the undecodable one
 ACCURACY_FACTOR = 3.0  # x chance
 EPOCHS = 4
-
-
-@dataclass
-class Dataset:
-    """The uploaded test dataset and what the tests created for it (cleaned up afterwards)."""
-
-    name: str
-    settings: Settings
-    corrupt_key: str
-    versions: list[str] = field(default_factory=list)
 
 
 def put_undecodable(s: Settings, dataset: str) -> str:
@@ -79,54 +67,6 @@ def put_undecodable(s: Settings, dataset: str) -> str:
     return key
 
 
-def delete_documents(s: Settings, dataset: str) -> None:
-    """Delete the dataset's image documents (by id: the native distribution has no delete-by-query)."""
-    from elasticsearch.helpers import bulk, scan
-
-    es = es_client(s)
-    hits = scan(es, index=s.images_index, query={"query": {"term": {"dataset": dataset}}}, _source=False)
-    bulk(
-        es,
-        ({"_op_type": "delete", "_index": s.images_index, "_id": h["_id"]} for h in hits),
-        raise_on_error=False,
-        refresh=True,
-    )
-
-
-def clean_up(ds: Dataset) -> None:
-    """Objects, table rows, documents, features and model versions of the test dataset."""
-    s = ds.settings
-    es = es_client(s)
-    remove_prefix(s3_client(s), s.images_bucket, f"{ds.name}/")
-    delete_rows(s, ds.name)
-    remove_prefix(s3_client(s), s.features_bucket, f"{ds.name}/")
-    delete_documents(s, ds.name)
-    hits = es.search(index=s.models_index, query={"term": {"dataset": ds.name}}, size=100, source=False)["hits"]["hits"]
-    for version in {h["_id"] for h in hits} | set(ds.versions):
-        remove_prefix(s3_client(s), s.models_bucket, f"{version}/")
-        es.options(ignore_status=404).delete(index=s.models_index, id=version, refresh=True)
-
-
-def synth(root: Path, classes: int, per_class: int, test_per_class: int, seed: int) -> Path:
-    """A synthetic dataset tree written by `orchard dataset synth`; returns `root`."""
-    ok(
-        orchard(
-            "dataset",
-            "synth",
-            str(root),
-            "--classes",
-            str(classes),
-            "--per-class",
-            str(per_class),
-            "--test-per-class",
-            str(test_per_class),
-            "--seed",
-            str(seed),
-        )
-    )
-    return root
-
-
 @pytest.fixture(scope="module")
 def dataset(stack: Settings, tmp_path_factory) -> Dataset:
     token = secrets.token_hex(3)
@@ -139,27 +79,6 @@ def dataset(stack: Settings, tmp_path_factory) -> Dataset:
         yield ds
     finally:
         clean_up(ds)
-
-
-def docs_of(ds: Dataset, **terms) -> list[dict]:
-    """Every document of the dataset (optionally filtered by term), with _seq_no."""
-    es = es_client(ds.settings)
-    query = {"bool": {"filter": [{"term": {"dataset": ds.name}}] + [{"term": {k: v}} for k, v in terms.items()]}}
-    response = es.search(
-        index=ds.settings.images_index, query=query, size=1000, seq_no_primary_term=True, source_excludes=["embedding"]
-    )
-    return response["hits"]["hits"]
-
-
-def count(ds: Dataset, *clauses: dict) -> int:
-    es = es_client(ds.settings)
-    query = {"bool": {"filter": [{"term": {"dataset": ds.name}}, *clauses]}}
-    return es.count(index=ds.settings.images_index, query=query)["count"]
-
-
-def object_count(ds: Dataset) -> int:
-    client = s3_client(ds.settings)
-    return sum(1 for _ in client.list_objects(ds.settings.images_bucket, prefix=f"{ds.name}/", recursive=True))
 
 
 # --- training ------------------------------------------------------------------------------------
