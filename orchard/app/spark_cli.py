@@ -182,6 +182,12 @@ def echo_summary(summary: dict, as_json: bool, keys: list[str]) -> None:
     type=click.IntRange(1, 2000),
     help="With --family bovw: strongest keypoints per image.",
 )
+@click.option(
+    "--include-empty",
+    is_flag=True,
+    help="Train on empty images too (black, constant or no-data; left out by default and counted as "
+    "excluded_empty). With --base they are left out of --fine-tune only.",
+)
 @click.pass_context
 def train(
     ctx,
@@ -199,6 +205,7 @@ def train(
     descriptor,
     words,
     keypoints,
+    include_empty,
     images_per_partition,
     as_json,
     conf,
@@ -210,7 +217,9 @@ def train(
     common = (train_split, test_split, epochs, batch_size, learning_rate)
     with spark_session(s, f"orchard-train-{dataset}", extra_conf(conf)) as spark:
         if family == FAMILY_TRANSFER:
-            plan = TransferPlan(dataset, base or BASES[0], *common, fine_tune, fine_tune_epochs, images_per_partition)
+            plan = TransferPlan(
+                dataset, base or BASES[0], *common, fine_tune, fine_tune_epochs, images_per_partition, include_empty
+            )
             doc = run_transfer(spark, s, plan, as_of)
         elif family == FAMILY_BOVW:
             bovw = BovwPlan(
@@ -224,7 +233,7 @@ def train(
             )
             doc = run_bovw(spark, s, bovw, as_of)
         else:
-            doc = run_training(spark, s, dataset, *common, images_per_partition, as_of)
+            doc = run_training(spark, s, dataset, *common, images_per_partition, as_of, include_empty)
     summary = training_summary(doc)
     echo_summary(summary, as_json, list(summary))
     return ExitStatus.OK
@@ -255,6 +264,8 @@ def training_summary(doc: dict) -> dict:
         "training_seconds": doc["training_seconds"],
         "model_uri": doc["model_uri"],
     }
+    if "excluded_empty" in doc:  # not for a frozen-base transfer version (its head reads every embedding)
+        summary["excluded_empty"] = doc["excluded_empty"]
     for name in ("base_forward_passes", "fine_tuned_blocks", "bovw"):  # transfer / bovw versions only
         if name in doc:
             summary[name] = doc[name]

@@ -11,8 +11,8 @@ Owned here (and built or parsed nowhere else):
   directories and files the Spark app reads and writes: `dataset_uri`, `features_uri`, `model_uri`,
   and the two spellings of one object's URI (`object_store_uri` for delta-rs, `hadoop_uri` for Spark).
 - Field names of an image document: `Field` (dotted paths for nested fields, as queries use them),
-  `Prediction` and `Pca` (the names inside those objects, as documents are built and read), exactly
-  the fields of es_mappings/images.json (tests/unit/test_lake.py checks both ways).
+  `Prediction`, `Pca`, `Pretrained` and `Quality` (the names inside those objects, as documents
+  are built and read), exactly the fields of es_mappings/images.json (tests/unit/test_lake.py checks both ways).
 - The Delta table of images (`Column`, `TABLE_SCHEMA`, `PARTITION_COLUMNS`): one row per image
   object, derived from the bucket (docs/lake.md); its location is `Settings.images_table_uri`.
 - Stored times: `utc_timestamp`, the one ISO-8601 UTC formatter (uploaded_at, predicted_at,
@@ -166,9 +166,19 @@ class Pretrained:
     PCA: Final = "pca"  # object: see Pca
 
 
+class Quality:
+    """Names inside a document's `quality` object: whether the image carries information, measured at
+    upload from its decoded pixels (orchard.core.quality; absent when the pixels were not decoded)."""
+
+    EMPTY: Final = "empty"  # black, constant or no-data: left out of training by default
+    DARK_FRACTION: Final = "dark_fraction"  # pixels whose every band is black
+    NODATA_FRACTION: Final = "nodata_fraction"  # pixels without a value (NaN, inf, the TIFF's no-data)
+    STD: Final = "std"  # largest per-band standard deviation, as a fraction of the value scale
+
+
 class Field:
     """Field names of an image document; nested fields as the dotted paths queries use (built from the
-    names inside their objects, `Prediction`, `Pca` and `Pretrained`)."""
+    names inside their objects, `Prediction`, `Pca`, `Pretrained` and `Quality`)."""
 
     ID: Final = "id"  # = the content sha256 = the document _id
     DATASET: Final = "dataset"
@@ -206,6 +216,11 @@ class Field:
     PRETRAINED_EMBEDDING: Final = path(PRETRAINED, Pretrained.EMBEDDING)
     PRETRAINED_MODEL: Final = path(PRETRAINED, Pretrained.MODEL)
     PRETRAINED_PCA: Final = path(PRETRAINED, Pretrained.PCA)
+    QUALITY: Final = "quality"  # object: see Quality
+    QUALITY_EMPTY: Final = path(QUALITY, Quality.EMPTY)
+    QUALITY_DARK_FRACTION: Final = path(QUALITY, Quality.DARK_FRACTION)
+    QUALITY_NODATA_FRACTION: Final = path(QUALITY, Quality.NODATA_FRACTION)
+    QUALITY_STD: Final = path(QUALITY, Quality.STD)
 
 
 # --- the images table (Delta Lake) -------------------------------------------------------------------

@@ -25,6 +25,7 @@ import numpy as np
 import tifffile
 
 PLANAR_MAX_BANDS = 16  # a first axis this short, with both others longer, holds bands
+GDAL_NODATA = 42113  # the TIFF tag GDAL writes a raster's no-data value into (ASCII)
 PICTURE_MAX_BANDS = 4  # Pillow reads 8-bit TIFFs with up to 4 bands (L, LA, RGB, RGBA, CMYK)
 
 
@@ -114,10 +115,29 @@ def read_npy(content: bytes) -> np.ndarray:
 
 def read_tiff(source: bytes | BinaryIO) -> np.ndarray:
     """The first series of a TIFF (its bytes, or an open file) as an array; ValueError if there is none."""
+    return read_tiff_raster(source)[0]
+
+
+def read_tiff_raster(source: bytes | BinaryIO) -> tuple[np.ndarray, float | None]:
+    """(array of the first series, its declared no-data value or None) of a TIFF (its bytes, or an
+    open file); ValueError if there is no image."""
     with tifffile.TiffFile(io.BytesIO(source) if isinstance(source, bytes) else source) as tif:
         if not tif.series:
             raise ValueError("no image in the TIFF")
-        return tif.series[0].asarray()
+        series = tif.series[0]
+        return series.asarray(), declared_nodata(series.pages[0])
+
+
+def declared_nodata(page) -> float | None:
+    """The GDAL_NODATA value (TIFF tag 42113, ASCII) of a TIFF page, or None when it has none or it is
+    not a number (tifffile's own `page.nodata` says 0 when the tag is absent)."""
+    tag = page.tags.get(GDAL_NODATA) if page is not None else None
+    if tag is None:
+        return None
+    try:
+        return float(str(tag.value).strip().rstrip("\x00"))
+    except ValueError:
+        return None
 
 
 def to_picture(array: np.ndarray) -> np.ndarray:

@@ -4,6 +4,8 @@ Every Spark stage reads the images table (orchard.spark_app.table.stage_images),
 the id, key, dataset, split and label. `read_image_files` + `file_pairs` are the former path (each
 image its own S3 object, the id re-hashed from the bytes), kept as the benchmark's baseline.
 Key layout (orchard.core.lake): `<dataset>/<split>/<label>/<file>`; the id is the content sha256.
+`measured_rows` also measures each image's quality (orchard.core.quality) on its pixels as stored:
+training leaves empty images out with it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from orchard.core import rasters
 from orchard.core.errors import DatasetNotFound
 from orchard.core.formats import NPY, TIFF, decoder_of
 from orchard.core.lake import dataset_uri, key_of, parse_key
+from orchard.core.quality import ImageQuality, measure_quality, picture_pixels
 from orchard.core.retry import S3_READ, retrying, s3_transient
 from orchard.core.settings import Settings
 from orchard.spark_app.context import s3_of
@@ -90,26 +93,54 @@ def decode_image(content: bytes, size: tuple[int, int], channels: int = 3) -> np
     TIFFs, numpy for .npy; non-8-bit data scaled by orchard.core.rasters.to_picture. Raises
     ImageDecodeError with a short reason when the bytes cannot be decoded.
     """
+    return decoded(content, size, channels, measure=False)[0]
+
+
+def decoded(
+    content: bytes, size: tuple[int, int], channels: int, measure: bool
+) -> tuple[np.ndarray, ImageQuality | None]:
+    """(decode_image's uint8 array, and if `measure` the image's quality, else None); ImageDecodeError
+    if it cannot be decoded. The quality is measured on the pixels as stored, before scaling and
+    resizing (orchard.core.quality: the measure the uploader writes into the document)."""
     try:
-        with picture_of(content) as img:
+        raster = open_raster(content)
+        with raster.picture as img:
+            quality = raster.quality() if measure else None
             converted = img.convert("L" if channels == 1 else "RGB")
             if converted.size != (size[1], size[0]):
                 converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(converted, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError) as exc:
         raise ImageDecodeError(f"undecodable image: {type(exc).__name__}: {exc}"[:240]) from None
-    return array[..., None] if channels == 1 else array
+    return (array[..., None] if channels == 1 else array), quality
 
 
-def picture_of(content: bytes) -> Image.Image:
-    """A Pillow image of the bytes: opened by Pillow, or built from the array numpy or tifffile read
+@dataclass(frozen=True)
+class Raster:
+    """An opened image: its Pillow picture, and for arrays (.npy, non-8-bit TIFFs) the array as stored
+    with the no-data value the file declares."""
+
+    picture: Image.Image
+    array: np.ndarray | None = None
+    nodata: float | None = None
+
+    def quality(self) -> ImageQuality:
+        """The image's quality, measured on the stored array, else on the decoded picture."""
+        pixels = self.array if self.array is not None else picture_pixels(self.picture)
+        return measure_quality(pixels, self.nodata)
+
+
+def open_raster(content: bytes) -> Raster:
+    """The image of the bytes: opened by Pillow, or built from the array numpy or tifffile read
     (errors as they raise them)."""
     decoder = decoder_of(content)
     if decoder == NPY:
-        return image_of(rasters.read_npy(content))
+        array = rasters.read_npy(content)
+        return Raster(image_of(array), array)
     if decoder == TIFF and rasters.tiff_array_header(io.BytesIO(content)) is not None:
-        return image_of(rasters.read_tiff(content))
-    return Image.open(io.BytesIO(content))
+        array, nodata = rasters.read_tiff_raster(content)
+        return Raster(image_of(array), array, nodata)
+    return Raster(Image.open(io.BytesIO(content)))
 
 
 def image_of(array: np.ndarray) -> Image.Image:
@@ -118,19 +149,30 @@ def image_of(array: np.ndarray) -> Image.Image:
     return Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else np.ascontiguousarray(picture))
 
 
-def decode_rows(
-    pairs: Iterable[Pair], s: Settings, size: tuple[int, int], channels: int = 3
-) -> Iterator[tuple[ImageRef, np.ndarray | None, str | None]]:
+Decoded = tuple[ImageRef, np.ndarray | None, str | None]  # (ref, uint8 array or None, error or None)
+
+
+def decode_rows(pairs: Iterable[Pair], s: Settings, size: tuple[int, int], channels: int = 3) -> Iterator[Decoded]:
     """(ref, uint8 array or None, error or None) per (ref, content) pair, lazily (runs in executors);
     content None (a large image the table references by key) is read from the bucket."""
+    for ref, array, error, _ in measured_rows(pairs, s, size, channels, measure=False):
+        yield ref, array, error
+
+
+def measured_rows(
+    pairs: Iterable[Pair], s: Settings, size: tuple[int, int], channels: int = 3, measure: bool = True
+) -> Iterator[tuple[ImageRef, np.ndarray | None, str | None, ImageQuality | None]]:
+    """decode_rows, each row with the image's quality (orchard.core.quality; None when undecodable or
+    not `measure`)."""
     for ref, content in pairs:
         try:
             data = content if content is not None else read_object(s3_of(s), s.images_bucket, ref.key)
-            yield ref, decode_image(data, size, channels), None
+            array, quality = decoded(data, size, channels, measure)
+            yield ref, array, None, quality
         except ImageDecodeError as exc:
-            yield ref, None, str(exc)
+            yield ref, None, str(exc), None
         except S3Error as exc:
-            yield ref, None, f"cannot read the object: {exc.code}"
+            yield ref, None, f"cannot read the object: {exc.code}", None
 
 
 def read_image_files(spark, bucket: str, dataset: str, split: str | None = None, images_per_partition: int = 64):

@@ -23,7 +23,7 @@ from orchard.core.errors import ConfigError
 from orchard.core.lake import TEST, TRAIN, Column, utc_timestamp
 from orchard.core.settings import Settings
 from orchard.spark_app import registry
-from orchard.spark_app.images import decode_rows
+from orchard.spark_app.images import measured_rows
 from orchard.spark_app.infer import PredictSpec, evaluate
 from orchard.spark_app.preprocess import label_map, one_hot, prepare, preprocessor
 from orchard.spark_app.session import executor_count
@@ -41,12 +41,25 @@ def discover_classes(spark, s: Settings, dataset: str, split: str, version: int)
 
 
 def labelled_examples(
-    s: Settings, classes: tuple[str, ...], preprocessing: str, size: tuple[int, int], rows: Iterable, skipped=None
+    s: Settings,
+    classes: tuple[str, ...],
+    preprocessing: str,
+    size: tuple[int, int],
+    rows: Iterable,
+    skipped=None,
+    include_empty: bool = False,
+    excluded=None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """mapPartitions body: (preprocessed image, one-hot label) per decodable image of a known class."""
+    """mapPartitions body: (preprocessed image, one-hot label) per decodable image of a known class;
+    empty images (black, constant, no-data: orchard.core.quality) are left out unless `include_empty`.
+    `skipped` and `excluded` (accumulators) count the undecodable or unknown and the empty images."""
     index = label_map(classes)
     prep = preprocessor(preprocessing)
-    for ref, array, _error in decode_rows(rows, s, size):
+    for ref, array, _error, quality in measured_rows(rows, s, size, measure=not include_empty):
+        if quality is not None and quality.empty:  # measured only when empty images are left out
+            if excluded is not None:
+                excluded.add(1)
+            continue
         x = prepare(prep, array)[0] if array is not None and ref.label in index else None
         if x is None:  # undecodable (array None exactly when error is set), unknown label, or unusable
             if skipped is not None:
@@ -55,13 +68,33 @@ def labelled_examples(
         yield x, one_hot(index[ref.label], len(classes))
 
 
-def train_rdd(pairs_rdd, s: Settings, classes: list[str], skipped=None):
-    """RDD of (x, y) for Elephas from an RDD of (ref, content) pairs."""
+def train_rdd(pairs_rdd, s: Settings, classes: list[str], skipped=None, include_empty: bool = False, excluded=None):
+    """RDD of (x, y) for Elephas from an RDD of (ref, content) pairs (empty images left out unless
+    `include_empty`)."""
     # TensorFlow: loaded only when a model is trained (the caller, fit, has loaded it already).
     from orchard.spark_app.model import DEFAULT_SIZE  # noqa: PLC0415
 
-    body = partial(labelled_examples, s, tuple(classes), PREPROCESSING, DEFAULT_SIZE, skipped=skipped)
+    body = partial(
+        labelled_examples,
+        s,
+        tuple(classes),
+        PREPROCESSING,
+        DEFAULT_SIZE,
+        skipped=skipped,
+        include_empty=include_empty,
+        excluded=excluded,
+    )
     return pairs_rdd.mapPartitions(body)
+
+
+def log_left_out(skipped: int, excluded: int, include_empty: bool) -> None:
+    """Warn of undecodable train images; say how many empty ones training left out."""
+    if skipped:
+        log.warning("%d train images were skipped (undecodable)", skipped)
+    if excluded:
+        log.info("%d empty train images (black, constant or no-data) left out; --include-empty keeps them", excluded)
+    elif not include_empty:
+        log.info("no empty train images (black, constant or no-data) to leave out")
 
 
 def fit(
@@ -74,8 +107,10 @@ def fit(
     learning_rate: float,
     images_per_partition: int,
     table_version: int,
+    include_empty: bool = False,
 ):
-    """Train the default CNN with Elephas on the table at `table_version`; returns (Elephas model, classes, workers)."""
+    """Train the default CNN with Elephas on the table at `table_version`, empty images left out
+    unless `include_empty`; returns (Elephas model, classes, workers, empty images left out)."""
     # TensorFlow: loaded only when a model is trained.
     from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
@@ -87,7 +122,7 @@ def fit(
             "training needs at least 2 (is the split name right?)"
         )
     workers = executor_count(spark)
-    skipped = spark.sparkContext.accumulator(0)
+    skipped, excluded = spark.sparkContext.accumulator(0), spark.sparkContext.accumulator(0)
     net = keras_model.build_cnn(len(classes), learning_rate=learning_rate)
     log.info(
         "training %s (%d parameters) on %s/%s: %d classes, %d epochs, batch %d, %d Elephas workers",
@@ -100,10 +135,10 @@ def fit(
         batch_size,
         workers,
     )
-    spark_model = keras_model.train_elephas(net, train_rdd(pairs, s, classes, skipped), epochs, batch_size, workers)
-    if skipped.value:
-        log.warning("%d train images were skipped (undecodable)", skipped.value)
-    return spark_model, classes, workers
+    examples = train_rdd(pairs, s, classes, skipped, include_empty, excluded)
+    spark_model = keras_model.train_elephas(net, examples, epochs, batch_size, workers)
+    log_left_out(skipped.value, excluded.value, include_empty)
+    return spark_model, classes, workers, excluded.value
 
 
 def model_card(version: str, classes: list[str], net, preprocessing: str = PREPROCESSING, **extra) -> dict:
@@ -200,25 +235,37 @@ def run_training(
     learning_rate: float = 1e-3,
     images_per_partition: int = 1024,
     as_of: int | None = None,
+    include_empty: bool = False,
 ) -> dict:
     """Train, save, evaluate and register a model version; returns the registry document.
 
     The images are the table's at `as_of` (default: the current version, after syncing the dataset
-    first if the bucket differs, as every stage does); the version is recorded as the model's `trained_on_version`."""
+    first if the bucket differs, as every stage does); the version is recorded as the model's `trained_on_version`.
+    Empty train images (orchard.core.quality) are left out unless `include_empty`, their number
+    recorded as `excluded_empty`; evaluation scores every image."""
     # TensorFlow: loaded only when a model is trained.
     from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
     began = time.monotonic()
     table_version = as_of if as_of is not None else synced_snapshot(spark, s, dataset)[0].version
-    spark_model, classes, workers = fit(
-        spark, s, dataset, train_split, epochs, batch_size, learning_rate, images_per_partition, table_version
+    spark_model, classes, workers, excluded = fit(
+        spark,
+        s,
+        dataset,
+        train_split,
+        epochs,
+        batch_size,
+        learning_rate,
+        images_per_partition,
+        table_version,
+        include_empty,
     )
     net, history = spark_model.master_network, spark_model.epoch_metrics
     version = registry.new_version(registry.FAMILY_CNN, keras_model.weights_digest(net))
     card = save_version(s, net, {**model_card(version, classes, net), "trained_on_version": table_version})
     splits = {"train": train_split, "test": test_split}
     scores = evaluate_splits(spark, s, dataset, spark_model, card, splits, 64, images_per_partition, table_version)
-    doc = registry_document(dataset, splits, card, net, epochs, scores, history)
+    doc = {**registry_document(dataset, splits, card, net, epochs, scores, history), "excluded_empty": excluded}
     return register_trained(s, card, {**doc, "trained_on_version": table_version}, began, {"elephas_workers": workers})
 
 

@@ -11,6 +11,10 @@ same outputs on the images, because the frozen base runs in inference mode.
 head on the images themselves for `--fine-tune-epochs` at a tenth of the learning rate, evaluated
 on the images.
 
+Empty images (black, constant, no-data: orchard.core.quality) are left out of fine-tuning unless
+`--include-empty`, and counted as `excluded_empty`. The frozen head trains on the stored embedding
+of every train image: the embeddings table holds no quality (the summary then has no `excluded_empty`).
+
 The registered version is one Keras model taking 224x224 images (base + head): `orchard infer`,
 `features`, `predict` use it like any version; its `embedding` is the head's 128-d layer.
 """
@@ -39,6 +43,7 @@ from orchard.spark_app.train import (
     discover_classes,
     evaluate_splits,
     labelled_examples,
+    log_left_out,
     log_scores,
     model_card,
     register_trained,
@@ -65,6 +70,7 @@ class TransferPlan:
     fine_tune: int = 0  # top blocks of the base unfrozen after the head is trained (0: frozen base)
     fine_tune_epochs: int = 1
     images_per_partition: int = 1024
+    include_empty: bool = False  # fine-tuning on images: keep the empty ones (black, constant, no-data)
 
     @property
     def splits(self) -> dict[str, str]:
@@ -110,16 +116,29 @@ def evaluate_head(cached: BaseEmbeddings, spec: PredictSpec, head_model, plan: T
 
 def fine_tune(spark, s: Settings, net, plan: TransferPlan, classes: list[str], table_version: int):
     """Base + head trained on the train split's images with the top `plan.fine_tune` blocks
-    unfrozen; returns the SparkModel."""
+    unfrozen, empty images left out unless `plan.include_empty`; returns (the SparkModel, empty
+    images left out)."""
     from orchard.spark_app import model as keras_model  # noqa: PLC0415
     from orchard.spark_app import pretrained  # noqa: PLC0415
 
     pretrained.unfreeze_top(net, plan.fine_tune, plan.learning_rate / 10)
     pairs, _ = stage_images(spark, s, plan.dataset, plan.train_split, plan.images_per_partition, as_of=table_version)
-    body = partial(labelled_examples, s, tuple(classes), "efficientnet", pretrained.INPUT_SIZE)
+    skipped, excluded = spark.sparkContext.accumulator(0), spark.sparkContext.accumulator(0)
+    body = partial(
+        labelled_examples,
+        s,
+        tuple(classes),
+        "efficientnet",
+        pretrained.INPUT_SIZE,
+        skipped=skipped,
+        include_empty=plan.include_empty,
+        excluded=excluded,
+    )
     log.info("fine-tuning the top %d blocks of %s, %d epochs", plan.fine_tune, plan.base, plan.fine_tune_epochs)
     workers = executor_count(spark)
-    return keras_model.train_elephas(net, pairs.mapPartitions(body), plan.fine_tune_epochs, plan.batch_size, workers)
+    tuned = keras_model.train_elephas(net, pairs.mapPartitions(body), plan.fine_tune_epochs, plan.batch_size, workers)
+    log_left_out(skipped.value, excluded.value, plan.include_empty)
+    return tuned, excluded.value
 
 
 def check_plan(plan: TransferPlan) -> None:
@@ -144,7 +163,7 @@ def run_transfer(spark, s: Settings, plan: TransferPlan, as_of: int | None = Non
     classes = discover_classes(spark, s, plan.dataset, plan.train_split, version_read)
     if len(classes) < 2:
         raise ConfigError(f"{plan.dataset}/{plan.train_split}: found {len(classes)} labels; training needs 2 or more")
-    net, head_model, tuned = train_model(spark, s, plan, cached, classes, version_read)
+    net, head_model, tuned, excluded = train_model(spark, s, plan, cached, classes, version_read)
     version = registry.new_version(registry.FAMILY_TRANSFER, keras_model.weights_digest(net))
     card = save_version(s, net, transfer_card(version, classes, net, plan, version_read))
     if tuned is None:
@@ -158,18 +177,23 @@ def run_transfer(spark, s: Settings, plan: TransferPlan, as_of: int | None = Non
         plan.dataset, plan.splits, card, net, plan.epochs, scores, history, registry.FAMILY_TRANSFER, plan.base
     )
     extra = {"base_forward_passes": cached.computed, "fine_tuned_blocks": plan.fine_tune}
+    if excluded is not None:  # fine-tuned on the images: empty ones left out (the frozen head reads every embedding)
+        doc = {**doc, "excluded_empty": excluded}
     summary = register_trained(s, card, {**doc, "trained_on_version": version_read}, began, extra)
     return {**summary, **extra}
 
 
 def train_model(spark, s: Settings, plan: TransferPlan, cached: BaseEmbeddings, classes: list[str], version: int):
-    """(base + head Keras model, the head's SparkModel, the fine-tuning SparkModel or None)."""
+    """(base + head Keras model, the head's SparkModel, the fine-tuning SparkModel or None, the empty
+    images fine-tuning left out or None without fine-tuning)."""
     from orchard.spark_app import pretrained  # noqa: PLC0415
 
     head_model = fit_head(spark, cached, plan, classes)
     net = pretrained.compose(pretrained.load_lite0(pretrained.models_cache(s)), head_model.master_network)
-    tuned = fine_tune(spark, s, net, plan, classes, version) if plan.fine_tune else None
-    return net, head_model, tuned
+    if not plan.fine_tune:
+        return net, head_model, None, None
+    tuned, excluded = fine_tune(spark, s, net, plan, classes, version)
+    return net, head_model, tuned, excluded
 
 
 def transfer_card(version: str, classes: list[str], net, plan: TransferPlan, table_version: int) -> dict:

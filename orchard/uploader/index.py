@@ -4,6 +4,7 @@ The document `_id` is the content sha256, so an image is indexed once however of
 uploaded. Documents are written with `op_type=create`: a document that already exists answers
 409 and is left untouched, which keeps `uploaded_at` stable across re-runs and never clobbers the
 `prediction`, `embedding` and `pca` fields that the Spark app fills in later with partial updates.
+`quality` (empty, dark and no-data fractions: orchard.core.quality) is written at upload.
 Those fields are absent at upload time (the mapping is strict, absent = empty).
 """
 
@@ -40,7 +41,8 @@ es_read_retry = retried(ES_READ, es_transient, log)
 
 
 def build_document(info: Inspected, bucket: str, etag: str, uploaded_at: str) -> dict:
-    """The document of one stored object (fields of es_mappings/images.json)."""
+    """The document of one stored object (fields of es_mappings/images.json); `quality` only when
+    inspection measured it (its pixels were decoded)."""
     item = info.item
     return {
         Field.ID: info.sha256,
@@ -61,6 +63,7 @@ def build_document(info: Inspected, bucket: str, etag: str, uploaded_at: str) ->
         Field.ETAG: etag,
         Field.UPLOADED_AT: uploaded_at,
         Field.SOURCE_PATH: item.source,
+        **({Field.QUALITY: info.quality.document()} if info.quality is not None else {}),
     }
 
 

@@ -9,12 +9,20 @@ checked from their headers only. .npy arrays are checked from their header and f
 Pillow cannot give as 8-bit (16-bit, float, many bands) from tifffile's header, their samples read
 up to `verify_pixels`. Formats are named by their leading bytes (orchard.core.formats): a file that
 announces one but cannot be read is *corrupt*, anything else is *not an image*.
+
+Quality (orchard.core.quality: empty, dark and no-data fractions) is measured on the pixels this
+already decodes, with no second decode: pictures loaded up to `verify_pixels`, JPEGs above it on
+their 1/8-scale draft, TIFF arrays whose samples are read; .npy arrays are loaded for it up to
+`verify_pixels` (memory-mapped stack rows and small files are in memory already). Otherwise (a PNG
+or other picture above the limit, a larger array) it is left absent: the executors measure every
+image again when training, so nothing depends on it but the document.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import zlib
 from dataclasses import dataclass
@@ -27,8 +35,11 @@ from PIL import Image, UnidentifiedImageError
 from orchard.core import formats, rasters
 from orchard.core.files import sha256_file
 from orchard.core.formats import ARRAY_SUFFIX, BY_NAME
+from orchard.core.quality import ImageQuality, measure_quality, picture_pixels
 from orchard.core.rasters import read_npy_header
 from orchard.uploader.discovery import WorkItem
+
+log = logging.getLogger(__name__)
 
 SMALL_FILE = 256 << 10  # read once into memory up to this size (dataset images are mostly < 100 kB);
 # with two batches of 256 in flight that bounds buffered bytes to 128 MiB
@@ -61,6 +72,7 @@ class Inspected:
     channels: int
     color_mode: str
     data: bytes | None = None
+    quality: ImageQuality | None = None  # None: the pixels were not decoded (module docstring)
 
     @property
     def content_type(self) -> str:
@@ -78,11 +90,15 @@ class Limits:
 
 @dataclass(frozen=True)
 class Properties:
+    """What inspection read of an image: format, size, channels, colour mode, and its quality when
+    its pixels were decoded."""
+
     format: str
     width: int
     height: int
     channels: int
     color_mode: str
+    quality: ImageQuality | None = None
 
 
 def inspect_item(item: WorkItem, limits: Limits = Limits()) -> Inspected:
@@ -90,7 +106,7 @@ def inspect_item(item: WorkItem, limits: Limits = Limits()) -> Inspected:
     if item.row is not None:
         data = read_stack_row(item.path, item.row)
         return _inspected(
-            item, data, hashlib.sha256(data).hexdigest(), len(data), npy_properties(io.BytesIO(data), len(data))
+            item, data, hashlib.sha256(data).hexdigest(), len(data), npy_properties(io.BytesIO(data), len(data), limits)
         )
     size = _file_size(item.path)
     if size == 0:
@@ -106,7 +122,7 @@ def inspect_item(item: WorkItem, limits: Limits = Limits()) -> Inspected:
 
 
 def _inspected(item: WorkItem, data: bytes | None, digest: str, size: int, p: Properties) -> Inspected:
-    return Inspected(item, digest, size, p.format, p.width, p.height, p.channels, p.color_mode, data)
+    return Inspected(item, digest, size, p.format, p.width, p.height, p.channels, p.color_mode, data, p.quality)
 
 
 def _file_size(path: Path) -> int:
@@ -153,7 +169,7 @@ def properties(fh: BinaryIO, size: int, suffix: str, limits: Limits) -> Properti
     if suffix.lower() == ARRAY_SUFFIX or announced == "npy":
         if announced != "npy":
             raise BadInput("not_image", "not an .npy array (no NUMPY magic)")
-        return npy_properties(fh, size)
+        return npy_properties(fh, size, limits)
     if announced == "tiff" and (header := _tiff_array_header(fh)) is not None:
         return tiff_properties(fh, header, limits)
     return image_properties(fh, announced, limits)
@@ -173,12 +189,13 @@ def tiff_properties(fh: BinaryIO, header: rasters.RasterHeader, limits: Limits) 
     pixels = header.width * header.height
     if limits.max_pixels and pixels > limits.max_pixels:
         raise BadInput("decompression_bomb", f"decompression bomb: {pixels} pixels exceeds {limits.max_pixels}")
+    quality = None
     if pixels <= limits.verify_pixels:
         try:
-            rasters.read_tiff(fh)
+            quality = measure_quality(*rasters.read_tiff_raster(fh))
         except (ValueError, OSError, EOFError, IndexError, KeyError) as exc:
             raise _decode_problem(exc) from None
-    return Properties("tiff", header.width, header.height, header.bands, header.mode)
+    return Properties("tiff", header.width, header.height, header.bands, header.mode, quality)
 
 
 def image_properties(fh: BinaryIO, announced: str | None, limits: Limits) -> Properties:
@@ -203,22 +220,36 @@ def image_properties(fh: BinaryIO, announced: str | None, limits: Limits) -> Pro
                 f"decompression bomb: {width}x{height} = {width * height} pixels "
                 f"exceeds the limit of {limits.max_pixels}",
             )
-        props = Properties(image.format.lower(), width, height, len(image.getbands()), image.mode)
-        _verify(image, fh, limits)
-    return props
+        name, channels, mode = image.format.lower(), len(image.getbands()), image.mode
+        quality = picture_quality(image) if _verify(image, fh, limits) else None
+    return Properties(name, width, height, channels, mode, quality)
 
 
-def _verify(image: Image.Image, fh: BinaryIO, limits: Limits) -> None:
-    """Decode (or checksum) the pixel data to catch truncated and corrupt files."""
+def picture_quality(image: Image.Image) -> ImageQuality | None:
+    """The quality of a decoded picture; None if Pillow cannot convert its mode for measuring (the
+    image itself is valid: it is uploaded without `quality`)."""
+    try:
+        return measure_quality(picture_pixels(image))
+    except (ValueError, OSError) as exc:
+        log.warning("quality not measured (%s image): %s", image.mode, exc)
+        return None
+
+
+def _verify(image: Image.Image, fh: BinaryIO, limits: Limits) -> bool:
+    """Decode (or checksum) the pixel data to catch truncated and corrupt files; True if the pixels
+    were decoded (in full, or a JPEG's 1/8-scale draft)."""
     pixels = image.size[0] * image.size[1]
     try:
         if pixels <= limits.verify_pixels:
             image.load()
-        elif image.format == "JPEG":
+            return True
+        if image.format == "JPEG":
             image.draft(image.mode, (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
             image.load()
-        elif image.format == "PNG":
+            return True
+        if image.format == "PNG":
             image.verify()
+        return False
     except Image.DecompressionBombError as exc:
         raise BadInput("decompression_bomb", f"decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error, IndexError) as exc:
@@ -232,8 +263,9 @@ def _decode_problem(exc: BaseException) -> BadInput:
     return BadInput("corrupt", f"corrupt image: {text}")
 
 
-def npy_properties(fh: BinaryIO, size: int) -> Properties:
-    """Properties of a one-image .npy: (H, W), (H, W, C) or channels-first (C, H, W)."""
+def npy_properties(fh: BinaryIO, size: int, limits: Limits = Limits()) -> Properties:
+    """Properties of a one-image .npy: (H, W), (H, W, C) or channels-first (C, H, W), with its quality
+    up to `limits.verify_pixels` (the array is loaded for it)."""
     try:
         shape, dtype, offset = read_npy_header(fh)
     except (ValueError, SyntaxError, EOFError) as exc:
@@ -247,7 +279,17 @@ def npy_properties(fh: BinaryIO, size: int) -> Properties:
         raise BadInput("corrupt", f"corrupt array: {size - expected} bytes after the data")
     height, width, channels = image_shape(shape)
     mode = NPY_MODES.get(channels) if dtype == np.uint8 else None
-    return Properties("npy", width, height, channels, mode or f"{channels}x{dtype.name}")
+    quality = npy_quality(fh) if width * height <= limits.verify_pixels else None
+    return Properties("npy", width, height, channels, mode or f"{channels}x{dtype.name}", quality)
+
+
+def npy_quality(fh: BinaryIO) -> ImageQuality:
+    """The quality of a checked .npy (header and size valid): its array loaded from the start."""
+    fh.seek(0)
+    try:
+        return measure_quality(np.load(fh, allow_pickle=False))
+    except (ValueError, OSError, EOFError) as exc:
+        raise BadInput("corrupt", f"corrupt array: {exc}") from None
 
 
 def image_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchard.core import lake
-from orchard.core.lake import Field, Pca, Prediction, Pretrained
+from orchard.core.lake import Field, Pca, Prediction, Pretrained, Quality
 
 MAPPING = Path(__file__).resolve().parents[2] / "es_mappings" / "images.json"
 
@@ -48,10 +48,13 @@ def test_nested_names_are_the_mapped_sub_fields(properties):
     pretrained = properties[Field.PRETRAINED]["properties"]
     assert set(constants(Pretrained).values()) == set(pretrained)
     assert set(constants(Pca).values()) == set(pretrained[Pretrained.PCA]["properties"])
+    assert set(constants(Quality).values()) == set(properties[Field.QUALITY]["properties"])
     nested = {value for value in constants(Field).values() if "." in value}
     assert nested == {lake.path(Field.PREDICTION, name) for name in constants(Prediction).values()} | {
         lake.path(Field.PCA, name) for name in constants(Pca).values()
-    } | {lake.path(Field.PRETRAINED, name) for name in constants(Pretrained).values()}
+    } | {lake.path(Field.PRETRAINED, name) for name in constants(Pretrained).values()} | {
+        lake.path(Field.QUALITY, name) for name in constants(Quality).values()
+    }
 
 
 def test_constant_names_spell_their_values():

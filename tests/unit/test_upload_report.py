@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from orchard.core.quality import ImageQuality
 from orchard.stack.setup import MAPPINGS_DIR, load_mapping
 from orchard.uploader.discovery import WorkItem
 from orchard.uploader.index import build_document
@@ -53,7 +54,8 @@ def test_documents_fit_the_strict_mapping() -> None:
     item = WorkItem(
         Path("/d/Training/Apple Red/0_100.jpg"), "f/train/apple_red/0_100.jpg", "f", "train", "apple_red", "Apple Red"
     )
-    info = Inspected(item, "ab" * 32, 1234, "jpeg", 100, 100, 3, "RGB")
+    quality = ImageQuality(False, 0.1, 0.0, 0.2)  # measured: its pixels were decoded
+    info = Inspected(item, "ab" * 32, 1234, "jpeg", 100, 100, 3, "RGB", quality=quality)
     doc = build_document(info, "images", "etag1", "2026-01-01T00:00:00.000Z")
     mapped = set(load_mapping(MAPPINGS_DIR / "images.json")["mappings"]["properties"])
     spark_fields = {"prediction", "embedding", "embedding_model", "pca", "pretrained"}
