@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from transfer import orchard, parse_args, prepare, train_step
+from transfer import orchard, parse_args, prepare, report_steps, split_facts, train_step
 
 FAMILIES = ("bovw_sift", "bovw_orb")
 
@@ -70,14 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         train_step("bovw_orb", dataset, 1, "--family", "bovw", "--descriptor", "orb"),
     ]
     steps += [infer_step(step["step"], dataset, step["version"]) for step in list(steps)]
-    for step in steps:
-        print(json.dumps(step), flush=True)
-    by = {step["step"]: step for step in steps}
+    by = report_steps(steps)
     result = {
-        "dataset": dataset,
-        "classes": o.classes,
-        "train_images": o.classes * o.per_class,
-        "test_images": o.classes * o.test_per_class,
+        **split_facts(o, dataset),
         "steps": by,
         **ratios(by),
     }

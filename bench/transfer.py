@@ -106,6 +106,23 @@ def train_step(name: str, dataset: str, epochs: int, *flags: str) -> dict:
     }
 
 
+def report_steps(steps: list[dict]) -> dict[str, dict]:
+    """Print one JSON line per step; returns the steps by name."""
+    for step in steps:
+        print(json.dumps(step), flush=True)
+    return {step["step"]: step for step in steps}
+
+
+def split_facts(o: argparse.Namespace, dataset: str) -> dict:
+    """The dataset and split sizes of a run (the head of its last JSON object)."""
+    return {
+        "dataset": dataset,
+        "classes": o.classes,
+        "train_images": o.classes * o.per_class,
+        "test_images": o.classes * o.test_per_class,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     o = parse_args(argv)
@@ -118,14 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         train_step("cnn", dataset, o.cnn_epochs),
         train_step("transfer", dataset, o.transfer_epochs, "--base", BASE),
     ]
-    for step in steps:
-        print(json.dumps(step), flush=True)
-    by = {step["step"]: step for step in steps}
+    by = report_steps(steps)
     result = {
-        "dataset": dataset,
-        "classes": o.classes,
-        "train_images": o.classes * o.per_class,
-        "test_images": o.classes * o.test_per_class,
+        **split_facts(o, dataset),
         "steps": by,
         "accuracy_transfer_minus_cnn": round(by["transfer"]["test_accuracy"] - by["cnn"]["test_accuracy"], 4),
         "training_seconds_cnn_over_transfer": round(

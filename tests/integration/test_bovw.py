@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 from lake_datasets import Dataset, clean_up, count, docs_of, synth
-from orchard_cli import ORCHARD, last_json, ok, orchard
+from orchard_cli import ORCHARD, last_json, ok, orchard, peak_rss_of
 from PIL import Image
 
 from orchard.core.clients import es_client, s3_client
@@ -83,21 +83,11 @@ def driver_peak_mb(process: subprocess.Popen) -> float:
             family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
             for p in family:
                 if p.pid == process.pid or "java" in p.name():
-                    peaks[p.pid] = max(peaks.get(p.pid, 0), high_water(p.pid))
+                    peaks[p.pid] = max(peaks.get(p.pid, 0), peak_rss_of(p.pid))
         except psutil.Error:
             pass
         threading.Event().wait(0.2)
     return sum(peaks.values()) / 2**20
-
-
-def high_water(pid: int) -> int:
-    """VmHWM of a process in bytes (0 if it is gone)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    line = next((row for row in status.splitlines() if row.startswith("VmHWM:")), "VmHWM: 0 kB")
-    return int(line.split()[1]) * 1024
 
 
 def train_bovw(ds: Dataset, *flags: str) -> tuple[dict, str, float]:

@@ -18,15 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from lake_datasets import Dataset, clean_up
 from orchard_cli import last_json, ok, orchard
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from orchard.core.clients import es_client, s3_client
+from orchard.core.clients import es_client
 from orchard.core.lake import Field, Quality
-from orchard.core.objects import remove_prefix
 from orchard.core.settings import Settings
-from orchard.core.table_write import delete_rows
 
 pytestmark = pytest.mark.integration
 
@@ -92,25 +91,6 @@ def write_tree(root: Path, token: str) -> Path:
     return root
 
 
-def clean_up(s: Settings, dataset: str, versions: list[str]) -> None:
-    """Objects, table rows, documents and model versions of the test dataset."""
-    from elasticsearch.helpers import bulk, scan
-
-    es = es_client(s)
-    remove_prefix(s3_client(s), s.images_bucket, f"{dataset}/")
-    delete_rows(s, dataset)
-    hits = scan(es, index=s.images_index, query={"query": {"term": {"dataset": dataset}}}, _source=False)
-    bulk(
-        es,
-        ({"_op_type": "delete", "_index": s.images_index, "_id": h["_id"]} for h in hits),
-        raise_on_error=False,
-        refresh=True,
-    )
-    for version in versions:
-        remove_prefix(s3_client(s), s.models_bucket, f"{version}/")
-        es.options(ignore_status=404).delete(index=s.models_index, id=version, refresh=True)
-
-
 @pytest.fixture(scope="module")
 def versions() -> list[str]:
     return []
@@ -125,7 +105,7 @@ def quality_dataset(stack: Settings, tmp_path_factory, versions: list[str]) -> I
         ok(orchard("upload", str(root), "--dataset", name))
         yield name
     finally:
-        clean_up(stack, name, versions)
+        clean_up(Dataset(name, stack, corrupt_key="", versions=versions))
 
 
 def train(stack: Settings, dataset: str, versions: list[str], *flags: str) -> tuple[dict, dict]:

@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from lake_datasets import Dataset, clean_up
 from orchard_cli import last_json, ok, orchard
 from PIL import Image
 
-from orchard.core.clients import es_client, s3_client
-from orchard.core.objects import remove_prefix
+from orchard.core.clients import es_client
 from orchard.core.settings import Settings
-from orchard.core.table_write import delete_rows
 
 pytestmark = pytest.mark.integration
 
@@ -87,27 +86,6 @@ def write_tree(root: Path, seed: int) -> Path:
     return root
 
 
-def delete_documents(s: Settings, dataset: str) -> None:
-    """Delete the dataset's image documents (by id: the native distribution has no delete-by-query)."""
-    from elasticsearch.helpers import bulk, scan
-
-    es = es_client(s)
-    hits = scan(es, index=s.images_index, query={"query": {"term": {"dataset": dataset}}}, _source=False)
-    bulk(
-        es,
-        ({"_op_type": "delete", "_index": s.images_index, "_id": h["_id"]} for h in hits),
-        raise_on_error=False,
-        refresh=True,
-    )
-
-
-def clean_up(s: Settings, dataset: str) -> None:
-    """Objects, table rows and documents of the test dataset."""
-    remove_prefix(s3_client(s), s.images_bucket, f"{dataset}/")
-    delete_rows(s, dataset)
-    delete_documents(s, dataset)
-
-
 @pytest.fixture(scope="module")
 def formats_dataset(stack: Settings, tmp_path_factory) -> Iterator[str]:
     token = secrets.token_hex(3)
@@ -117,7 +95,7 @@ def formats_dataset(stack: Settings, tmp_path_factory) -> Iterator[str]:
         ok(orchard("upload", str(root), "--dataset", name))  # exits non-zero if any file fails
         yield name
     finally:
-        clean_up(stack, name)
+        clean_up(Dataset(name, stack, corrupt_key=""))
 
 
 def test_every_accepted_format_is_predicted_without_error(stack: Settings, formats_dataset: str) -> None:

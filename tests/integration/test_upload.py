@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from elasticsearch.helpers import bulk
+from orchard_cli import peak_rss_of
 from PIL import Image
 
 from orchard.app.cli import main
@@ -446,16 +447,6 @@ def write_large_npy(path: Path, shape: tuple[int, ...], dtype: str) -> str:
             digest.update(data)
             remaining -= len(data)
     return digest.hexdigest()
-
-
-def peak_rss_of(pid: int) -> int:
-    """VmHWM: the peak resident set of the process's current program (bytes), 0 once it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    line = next((row for row in status.splitlines() if row.startswith("VmHWM:")), "VmHWM: 0 kB")
-    return int(line.split()[1]) * 1024
 
 
 def run_with_peak_rss(command: list[str], log_path: Path) -> tuple[int, int]:
