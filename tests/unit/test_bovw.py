@@ -1,6 +1,6 @@
 """The bag-of-visual-words family's pure parts: descriptor inputs, word counts, the Keras form of a
 fitted pipeline against a numpy reference, Spark ML's perceptron weight layout, the CLI's family
-choice. (Fitting with Spark ML and Spark's agreement with the Keras form: tests/integration/test_bovw.py.)"""
+choice. (Fitting with Spark ML and Spark's agreement with the Keras form: tests/integration/test_bovw_training.py.)"""
 
 from __future__ import annotations
 
