@@ -29,8 +29,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("orchard.app.spark_cli:train", "train the CNN with Elephas on the Spark cluster"),
     "infer": ("orchard.app.spark_cli:infer", "predict every image and write predictions to Elasticsearch"),
     "features": ("orchard.app.spark_cli:features", "embeddings + PCA to Parquet and Elasticsearch"),
-    "models": ("orchard.app.models_cli:models", "registered model versions: list"),
+    "models": ("orchard.app.models_cli:models", "registered model versions: list, promote (the serving model)"),
     "predict": ("orchard.app.predict_cli:predict", "top labels of local image files with a model version (no Spark)"),
+    "serve": ("orchard.app.serve_cli:serve", "the REST API: predictions for posted photos, the lake's images"),
     "search": ("orchard.app.spark_cli:search", "find images by label, prediction or similarity"),
     "demo": ("orchard.app.demo:demo", "the main job end to end, with an HTML report"),
 }

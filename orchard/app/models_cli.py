@@ -9,7 +9,7 @@ import click
 from orchard.app.cli import settings_from
 from orchard.core.errors import ExitStatus
 from orchard.core.tables import format_table
-from orchard.spark_app.registry import list_versions
+from orchard.spark_app.registry import list_versions, promote
 
 COLUMNS = (
     "version",
@@ -52,3 +52,14 @@ def cell(name: str, value) -> str:
     if name == "test_accuracy":
         return f"{value:.3f}"
     return f"{value:.1f}" if name == "images_per_second" else str(value)
+
+
+@models.command("promote")
+@click.argument("version")
+@click.option("--json", "as_json", is_flag=True, help="The alias as JSON.")
+@click.pass_context
+def promote_model(ctx, version, as_json) -> int:
+    """Make VERSION the model `orchard serve` answers with (picked up within seconds, no restart)."""
+    body = promote(settings_from(ctx), version)
+    click.echo(json.dumps(body) if as_json else f"{body['version']} serves (promoted {body['promoted_at']})")
+    return ExitStatus.OK

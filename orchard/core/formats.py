@@ -73,3 +73,9 @@ def decoder_of(content: bytes) -> str:
     is really a PNG still decodes); unknown bytes go to Pillow, which says why it cannot read them."""
     found = sniff(content[:MAGIC_BYTES])
     return found.decoder if found else PILLOW
+
+
+def by_suffix(name: str) -> Format | None:
+    """The format a file name or object key's suffix names, or None."""
+    suffix = suffix_of(name)
+    return next((f for f in FORMATS if suffix in f.suffixes), None)

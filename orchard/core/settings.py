@@ -69,6 +69,18 @@ class Settings(BaseSettings):
     models_index: str = "orchard-models"
     spark_master: str | None = None  # default: the native master
 
+    # --- online prediction (`orchard serve`, orchard/serving) -----------------------------
+    serve_host: str | None = None  # the service's bind address (default: bind_host, loopback)
+    serve_port: int = 8600
+    # Required on POST /v1/predict when the service is bound beyond loopback; `orchard stack up`
+    # generates one into the credentials file (compose: from .env).
+    serve_api_key: SecretStr | None = None
+    serve_max_batch: int = 32  # images per model call (concurrent requests gathered into one)
+    serve_max_wait_ms: float = 5.0  # how long a model call waits for more requests to join it
+    serve_max_request_mb: float = 20.0  # a larger request body is refused (413)
+    serve_max_pixels: int = 40_000_000  # a larger image is refused before decoding (decompression bombs)
+    serve_reload_seconds: float = 5.0  # how often the serving alias is re-read (`orchard models promote`)
+
     # --- native launcher -----------------------------------------------------------------
     bind_host: str = "127.0.0.1"
     minio_port: int = 9000  # the load balancer: the single S3 endpoint
@@ -93,6 +105,16 @@ class Settings(BaseSettings):
     def s3_url(self) -> str:
         """The S3 endpoint clients use."""
         return self.s3_endpoint or f"http://{self.bind_host}:{self.minio_port}"
+
+    @property
+    def serve_bind_host(self) -> str:
+        """The address `orchard serve` binds to."""
+        return self.serve_host or self.bind_host
+
+    @property
+    def serve_url(self) -> str:
+        """Where clients on this machine reach `orchard serve` of the native stack."""
+        return f"http://{self.bind_host}:{self.serve_port}"
 
     @property
     def images_table_uri(self) -> str:

@@ -219,6 +219,12 @@ def embedding_layer(model, name: str | None = None):
     return model.get_layer(EMBEDDING_LAYER) if EMBEDDING_LAYER in names else model.layers[-2]
 
 
+def with_embedding(model) -> keras.Model:
+    """The same network with two outputs, (class outputs, embedding): one call gives a prediction
+    and the vector to search neighbours with (online prediction)."""
+    return keras.Model(model.inputs, [model.outputs[0], embedding_layer(model).output])
+
+
 @dataclass
 class LoadedModel:
     """A model loaded in this Python worker, with what decoding needs to know about its input."""

@@ -194,3 +194,42 @@ def publish(s: Settings, version: str, model_path: Path, card: dict, metrics: di
     put_file(s, f"{version}/{card.get('model_file', MODEL_FILE)}", model_path)
     put_json(s, f"{version}/{LABELS_FILE}", card)
     return register(s, version, card, metrics, registry_doc)
+
+
+# The version `orchard serve` answers with: an object of the models bucket, set by
+# `orchard models promote` and re-read by the service every few seconds (no restart).
+SERVING_ALIAS_KEY = "_aliases/serving.json"
+
+
+def promote(s: Settings, version: str) -> dict:
+    """Make `version` the serving model (it must exist in the bucket); returns the alias body."""
+    load_card(s, version)  # ConfigError naming the version if it does not exist
+    body = {"version": version, "promoted_at": utc_timestamp(timespec="seconds", zulu=False)}
+    put_json(s, SERVING_ALIAS_KEY, body)
+    log.info("model %s now serves (%s/%s)", version, s.models_bucket, SERVING_ALIAS_KEY)
+    return body
+
+
+@_retrying
+def promoted_version(s: Settings) -> str | None:
+    """The version `orchard models promote` set, or None if no version was ever promoted."""
+    try:
+        response = s3_client(s).get_object(s.models_bucket, SERVING_ALIAS_KEY)
+    except S3Error as exc:
+        if exc.code in {"NoSuchKey", "NoSuchBucket"}:
+            return None
+        raise
+    try:
+        return json.loads(response.read()).get("version")
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def serving_version(s: Settings) -> str | None:
+    """The version that serves: the promoted one, else the newest registered version (None if none)."""
+    promoted = promoted_version(s)
+    if promoted:
+        return promoted
+    newest = [v["version"] for v in list_versions(s, limit=20) if not is_pretrained(str(v.get("version")))]
+    return newest[0] if newest else None

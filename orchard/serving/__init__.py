@@ -1,0 +1,1 @@
+"""Online prediction: the REST API of `orchard serve` (orchard.serving.api)."""

@@ -1,0 +1,280 @@
+"""The REST API of `orchard serve` (FastAPI): predictions for posted photos, micro-batched, and the
+lake's images, neighbours and models for applications. OpenAPI docs at /docs and /openapi.json.
+
+Errors are JSON, `{"error": "..."}` with a 4xx status naming the problem; an unexpected failure is a
+500 saying only "internal error" (the trace goes to the service log, never to a client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import UploadFile
+
+from orchard.core.settings import Settings
+from orchard.serving.batcher import MicroBatcher
+from orchard.serving.catalog import MAX_WINDOW, Catalog, ImageNotFound, Page
+from orchard.serving.limits import BodyLimit, BodyTooLarge
+from orchard.serving.predictor import ModelHolder, RejectedImage, Scored, ServingModel, content_id
+from orchard.spark_app.registry import list_versions
+
+log = logging.getLogger(__name__)
+
+API_KEY_HEADER = "X-API-Key"
+
+
+@dataclass
+class Service:
+    """What the routes share: settings, the serving model, the batcher, the lake's catalog."""
+
+    s: Settings
+    holder: ModelHolder
+    batcher: MicroBatcher[ServingModel, Scored]
+    catalog: Catalog
+    key_required: bool
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One posted image: its file name (or "body") and bytes."""
+
+    name: str
+    content: bytes
+
+
+def create_app(s: Settings, holder: ModelHolder | None = None, catalog: Catalog | None = None) -> FastAPI:
+    """The service's FastAPI app (the model loads in the background once it starts)."""
+    service = Service(
+        s,
+        holder or ModelHolder(s),
+        MicroBatcher(lambda model, items: model.score(items), s.serve_max_batch, s.serve_max_wait_ms / 1000),
+        catalog or Catalog(s),
+        key_required=not is_loopback(s.serve_bind_host),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.batcher.start()
+        watcher = asyncio.create_task(service.holder.watch(s.serve_reload_seconds), name="serving-alias")
+        yield
+        watcher.cancel()
+        await service.batcher.stop()
+
+    app = FastAPI(title="Orchard", summary="Predictions and search over the image lake", lifespan=lifespan)
+    app.state.service = service
+    app.add_middleware(BodyLimit, max_bytes=int(s.serve_max_request_mb * 2**20))
+    add_error_handlers(app)
+    add_routes(app, service)
+    return app
+
+
+def add_routes(app: FastAPI, service: Service) -> None:
+    """The API's routes."""
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """Liveness and readiness: the model that serves (or why none), model calls made so far."""
+        model = service.holder.current
+        stats = service.batcher.stats
+        return {
+            "status": "ok",
+            "ready": model is not None,
+            "model": model.version if model else None,
+            "problem": service.holder.problem,
+            "model_calls": stats.calls,
+            "images_predicted": stats.items,
+            "largest_batch": stats.largest,
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        """The registered versions, newest first, and the one that serves."""
+        versions = await asyncio.to_thread(list_versions, service.s)
+        model = service.holder.current
+        return {"serving": model.version if model else None, "versions": versions}
+
+    @app.post("/v1/predict")
+    async def predict(
+        request: Request,
+        top: int = Query(5, ge=1, le=100, description="labels per image"),
+        k: int = Query(5, ge=0, le=100, description="similar images of the lake per image (0: none)"),
+    ) -> JSONResponse:
+        """Top labels with confidence and the k most similar lake images of each posted image
+        (multipart files, or one raw image body)."""
+        require_key(request, service)
+        model = service.holder.current
+        if model is None:
+            raise HTTPException(503, service.holder.problem or "no model is loaded yet")
+        uploads = await uploads_of(request)
+        results = await predict_uploads(service, model, uploads, top, k)
+        failed = [r for r in results if "error" in r]
+        status = 200 if len(failed) < len(results) else max(r["status"] for r in failed)
+        body: dict = {"model": model.version, "predictions": [strip_status(r) for r in results]}
+        if status != 200:
+            body["error"] = "; ".join(f"{r['file']}: {r['error']}" for r in failed)
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/v1/images")
+    async def images(
+        dataset: str | None = None,
+        split: str | None = None,
+        label: str | None = None,
+        predicted: str | None = None,
+        min_confidence: float | None = Query(None, ge=0, le=1),
+        page: int = Query(1, ge=1),
+        size: int = Query(50, ge=1, le=500),
+    ) -> dict:
+        """Images of the lake matching the filters, most confident prediction first, by pages."""
+        if page * size > MAX_WINDOW:
+            raise HTTPException(400, f"page {page} of {size} is past the first {MAX_WINDOW} images: narrow the filters")
+        query = Page(dataset, split, label, predicted, min_confidence, page, size)
+        return await asyncio.to_thread(service.catalog.images, query)
+
+    @app.get("/v1/images/{image_id}")
+    async def image(image_id: str, request: Request) -> dict:
+        """One image's document (prediction, quality, PCA...) and the URL of its bytes."""
+        doc = await asyncio.to_thread(service.catalog.image, image_id)
+        return {**doc, "content_url": content_url(request, image_id)}
+
+    @app.get("/v1/images/{image_id}/content")
+    async def content(image_id: str) -> StreamingResponse:
+        """The image's bytes as stored in the lake."""
+        media_type, chunks = await asyncio.to_thread(service.catalog.content, image_id)
+        return StreamingResponse(chunks, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/v1/images/{image_id}/similar")
+    async def similar(image_id: str, request: Request, k: int = Query(10, ge=1, le=100)) -> dict:
+        """The k images nearest to one of the lake by embedding (`orchard features` must have run)."""
+        rows = await asyncio.to_thread(service.catalog.similar_to_image, image_id, k)
+        return {"id": image_id, "similar": [with_url(request, row) for row in rows]}
+
+
+async def predict_uploads(service: Service, model: ServingModel, uploads: list[Upload], top: int, k: int) -> list[dict]:
+    """One result per upload, in order: top labels and neighbours, or its error and HTTP status."""
+    limit = service.s.serve_max_pixels
+    prepared = await asyncio.to_thread(lambda: [prepare_upload(model, u, limit) for u in uploads])
+    good = [p for p in prepared if "input" in p]
+    scored = await service.batcher.submit(model, [p.pop("input") for p in good]) if good else []
+    neighbours = await asyncio.gather(
+        *(asyncio.to_thread(nearest_or_none, service, s.embedding, model.version, k) for s, _ in scored)
+    )
+    for p, (s, batch), near in zip(good, scored, neighbours, strict=True):
+        p["top5"] = [{"label": label, "confidence": round(prob, 6)} for label, prob in model.top(s, top)]
+        p["batched_with"] = batch
+        p["similar"] = near
+    return prepared
+
+
+def prepare_upload(model: ServingModel, upload: Upload, max_pixels: int) -> dict:
+    """{"file", "id", "input"} for a usable upload, {"file", "id", "error", "status"} otherwise."""
+    result: dict = {"file": upload.name, "id": content_id(upload.content)}
+    try:
+        result["input"] = model.input_of(upload.content, max_pixels)
+    except RejectedImage as exc:
+        result.update(error=str(exc), status=exc.status)
+    return result
+
+
+def nearest_or_none(service: Service, vector: list[float], version: str, k: int) -> list[dict] | None:
+    """The k nearest lake images by the serving model's embedding; None if the index cannot say
+    (the prediction is still worth answering)."""
+    if k == 0:
+        return []
+    try:
+        rows = service.catalog.nearest(vector, version, k)
+    except Exception:  # Elasticsearch down or the index missing: answer without neighbours
+        log.warning("nearest images by %s unavailable", version, exc_info=True)
+        return None
+    return [{**row, "url": f"/v1/images/{row['id']}/content"} for row in rows]
+
+
+def strip_status(result: dict) -> dict:
+    """A result as the client sees it (the HTTP status is the response's)."""
+    return {key: value for key, value in result.items() if key != "status"}
+
+
+async def uploads_of(request: Request) -> list[Upload]:
+    """The images of a request: every file part of a multipart form, else the raw body (HTTP 400
+    if there is none)."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        uploads = [Upload(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
+    else:
+        body = await request.body()
+        uploads = [Upload(request.query_params.get("name", "body"), body)] if body else []
+    if not uploads:
+        raise HTTPException(400, "no image in the request: post multipart files, or an image as the raw body")
+    return uploads
+
+
+def require_key(request: Request, service: Service) -> None:
+    """HTTP 401 unless the request carries the API key (when one is required, or offered)."""
+    offered = request.headers.get(API_KEY_HEADER) or bearer_token(request.headers.get("authorization", ""))
+    if not offered and not service.key_required:
+        return
+    expected = service.s.serve_api_key.get_secret_value() if service.s.serve_api_key else ""
+    if not offered or not expected or not hmac.compare_digest(offered.encode(), expected.encode()):
+        raise HTTPException(401, f"a valid API key is required in the {API_KEY_HEADER} header")
+
+
+def bearer_token(header: str) -> str:
+    """The token of an `Authorization: Bearer TOKEN` header ('' if it is not one)."""
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def is_loopback(host: str) -> bool:
+    """True if a bind address only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def content_url(request: Request, image_id: str) -> str:
+    """The absolute URL of an image's bytes on this service."""
+    return str(request.url_for("content", image_id=image_id))
+
+
+def with_url(request: Request, row: dict) -> dict:
+    """A result row with the URL of its image's bytes."""
+    return {**row, "url": content_url(request, row["id"])}
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as `{"error": "..."}` with its status; unexpected ones as a bare 500."""
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
+
+    @app.exception_handler(ImageNotFound)
+    async def not_found(_: Request, exc: ImageNotFound) -> JSONResponse:
+        return JSONResponse({"error": f"no image with id {exc.args[0]!r} in the lake"}, status_code=404)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=413)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": "internal error (see the service log)"}, status_code=500)

@@ -1,0 +1,149 @@
+"""The model that serves: the registry's `serving` alias (else the newest version), loaded once,
+re-read every few seconds so that `orchard models promote` takes effect without a restart.
+
+Decoding, preprocessing and top-k are the batch job's own (orchard.spark_app.images, .preprocess),
+so a photo posted here gets the prediction `orchard infer` gives the same bytes in the lake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from orchard.core.errors import ConfigError, UnusableImage
+from orchard.core.settings import Settings
+from orchard.spark_app.images import ImageDecodeError, decode_image, open_raster
+from orchard.spark_app.local_prediction import load_predictor
+from orchard.spark_app.preprocess import as_probabilities, preprocessor, top_k
+from orchard.spark_app.registry import serving_version
+
+log = logging.getLogger(__name__)
+
+
+class RejectedImage(ValueError):
+    """An uploaded file that cannot be predicted; `status` is the HTTP status it earns."""
+
+    def __init__(self, reason: str, status: int = 422):
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One image's model outputs: class probabilities (the card's order) and its embedding."""
+
+    probabilities: np.ndarray
+    embedding: list[float]
+
+
+@dataclass(frozen=True, eq=False)
+class ServingModel:
+    """A loaded version: the network with (class outputs, embedding) outputs, and its card."""
+
+    version: str
+    card: dict
+    net: Any  # keras.Model with two outputs (orchard.spark_app.model.with_embedding)
+    prep: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.card["classes"])
+
+    def input_of(self, content: bytes, max_pixels: int) -> np.ndarray:
+        """The model input of an encoded image; RejectedImage saying why it cannot be used."""
+        check_pixels(content, max_pixels)
+        size = tuple(int(v) for v in self.card["input_size"])
+        try:
+            array = decode_image(content, (size[0], size[1]), int(self.card.get("channels", 3)))
+            return self.prep(array)
+        except (ImageDecodeError, UnusableImage) as exc:
+            raise RejectedImage(str(exc)) from None
+
+    def score(self, inputs: list[np.ndarray]) -> list[Scored]:
+        """Probabilities and embedding of each input, in one model call (runs in a worker thread)."""
+        outputs, embeddings = self.net.predict_on_batch(np.stack(inputs))
+        probabilities = as_probabilities(np.asarray(outputs))
+        vectors = np.asarray(embeddings).reshape(len(inputs), -1)
+        return [Scored(p, [float(v) for v in vec]) for p, vec in zip(probabilities, vectors, strict=True)]
+
+    def top(self, scored: Scored, k: int) -> list[tuple[str, float]]:
+        """The k most probable (label, probability) pairs of one image, best first."""
+        return top_k(scored.probabilities[None, :], self.classes, k)[0]
+
+
+def check_pixels(content: bytes, max_pixels: int) -> None:
+    """RejectedImage (413) if the image declares more than `max_pixels` pixels, read from its header
+    before anything is decoded (a small file can declare gigapixels: a decompression bomb)."""
+    try:
+        width, height = open_raster(content).picture.size
+    except Image.DecompressionBombError as exc:
+        raise RejectedImage(f"too many pixels: {exc}", 413) from None
+    except Exception as exc:  # any decoder's refusal is the client's bad file
+        raise RejectedImage(f"undecodable image: {type(exc).__name__}: {exc}"[:240]) from None
+    if width * height > max_pixels:
+        raise RejectedImage(
+            f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels} (ORCHARD_SERVE_MAX_PIXELS)",
+            413,
+        )
+
+
+def content_id(content: bytes) -> str:
+    """The lake's id of an image: the sha256 of its bytes (a posted photo already in the lake has its id)."""
+    return hashlib.sha256(content).hexdigest()
+
+
+def load_serving_model(s: Settings, version: str) -> ServingModel:
+    """Load a registered version for serving (TensorFlow is imported here, not at start)."""
+    from orchard.spark_app.model import with_embedding  # noqa: PLC0415 - TensorFlow on first load
+
+    net, card = load_predictor(s, version)
+    return ServingModel(version, card, with_embedding(net), preprocessor(card["preprocessing"]))
+
+
+class ModelHolder:
+    """The current ServingModel; `refresh` loads the alias' version when it changed."""
+
+    def __init__(self, s: Settings, loader: Callable[[Settings, str], ServingModel] = load_serving_model):
+        self._s, self._loader = s, loader
+        self.current: ServingModel | None = None
+        self.problem: str | None = "loading the serving model"
+        self.checked_at = 0.0
+
+    def refresh(self) -> bool:
+        """Re-read the alias and load its version if it is not the one loaded; True if it changed.
+        Blocking (runs in a worker thread); a failure keeps the model that serves and says why."""
+        self.checked_at = time.time()
+        try:
+            version = serving_version(self._s)
+            if version is None:
+                self.problem = "no model version is registered yet: run `orchard train`"
+                return False
+            if self.current is not None and self.current.version == version:
+                self.problem = None
+                return False
+            began = time.monotonic()
+            self.current, self.problem = self._loader(self._s, version), None
+            log.info("serving model %s (loaded in %.1f s)", version, time.monotonic() - began)
+            return True
+        except (ConfigError, OSError, ValueError) as exc:
+            self.problem = f"cannot load the serving model: {exc}"
+            log.warning("%s", self.problem)
+            return False
+
+    async def watch(self, every: float) -> None:
+        """Refresh now, then every `every` seconds, forever (cancelled at shutdown)."""
+        while True:
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception as exc:  # e.g. Elasticsearch down: keep serving, retry later
+                self.problem = f"cannot read the serving alias: {type(exc).__name__}: {exc}"[:300]
+                log.warning("%s", self.problem)
+            await asyncio.sleep(every)
