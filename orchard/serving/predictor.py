@@ -85,7 +85,7 @@ def check_pixels(content: bytes, max_pixels: int) -> None:
     try:
         width, height = open_raster(content).picture.size
     except Image.DecompressionBombError as exc:
-        raise RejectedImage(f"too many pixels: {exc}", 413) from None
+        raise RejectedImage(f"over the limit of {max_pixels} pixels (ORCHARD_SERVE_MAX_PIXELS): {exc}", 413) from None
     except Exception as exc:  # any decoder's refusal is the client's bad file
         raise RejectedImage(f"undecodable image: {type(exc).__name__}: {exc}"[:240]) from None
     if width * height > max_pixels:

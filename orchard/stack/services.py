@@ -338,6 +338,22 @@ def spark_defaults(s: Settings, tools: Toolchain) -> str:
     )
 
 
+def serve_service(s: Settings, tools: Toolchain) -> Service:
+    """`orchard serve`, the REST API, with this stack's settings: its home (credentials file, API
+    key) and every ORCHARD_* variable the launcher was given (ports, hosts)."""
+    orchard_env = {k: v for k, v in os.environ.items() if k.startswith("ORCHARD_")}
+    env = base_env(tools) | orchard_env | {"ORCHARD_HOME": str(s.home), "PYTHONPATH": str(REPO_ROOT)}
+    return Service(
+        name="serve",
+        kind="serve",
+        port=s.serve_port,
+        env=env,
+        argv=[str(tools.python), "-m", "orchard", "serve", "--port", str(s.serve_port)],
+        health_url=f"{s.serve_url}/healthz",
+        cwd=REPO_ROOT,
+    )
+
+
 def all_services(s: Settings, tools: Toolchain, layout: Layout, creds: dict[str, str]) -> list[Service]:
     """Every process of the native stack, in start order."""
     return [
@@ -345,6 +361,7 @@ def all_services(s: Settings, tools: Toolchain, layout: Layout, creds: dict[str,
         lb_service(s, tools, layout),
         *es_services(s, tools, layout),
         *spark_services(s, tools, layout),
+        serve_service(s, tools),
     ]
 
 

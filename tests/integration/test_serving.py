@@ -1,0 +1,247 @@
+"""`orchard serve` on the real native stack: the `serve` service `orchard stack up` started, with a
+CNN version trained, featurized and promoted here.
+
+Data: 4 classes x 20 train + 5 test synthetic 100x100 JPEGs (a random synth seed per run). What is
+checked: a promotion is picked up by the running service without a restart; predictions for posted
+photos equal `orchard predict`'s for the same files (same decoding and preprocessing); a photo of
+the lake finds itself first among its neighbours; neighbours' URLs give their exact bytes;
+concurrent requests share model calls; limits and errors are 4xx JSON naming the problem; bound
+beyond loopback, predictions require the API key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from lake_datasets import Dataset, clean_up, synth
+from orchard_cli import ORCHARD, last_json, ok, orchard
+
+from orchard.core.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 4, 20, 5
+CONCURRENT = 32
+
+
+@pytest.fixture(scope="module")
+def served(stack: Settings, tmp_path_factory):
+    """(dataset, version, the test photos): a CNN version trained and featurized on a fresh
+    dataset, promoted, and serving."""
+    token = os.urandom(3).hex()
+    root = synth(tmp_path_factory.mktemp("serve") / "fruits", CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, int(token, 16))
+    ds = Dataset(f"it-serve-{token}", stack, corrupt_key="")
+    try:
+        ok(orchard("upload", str(root), "--dataset", ds.name))
+        trained = last_json(ok(orchard("train", "--dataset", ds.name, "--epochs", "2", "--batch-size", "8", "--json")))
+        version = trained["version"]
+        ds.versions.append(version)
+        ok(orchard("features", "--dataset", ds.name, "--model", version))
+        yield ds, version, sorted((root / "Test").rglob("*.jpg"))
+    finally:
+        clean_up(ds)
+
+
+@pytest.fixture(scope="module")
+def api(stack: Settings, served):
+    """An HTTP client of the stack's service, once it serves the promoted version."""
+    _, version, _ = served
+    with httpx.Client(base_url=stack.serve_url, timeout=60) as client:
+        pid_before = service_pid(stack)
+        ok(orchard("models", "promote", version))
+        health = wait_for_model(client, version)
+        assert health["ready"] and service_pid(stack) == pid_before  # picked up without a restart
+        yield client
+
+
+def service_pid(s: Settings) -> int:
+    """The pid of the stack's serve service (`orchard stack status`)."""
+    rows = json.loads(ok(orchard("stack", "status", "--json")).stdout)
+    return next(row["pid"] for row in rows if row["service"] == "serve")
+
+
+def wait_for_model(client: httpx.Client, version: str, seconds: float = 180) -> dict:
+    """/healthz once the service serves `version` (AssertionError after `seconds`)."""
+    deadline, health = time.monotonic() + seconds, {}
+    while time.monotonic() < deadline:
+        health = client.get("/healthz").json()
+        if health.get("model") == version:
+            return health
+        time.sleep(1)
+    raise AssertionError(f"the service did not load {version} in {seconds:.0f}s: {health}")
+
+
+def posted(client: httpx.Client, paths: list[Path], **params) -> httpx.Response:
+    """POST /v1/predict with the files as multipart parts."""
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    return client.post("/v1/predict", files=files, params=params)
+
+
+def test_stack_status_lists_the_service_healthy(api):
+    rows = {row["service"]: row for row in json.loads(ok(orchard("stack", "status", "--json")).stdout)}
+    assert rows["serve"]["health"] == "healthy" and rows["serve"]["pid"]
+    assert api.get("/openapi.json").json()["paths"].keys() >= {"/v1/predict", "/v1/images", "/healthz"}
+
+
+def test_predictions_equal_local_predict_and_find_the_lake_copy_first(api, served):
+    _, version, photos = served
+    chosen = photos[::TEST_PER_CLASS][:CLASSES]  # one per class
+    response = posted(api, chosen, k=3)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == version and len(body["predictions"]) == len(chosen)
+    predicted = ok(orchard("predict", "--model", version, "--json", *map(str, chosen)))
+    local = [json.loads(line) for line in predicted.stdout.splitlines()]
+    for photo, prediction, expected in zip(chosen, body["predictions"], local, strict=True):
+        assert prediction["file"] == photo.name
+        assert prediction["id"] == hashlib.sha256(photo.read_bytes()).hexdigest()
+        confidences = [entry["confidence"] for entry in prediction["top5"]]
+        assert len(confidences) == min(5, CLASSES) and confidences == sorted(confidences, reverse=True)
+        assert prediction["top5"][0]["label"] == expected["top5"][0]["label"]
+        assert abs(confidences[0] - expected["top5"][0]["probability"]) < 1e-4
+        # the photo is in the lake, featurized by the same model: its own copy is its nearest image
+        assert len(prediction["similar"]) == 3 and prediction["similar"][0]["id"] == prediction["id"]
+
+
+def test_neighbour_urls_give_the_exact_bytes(api, served):
+    _, _, photos = served
+    neighbour = posted(api, photos[:1], k=2).json()["predictions"][0]["similar"][1]
+    content = api.get(neighbour["url"])
+    assert content.status_code == 200 and content.headers["content-type"] == "image/jpeg"
+    assert hashlib.sha256(content.content).hexdigest() == neighbour["id"]
+
+
+def test_raw_body_and_bad_files_among_good_ones(api, served):
+    _, _, photos = served
+    raw = api.post("/v1/predict", content=photos[0].read_bytes(), headers={"content-type": "image/jpeg"})
+    assert raw.status_code == 200 and raw.json()["predictions"][0]["file"] == "body"
+    mixed = api.post(
+        "/v1/predict",
+        files=[
+            ("files", ("notes.txt", b"not an image", "text/plain")),
+            ("files", (photos[1].name, photos[1].read_bytes())),
+        ],
+    )
+    assert mixed.status_code == 200  # one usable image: answered, the other one says why not
+    bad, good = mixed.json()["predictions"]
+    assert bad["file"] == "notes.txt" and bad["error"].startswith("undecodable image") and "top5" not in bad
+    assert good["top5"] and "error" not in good
+
+
+def test_concurrent_requests_share_model_calls(api, served):
+    _, _, photos = served
+    start = threading.Barrier(CONCURRENT)
+
+    def one(i: int) -> dict:
+        start.wait()
+        response = posted(api, [photos[i % len(photos)]], k=0)
+        assert response.status_code == 200, response.text
+        return response.json()["predictions"][0]
+
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        results = list(pool.map(one, range(CONCURRENT)))
+    assert all(r["top5"] for r in results)
+    assert max(r["batched_with"] for r in results) > 1  # requests joined another's model call
+    assert api.get("/healthz").json()["largest_batch"] > 1
+
+
+def test_images_listing_document_and_similar(api, served):
+    ds, _, _ = served
+    listing = api.get("/v1/images", params={"dataset": ds.name, "split": "test", "size": 7, "page": 2}).json()
+    assert listing["total"] == CLASSES * TEST_PER_CLASS and len(listing["images"]) == 7
+    assert {row["dataset"] for row in listing["images"]} == {ds.name}
+    first = listing["images"][0]
+    doc = api.get(f"/v1/images/{first['id']}").json()
+    assert doc["key"] == first["key"] and "embedding" not in doc
+    assert hashlib.sha256(api.get(doc["content_url"]).content).hexdigest() == first["id"]
+    similar = api.get(f"/v1/images/{first['id']}/similar", params={"k": 3}).json()["similar"]
+    assert len(similar) == 3 and first["id"] not in {row["id"] for row in similar}
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels but holds almost none (a decompression bomb's header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def test_errors_are_json_naming_the_problem(api, stack: Settings):
+    missing = api.get("/v1/images/" + "0" * 64)
+    assert missing.status_code == 404 and "no image with id" in missing.json()["error"]
+    for width, height in ((8_000, 6_000), (30_000, 30_000)):  # over our limit; over Pillow's too
+        bomb = api.post("/v1/predict", files=[("files", ("bomb.png", png_header(width, height)))])
+        assert bomb.status_code == 413 and "ORCHARD_SERVE_MAX_PIXELS" in bomb.json()["error"]
+        assert "bomb.png" in bomb.json()["error"]
+    big = api.post("/v1/predict", content=b"\0" * int((stack.serve_max_request_mb + 1) * 2**20))
+    assert big.status_code == 413 and "ORCHARD_SERVE_MAX_REQUEST_MB" in big.json()["error"]
+    empty = api.post("/v1/predict", content=b"")
+    assert empty.status_code == 400 and "no image" in empty.json()["error"]
+    invalid = api.post("/v1/predict", params={"top": 0}, content=b"x")
+    assert invalid.status_code == 422 and "top" in invalid.json()["error"]
+    wrong_key = api.post("/v1/predict", content=b"x", headers={"X-API-Key": "wrong"})
+    assert wrong_key.status_code == 401 and "API key" in wrong_key.json()["error"]
+    unknown = orchard("models", "promote", "cnn-00000000000000-00000000")
+    assert unknown.returncode == 3 and "not found" in unknown.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_beyond_loopback_predictions_require_the_api_key(stack: Settings, served, api):
+    _, version, photos = served
+    port = free_port()
+    server = subprocess.Popen(
+        [str(ORCHARD), "-q", "serve", "--host", "0.0.0.0", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            wait_until_up(client, server)
+            wait_for_model(client, version)
+            anonymous = posted(client, photos[:1])
+            assert anonymous.status_code == 401 and "X-API-Key" in anonymous.json()["error"]
+            key = stack.secret("serve_api_key")
+            keyed = client.post(
+                "/v1/predict",
+                files=[("files", (photos[0].name, photos[0].read_bytes()))],
+                headers={"X-API-Key": key},
+            )
+            assert keyed.status_code == 200 and keyed.json()["predictions"][0]["top5"]
+            assert client.get("/v1/images", params={"size": 1}).status_code == 200  # reads stay open
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def wait_until_up(client: httpx.Client, server: subprocess.Popen, seconds: float = 60) -> None:
+    """Poll /healthz until the server answers (AssertionError with its stderr if it exits)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"orchard serve exited {server.returncode}: {server.stderr.read().decode()[-2000:]}")
+        try:
+            if client.get("/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("orchard serve did not answer within 60 s")
