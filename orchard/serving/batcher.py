@@ -69,7 +69,9 @@ class MicroBatcher(Generic[M, R]):
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         while not self._queue.empty():
-            self._queue.get_nowait().future.set_exception(RuntimeError("the service is stopping"))
+            future = self._queue.get_nowait().future
+            if not future.done():  # a caller that went away has a cancelled future
+                future.set_exception(RuntimeError("the service is stopping"))
 
     async def submit(self, model: M, items: Sequence[Any]) -> list[tuple[R, int]]:
         """(result, size of the model call it was part of) per item, in order; the call's exception
@@ -111,6 +113,7 @@ class MicroBatcher(Generic[M, R]):
             return
         try:
             results = await asyncio.to_thread(self._run, model, [p.item for p in live])
+            rows = list(zip(live, results, strict=True))  # a wrong count fails this call, not the loop
         except Exception as exc:  # the callers turn it into their error response
             log.exception("model call of %d inputs failed", len(live))
             for p in live:
@@ -118,7 +121,7 @@ class MicroBatcher(Generic[M, R]):
                     p.future.set_exception(exc)
             return
         self.stats.add(len(live))
-        for p, result in zip(live, results, strict=True):
+        for p, result in rows:
             if not p.future.done():
                 p.future.set_result((result, len(live)))
 

@@ -1,0 +1,279 @@
+"""`orchard serve` under load: latency and requests/s of POST /v1/predict at 1, 8 and 32 concurrent
+clients, against the model's own images/s in the same run (what micro-batching recovers).
+
+One run, one dataset (`bench-serve-<seed>`: --classes x --per-class train + --test-per-class test
+100x100 JPEGs written by `orchard dataset synth`, uploaded with the real uploader), in this order:
+
+  train       `orchard train` (the default CNN, --epochs) -> VERSION
+  features    `orchard features --model VERSION` (embeddings in the documents: neighbours exist)
+  promote     `orchard models promote VERSION`
+  serve       `python -m orchard serve --port <free port>` as a child process; waits (bounded,
+              --ready-timeout) until /healthz is ready with VERSION
+  clients_N   for N in --levels (1 8 32): N clients, each posting ONE test image as multipart
+              (k=5) at a time, until --requests requests or --seconds seconds: p50/p99 latency (ms),
+              requests/s; /healthz's largest_batch after the level
+  model_only  VERSION loaded in this process (load_predictor), predict_on_batch on 32 preprocessed
+              test images (the card's preprocessing, as orchard/serving/predictor.py builds inputs)
+              repeated for --model-seconds after a warm-up: images/s
+
+Prints one JSON line per step and, last, one JSON object with p50_ms_N, p99_ms_N, rps_N per level,
+model_only_ips, rps_32_over_model_only, largest_batch (after the 32-client level) and the
+enrichment figures (null until auto-enrichment exists).
+
+  PYTHONPATH=. ~/.cache/orchard/venv/bin/python bench/serve.py [--classes 5 --per-class 40 --test-per-class 10]
+
+Needs the stack (`bin/orchard stack up`); the service runs on loopback (no API key). Leaves the
+dataset's objects, rows and the version in place, and the version promoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from transfer import REPO, orchard, prepare, report_steps, split_facts, train_step
+
+log = logging.getLogger("bench.serve")
+LEVELS = (1, 8, 32)
+MODEL_BATCH = 32
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", type=int, default=5)
+    parser.add_argument("--per-class", type=int, default=40)
+    parser.add_argument("--test-per-class", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="concurrent clients per level")
+    parser.add_argument("--requests", type=int, default=200, help="requests per level at most")
+    parser.add_argument("--seconds", type=float, default=30.0, help="seconds per level at most")
+    parser.add_argument("--model-seconds", type=float, default=10.0, help="model-only timing")
+    parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /healthz ready")
+    parser.add_argument("--seed", type=int, default=None, help="default: the current time (fresh content)")
+    return parser.parse_args(argv)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100) of values, linear between the closest ranks; None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def held_out_images(tree: Path) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of the synthesized test split (OUT/Test/<Class>/*.jpg)."""
+    files = sorted((tree / "Test").rglob("*.jpg"))
+    if not files:
+        raise SystemExit(f"no test images under {tree / 'Test'}")
+    return [(path.name, path.read_bytes()) for path in files]
+
+
+def start_server(port: int, log_path: Path) -> subprocess.Popen:
+    """`python -m orchard serve --port PORT` in the background, its output to log_path."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with log_path.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "orchard", "serve", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Terminate the service and wait for it (killed if it does not stop within 30 s)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_ready(base: str, version: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> float:
+    """Seconds until /healthz says ready with `version`; SystemExit with the service's log if not."""
+    import httpx
+
+    began = time.monotonic()
+    last: dict | str = "no answer"
+    while time.monotonic() - began < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"orchard serve exited ({proc.returncode}):\n{tail(log_path)}")
+        try:
+            last = httpx.get(f"{base}/healthz", timeout=5).json()
+            if last.get("ready") and last.get("model") == version:
+                return time.monotonic() - began
+        except (httpx.HTTPError, ValueError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(1)
+    raise SystemExit(f"orchard serve not ready with {version} after {timeout:.0f} s ({last}):\n{tail(log_path)}")
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    """The end of a log file."""
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+async def load_level(base: str, images: list[tuple[str, bytes]], clients: int, requests: int, seconds: float) -> dict:
+    """`clients` concurrent clients posting one image each per request until `requests` requests
+    were started or `seconds` passed: latency percentiles (ms) and requests/s of the successful ones."""
+    import httpx
+
+    latencies: list[float] = []
+    failures: list[str] = []
+    started = 0
+    began = time.monotonic()
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal started
+        while started < requests and time.monotonic() - began < seconds:
+            name, content = images[started % len(images)]
+            started += 1
+            sent = time.monotonic()
+            try:
+                response = await http.post(
+                    f"{base}/v1/predict", params={"k": 5}, files={"file": (name, content, "image/jpeg")}
+                )
+            except httpx.HTTPError as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if response.status_code == 200:
+                latencies.append(time.monotonic() - sent)
+            else:
+                failures.append(f"{response.status_code}: {response.text[:200]}")
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    wall = time.monotonic() - began
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+    return {
+        "step": f"clients_{clients}",
+        "clients": clients,
+        "requests": len(latencies),
+        "failures": len(failures),
+        "first_failure": failures[0] if failures else None,
+        "seconds": round(wall, 2),
+        "p50_ms": round(p50 * 1000, 1) if p50 is not None else None,
+        "p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
+        "rps": round(len(latencies) / wall, 1) if wall > 0 else None,
+    }
+
+
+def healthz(base: str) -> dict:
+    """The service's /healthz."""
+    import httpx
+
+    return httpx.get(f"{base}/healthz", timeout=10).json()
+
+
+def model_only(version: str, images: list[tuple[str, bytes]], seconds: float) -> dict:
+    """images/s of the version's network alone on one batch of MODEL_BATCH preprocessed test images."""
+    import numpy as np
+
+    from orchard.core.settings import load_settings
+    from orchard.spark_app.images import decode_image
+    from orchard.spark_app.local_prediction import load_predictor
+    from orchard.spark_app.preprocess import preprocessor
+
+    net, card = load_predictor(load_settings(), version)
+    prep = preprocessor(card["preprocessing"])
+    size = tuple(int(v) for v in card["input_size"])
+    channels = int(card.get("channels", 3))
+    inputs = [prep(decode_image(images[i % len(images)][1], (size[0], size[1]), channels)) for i in range(MODEL_BATCH)]
+    batch = np.stack(inputs)
+    for _ in range(3):  # trace and warm up, outside the timing
+        net.predict_on_batch(batch)
+    calls = 0
+    began = time.monotonic()
+    while time.monotonic() - began < seconds:
+        net.predict_on_batch(batch)
+        calls += 1
+    wall = time.monotonic() - began
+    return {
+        "step": "model_only",
+        "batch": MODEL_BATCH,
+        "calls": calls,
+        "seconds": round(wall, 2),
+        "images_per_second": round(calls * MODEL_BATCH / wall, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    o = parse_args(argv)
+    seed = o.seed if o.seed is not None else int(time.time()) % 1_000_000
+    with tempfile.TemporaryDirectory(prefix="orchard-bench-serve-") as tmp:
+        work = Path(tmp)
+        dataset = prepare(o, seed, work, "bench-serve")
+        images = held_out_images(work / "tree")
+        train = train_step("train", dataset, o.epochs)
+        version = train["version"]
+        log.info("trained %s; embedding the dataset", version)
+        summary, wall = orchard("features", "--dataset", dataset, "--model", version, "--json")
+        features = {"step": "features", "images": (summary or {}).get("images"), "wall_seconds": round(wall, 1)}
+        orchard("models", "promote", version)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        log_path = work / "serve.log"
+        proc = start_server(port, log_path)
+        try:
+            ready = {
+                "step": "serve",
+                "port": port,
+                "ready_seconds": round(wait_ready(base, version, proc, o.ready_timeout, log_path), 1),
+            }
+            levels = []
+            largest_batch = None
+            for clients in o.levels:
+                log.info("%d concurrent clients", clients)
+                level = asyncio.run(load_level(base, images, clients, o.requests, o.seconds))
+                level["largest_batch_so_far"] = healthz(base).get("largest_batch")
+                largest_batch = level["largest_batch_so_far"]
+                levels.append(level)
+            health = healthz(base)
+        finally:
+            stop_server(proc)
+        log.info("service stopped; timing the model alone")
+        alone = model_only(version, images, o.model_seconds)
+    by = report_steps([train, features, {"step": "promote", "version": version}, ready, *levels, alone])
+    result: dict = {**split_facts(o, dataset), "version": version, "steps": by}
+    for level in levels:
+        n = level["clients"]
+        result.update({f"p50_ms_{n}": level["p50_ms"], f"p99_ms_{n}": level["p99_ms"], f"rps_{n}": level["rps"]})
+    rps_32 = result.get("rps_32")
+    result["model_only_ips"] = alone["images_per_second"]
+    result["rps_32_over_model_only"] = round(rps_32 / alone["images_per_second"], 3) if rps_32 else None
+    result["largest_batch"] = largest_batch
+    result["model_calls"] = health.get("model_calls")
+    result["images_predicted"] = health.get("images_predicted")
+    result["enrich_p50_s"] = None
+    result["enrich_p99_s"] = None
+    result["enrich_note"] = "auto-enrichment (MinIO notifications) not built yet"
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
