@@ -23,8 +23,18 @@ from starlette.datastructures import UploadFile
 from orchard.core.settings import Settings
 from orchard.serving.batcher import MicroBatcher
 from orchard.serving.catalog import MAX_WINDOW, Catalog, ImageNotFound, Page
+from orchard.serving.enrichment import (
+    EnrichTally,
+    NotReady,
+    ObjectEvent,
+    object_events,
+    prediction_of,
+    usable_content,
+    write_prediction,
+)
 from orchard.serving.limits import BodyLimit, BodyTooLarge
 from orchard.serving.predictor import ModelHolder, RejectedImage, Scored, ServingModel, content_id
+from orchard.spark_app.infer import PredictSpec
 from orchard.spark_app.registry import list_versions
 
 log = logging.getLogger(__name__)
@@ -123,6 +133,21 @@ def add_routes(app: FastAPI, service: Service) -> None:
             body["error"] = "; ".join(f"{r['file']}: {r['error']}" for r in failed)
         return JSONResponse(body, status_code=status)
 
+    @app.post("/v1/events", include_in_schema=False)
+    async def events(request: Request) -> JSONResponse:
+        """MinIO's object-created notifications (webhook target, the API key as its token): each
+        new image predicted and its document updated; 503 makes MinIO keep the event and retry."""
+        require_key(request, service, always=True)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(400, "the body is not a JSON event notification") from None
+        try:
+            tally = await enrich(service, object_events(body))
+        except NotReady as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        return JSONResponse(tally.as_dict())
+
     @app.get("/v1/images")
     async def images(
         dataset: str | None = None,
@@ -174,6 +199,41 @@ async def predict_uploads(service: Service, model: ServingModel, uploads: list[U
     return prepared
 
 
+async def enrich(service: Service, events: list[ObjectEvent]) -> EnrichTally:
+    """Predict each event's image with the serving model and write its document's prediction;
+    NotReady (nothing written for that event or later ones) when it cannot be done yet."""
+    tally = EnrichTally()
+    for event in events:
+        content, reason = await asyncio.to_thread(usable_content, service.catalog, event)
+        if content is None:
+            tally.skipped[event.key] = reason
+            continue
+        error = await predict_into_document(service, content)
+        tally.predicted += error is None
+        tally.errors += error is not None
+        log.info("enriched %s: %s", event.key, error or "predicted")
+    return tally
+
+
+async def predict_into_document(service: Service, content: bytes) -> str | None:
+    """Predict one image with the serving model and write its document's prediction (its error if it
+    cannot be predicted); returns that error or None. NotReady if no model serves yet."""
+    model = service.holder.current
+    if model is None:
+        raise NotReady(service.holder.problem or "no model is loaded yet")
+    scored, error = None, None
+    try:
+        prepared = await asyncio.to_thread(model.input_of, content, service.s.serve_max_pixels)
+        [(scored, _)] = await service.batcher.submit(model, [prepared])
+    except RejectedImage as exc:
+        error = str(exc)
+    spec = PredictSpec.from_card(service.s, model.card, batch_size=1)
+    prediction = prediction_of(model, spec, scored, error)
+    if not await asyncio.to_thread(write_prediction, service.catalog, content_id(content), prediction):
+        raise NotReady("the document vanished between its check and its update")
+    return error
+
+
 def prepare_upload(model: ServingModel, upload: Upload, max_pixels: int) -> dict:
     """{"file", "id", "input"} for a usable upload, {"file", "id", "error", "status"} otherwise."""
     result: dict = {"file": upload.name, "id": content_id(upload.content)}
@@ -217,10 +277,11 @@ async def uploads_of(request: Request) -> list[Upload]:
     return uploads
 
 
-def require_key(request: Request, service: Service) -> None:
-    """HTTP 401 unless the request carries the API key (when one is required, or offered)."""
+def require_key(request: Request, service: Service, always: bool = False) -> None:
+    """HTTP 401 unless the request carries the API key (when one is required, or offered; `always`
+    for writes)."""
     offered = request.headers.get(API_KEY_HEADER) or bearer_token(request.headers.get("authorization", ""))
-    if not offered and not service.key_required:
+    if not offered and not (service.key_required or always):
         return
     expected = service.s.serve_api_key.get_secret_value() if service.s.serve_api_key else ""
     if not offered or not expected or not hmac.compare_digest(offered.encode(), expected.encode()):

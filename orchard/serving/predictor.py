@@ -134,9 +134,14 @@ class ModelHolder:
             log.info("serving model %s (loaded in %.1f s)", version, time.monotonic() - began)
             return True
         except (ConfigError, OSError, ValueError) as exc:
-            self.problem = f"cannot load the serving model: {exc}"
-            log.warning("%s", self.problem)
+            self.report(f"cannot load the serving model: {exc}")
             return False
+
+    def report(self, problem: str) -> None:
+        """Record why no (new) model serves; logged once per distinct problem, not every refresh."""
+        if problem != self.problem:
+            log.warning("%s", problem)
+        self.problem = problem
 
     async def watch(self, every: float) -> None:
         """Refresh now, then every `every` seconds, forever (cancelled at shutdown)."""
@@ -144,6 +149,5 @@ class ModelHolder:
             try:
                 await asyncio.to_thread(self.refresh)
             except Exception as exc:  # e.g. Elasticsearch down: keep serving, retry later
-                self.problem = f"cannot read the serving alias: {type(exc).__name__}: {exc}"[:300]
-                log.warning("%s", self.problem)
+                self.report(f"cannot read the serving alias: {type(exc).__name__}: {exc}"[:300])
             await asyncio.sleep(every)

@@ -227,9 +227,14 @@ def promoted_version(s: Settings) -> str | None:
 
 
 def serving_version(s: Settings) -> str | None:
-    """The version that serves: the promoted one, else the newest registered version (None if none)."""
+    """The version that serves: the promoted one while its files exist, else the newest registered
+    version (None if none)."""
     promoted = promoted_version(s)
     if promoted:
-        return promoted
+        try:
+            load_card(s, promoted)
+            return promoted
+        except ConfigError as exc:  # deleted since its promotion: serve the newest rather than nothing
+            log.debug("the promoted model cannot serve (%s): serving the newest version", exc)
     newest = [v["version"] for v in list_versions(s, limit=20) if not is_pretrained(str(v.get("version")))]
     return newest[0] if newest else None

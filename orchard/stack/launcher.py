@@ -19,7 +19,7 @@ from orchard.core.settings import Settings, with_credentials_file
 from orchard.core.toolchain import Toolchain
 from orchard.stack import process
 from orchard.stack.services import Layout, Service, all_services, copy_es_config_dir, user_group
-from orchard.stack.setup import setup_stack
+from orchard.stack.setup import setup_stack, subscribe_images_bucket
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ def up(s: Settings) -> list[ServiceStatus]:
         start(service, layout, tools, s.bind_host)
     wait_for_stack(s, layout, services, deadline=began + s.health_timeout)
     setup_stack(s)
+    subscribe_images_bucket(s)  # the nodes' webhook target exists on the native stack only
     log.info("stack healthy in %.0fs", time.monotonic() - began)
     return status(s)
 

@@ -84,16 +84,20 @@ def minio_services(s: Settings, tools: Toolchain, layout: Layout, creds: dict[st
     services = []
     for i in range(s.minio_nodes):
         port = s.minio_node_port + i
-        env = base_env(tools) | {
-            "MINIO_ROOT_USER": creds["ORCHARD_S3_ACCESS_KEY"],
-            "MINIO_ROOT_PASSWORD": creds["ORCHARD_S3_SECRET_KEY"],
-            # All four drives live on one disk here; MinIO refuses root-disk drives otherwise.
-            "MINIO_CI_CD": "on",
-            "MINIO_UPDATE": "off",
-            # Inside a container (this machine, CI) MinIO treats loopback endpoints as unresolved
-            # and waits forever; this names the endpoint that is this process's own.
-            "_MINIO_SERVER_LOCAL": f"{s.bind_host}:{port}",
-        }
+        env = (
+            base_env(tools)
+            | {
+                "MINIO_ROOT_USER": creds["ORCHARD_S3_ACCESS_KEY"],
+                "MINIO_ROOT_PASSWORD": creds["ORCHARD_S3_SECRET_KEY"],
+                # All four drives live on one disk here; MinIO refuses root-disk drives otherwise.
+                "MINIO_CI_CD": "on",
+                "MINIO_UPDATE": "off",
+                # Inside a container (this machine, CI) MinIO treats loopback endpoints as unresolved
+                # and waits forever; this names the endpoint that is this process's own.
+                "_MINIO_SERVER_LOCAL": f"{s.bind_host}:{port}",
+            }
+            | webhook_env(s, layout, creds)
+        )
         argv = [
             str(tools.minio),
             "server",
@@ -115,6 +119,28 @@ def minio_services(s: Settings, tools: Toolchain, layout: Layout, creds: dict[st
             )
         )
     return services
+
+
+# The webhook target `orchard stack up` subscribes the images bucket to (orchard.stack.setup): object
+# creations go to `orchard serve` (auto-enrichment, orchard/serving/enrichment.py).
+WEBHOOK_TARGET = "ORCHARD"
+WEBHOOK_ARN = f"arn:minio:sqs::{WEBHOOK_TARGET}:webhook"
+
+
+def webhook_env(s: Settings, layout: Layout, creds: dict[str, str]) -> dict[str, str]:
+    """The MinIO nodes' webhook target for `orchard serve`: its events URL, the service's API key as
+    the token, and the queue directory where events wait (on disk, across restarts) while the
+    service is down or answers 503. MinIO requires the same MINIO_* values on every node, so on
+    one machine the nodes share the directory: an event may then be sent twice, which the
+    service's idempotent writes absorb."""
+    var = f"MINIO_NOTIFY_WEBHOOK_{{}}_{WEBHOOK_TARGET}"
+    return {
+        var.format("ENABLE"): "on",
+        var.format("ENDPOINT"): f"{s.serve_url}/v1/events",
+        var.format("AUTH_TOKEN"): creds["ORCHARD_SERVE_API_KEY"],
+        var.format("QUEUE_DIR"): str(layout.data / "minio-events"),
+        var.format("QUEUE_LIMIT"): "100000",
+    }
 
 
 # The templates both deployments render (compose: see each file's header).

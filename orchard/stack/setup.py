@@ -12,6 +12,7 @@ from typing import Any
 
 from elasticsearch import Elasticsearch
 from minio import Minio
+from minio.notificationconfig import NotificationConfig, QueueConfig
 
 from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ServiceUnavailable
@@ -19,12 +20,14 @@ from orchard.core.retry import ES_SETUP, S3_SETUP, es_transient, retried, s3_tra
 from orchard.core.settings import Settings
 from orchard.core.table_write import create_table
 from orchard.core.toolchain import REPO_ROOT
+from orchard.stack.services import WEBHOOK_ARN
 
 log = logging.getLogger(__name__)
 
 MAPPINGS_DIR = REPO_ROOT / "es_mappings"
 # mapping file -> the settings field naming the index it templates
 TEMPLATES = {"images.json": "images_index", "models.json": "models_index"}
+OBJECT_CREATED = "s3:ObjectCreated:*"  # puts, copies and completed multipart uploads
 GREEN_WAIT_SECONDS = 60  # Elasticsearch waits this long for a green cluster; the client a bit longer
 
 
@@ -122,3 +125,12 @@ def setup_stack(s: Settings) -> None:
         apply_templates(s)
     except Exception as exc:
         raise ServiceUnavailable(f"elasticsearch setup at {s.es_urls[0]} failed: {exc}") from exc
+
+
+@retried(S3_SETUP, s3_transient, log)  # MinIO may still be starting (orchard.core.retry)
+def subscribe_images_bucket(s: Settings) -> None:
+    """Send the images bucket's object creations to the nodes' webhook target (`orchard serve`'s
+    auto-enrichment; native stack: orchard.stack.services.webhook_env). Idempotent."""
+    rule = QueueConfig(queue=WEBHOOK_ARN, events=[OBJECT_CREATED], config_id="orchard-enrichment")
+    s3_client(s).set_bucket_notification(s.images_bucket, NotificationConfig(queue_config_list=[rule]))
+    log.info("images bucket events go to %s", WEBHOOK_ARN)

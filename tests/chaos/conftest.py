@@ -56,13 +56,14 @@ CHAOS_OVERRIDES: dict[str, Any] = {
     "spark_master_port": 19477,
     "spark_ui_port": 19480,
     "spark_worker_ui_port": 19481,
+    "serve_port": 19460,
     "es_heap": "512m",
     "spark_worker_memory": "2g",
 }
 # Spark conf of every job here: executors must fit the 2g workers, small tasks retry finely.
 SPARK_CONF = ("--conf", "spark.executor.memory=1g", "--conf", "spark.driver.memory=1g")
 DEV_STACK_VAR = "CHAOS_DEV_STACK"
-DEFAULT_PORTS = {"minio_port": 9000, "es_http_port": 9200, "spark_master_port": 7077}
+DEFAULT_PORTS = {"minio_port": 9000, "es_http_port": 9200, "spark_master_port": 7077, "serve_port": 8600}
 
 
 # --------------------------------------------------------------------------------------------

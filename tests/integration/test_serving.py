@@ -12,8 +12,10 @@ beyond loopback, predictions require the API key.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -25,9 +27,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from lake_datasets import Dataset, clean_up, synth
+from lake_datasets import Dataset, clean_up, count, docs_of, synth
 from orchard_cli import ORCHARD, last_json, ok, orchard
 
+from orchard.core.clients import es_client, s3_client
 from orchard.core.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -245,3 +248,84 @@ def wait_until_up(client: httpx.Client, server: subprocess.Popen, seconds: float
             pass
         time.sleep(0.5)
     raise AssertionError("orchard serve did not answer within 60 s")
+
+
+# --- auto-enrichment: MinIO notifications -> the service -> documents -----------------------------
+
+
+def new_dataset(stack: Settings, tmp_path: Path, tag: str) -> tuple[Dataset, Path]:
+    """A small synthetic tree of images no other dataset has (fresh seed), not uploaded yet."""
+    token = os.urandom(3).hex()
+    root = synth(tmp_path / "fruits", 2, 3, 1, int(token, 16) + 7)
+    return Dataset(f"it-serve-{tag}-{token}", stack, corrupt_key=""), root
+
+
+def put_broken_image(ds: Dataset) -> str:
+    """An object that is not an image under a .jpg key, with the document the uploader would write
+    (written first: the event then finds it); returns its id."""
+    s = ds.settings
+    data = b"\xff\xd8\xff\xe0 not really a JPEG " + os.urandom(32)
+    image_id, key = hashlib.sha256(data).hexdigest(), f"{ds.name}/test/lime/broken.jpg"
+    document = {"id": image_id, "dataset": ds.name, "split": "test", "label": "lime", "key": key, "sha256": image_id}
+    es_client(s).index(index=s.images_index, id=image_id, document=document, op_type="create", refresh="wait_for")
+    s3_client(s).put_object(s.images_bucket, key, io.BytesIO(data), len(data), content_type="image/jpeg")
+    return image_id
+
+
+def wait_for_predictions(ds: Dataset, version: str, expected: int, seconds: float) -> float:
+    """Seconds until `expected` documents of the dataset carry a prediction by `version`
+    (AssertionError with the count reached after `seconds`)."""
+    began, done = time.monotonic(), 0
+    while time.monotonic() - began < seconds:
+        es_client(ds.settings).indices.refresh(index=ds.settings.images_index)
+        done = count(ds, {"term": {"prediction.model_version": version}})
+        if done >= expected:
+            return time.monotonic() - began
+        time.sleep(0.5)
+    raise AssertionError(f"{done} of {expected} documents of {ds.name} predicted by {version} after {seconds:.0f}s")
+
+
+def test_new_uploads_are_predicted_by_the_serving_model_within_seconds(stack: Settings, served, api, tmp_path):
+    _, version, _ = served
+    ds, root = new_dataset(stack, tmp_path, "new")
+    try:
+        ok(orchard("upload", str(root), "--dataset", ds.name))
+        broken = put_broken_image(ds)
+        seconds = wait_for_predictions(ds, version, expected=2 * (3 + 1) + 1, seconds=120)
+        print(f"{2 * 4 + 1} new images predicted by the service {seconds:.1f} s after the upload ended")
+        error = es_client(stack).get(index=stack.images_index, id=broken)["_source"]["prediction"]
+        assert error["label"] is None and error["error"].startswith("undecodable image")
+        predicted = docs_of(ds, split="train")[0]["_source"]["prediction"]
+        assert predicted["label"] and predicted["top5"] and predicted["model_family"] == "cnn"
+    finally:
+        clean_up(ds)
+
+
+def test_uploads_made_while_the_service_is_down_are_predicted_when_it_is_back(stack: Settings, served, api, tmp_path):
+    _, version, _ = served
+    ds, root = new_dataset(stack, tmp_path, "down")
+    pid = service_pid(stack)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        wait_gone(pid)
+        ok(orchard("upload", str(root), "--dataset", ds.name))
+        time.sleep(3)
+        assert count(ds, {"exists": {"field": "prediction.model_version"}}) == 0  # nobody to predict them
+        ok(orchard("stack", "up"))  # restarts the service; MinIO sends what it kept
+        wait_for_model(api, version)
+        seconds = wait_for_predictions(ds, version, expected=2 * (3 + 1), seconds=180)
+        print(f"{2 * 4} images uploaded while the service was down predicted {seconds:.1f} s after it was back")
+    finally:
+        clean_up(ds)
+
+
+def wait_gone(pid: int, seconds: float = 30) -> None:
+    """Wait until the process `pid` has exited."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"process {pid} still runs {seconds:.0f}s after SIGTERM")
