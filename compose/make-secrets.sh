@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make secrets`: write compose/.env (or the file given as $1) from compose/.env.example.
-#   - empty *_PASSWORD, *_SECRET_KEY and *_ENCRYPTION_KEY values get 32 random characters;
+#   - empty *_PASSWORD, *_SECRET_KEY, *_ENCRYPTION_KEY and *_API_KEY values get 32 random characters;
 #   - version pins are copied from deps/versions.env (the one place they are pinned);
 #   - every other value comes from an existing .env if there is one, else from the template.
 # Re-running keeps every secret and every local change, and refreshes the pins. The file is 0600.
@@ -31,7 +31,7 @@ lookup() {
 }
 
 is_secret() {
-  case "$1" in *_PASSWORD|*_SECRET_KEY|*_ENCRYPTION_KEY) return 0 ;; *) return 1 ;; esac
+  case "$1" in *_PASSWORD|*_SECRET_KEY|*_ENCRYPTION_KEY|*_API_KEY) return 0 ;; *) return 1 ;; esac
 }
 
 # key template-default: the value to write (pin, else existing, else generated or default).

@@ -4,8 +4,9 @@
 # secret to the one in .env, and an already attached policy is not attached twice.
 #
 # Environment (from compose/.env): MINIO_ROOT_USER/PASSWORD, UPLOADER_S3_ACCESS_KEY/SECRET_KEY,
-# SPARK_S3_ACCESS_KEY/SECRET_KEY, ORCHARD_IMAGES_BUCKET, ORCHARD_FEATURES_BUCKET,
-# ORCHARD_MODELS_BUCKET, ORCHARD_LAKE_BUCKET (the Delta table's bucket, default lake);
+# SPARK_S3_ACCESS_KEY/SECRET_KEY, SERVE_S3_ACCESS_KEY/SECRET_KEY, ORCHARD_IMAGES_BUCKET,
+# ORCHARD_FEATURES_BUCKET, ORCHARD_MODELS_BUCKET, ORCHARD_LAKE_BUCKET (the Delta table's bucket,
+# default lake);
 # MINIO_SETUP_ENDPOINT (default http://minio-lb:9000).
 #
 # Any secret works: the keys reach mc on its standard input, never as arguments (an argument
@@ -104,6 +105,25 @@ spark_policy() {
 EOF
 }
 
+# serve (the REST API): read only. Model files and the serving alias in the models bucket, image
+# bytes in the images bucket. s3:ListBucket because without it MinIO answers a missing object with
+# AccessDenied, not NoSuchKey (no serving alias before the first `orchard models promote`).
+serve_policy() {
+  cat <<EOF
+{
+  "Version": "2012-10-17",
+  "Statement": [
+    {"Effect": "Allow",
+     "Action": ["s3:GetBucketLocation", "s3:ListBucket"],
+     "Resource": [$(bucket_arn "$IMAGES"), $(bucket_arn "$MODELS")]},
+    {"Effect": "Allow",
+     "Action": ["s3:GetObject"],
+     "Resource": [$(objects_arn "$IMAGES"), $(objects_arn "$MODELS")]}
+  ]
+}
+EOF
+}
+
 make_buckets() {
   local bucket
   for bucket in "$IMAGES" "$FEATURES" "$MODELS" "$LAKE"; do
@@ -131,9 +151,9 @@ grant() {
 
 main() {
   require_env MINIO_ROOT_USER MINIO_ROOT_PASSWORD UPLOADER_S3_ACCESS_KEY UPLOADER_S3_SECRET_KEY \
-    SPARK_S3_ACCESS_KEY SPARK_S3_SECRET_KEY
+    SPARK_S3_ACCESS_KEY SPARK_S3_SECRET_KEY SERVE_S3_ACCESS_KEY SERVE_S3_SECRET_KEY
   require_one_line MINIO_ROOT_USER MINIO_ROOT_PASSWORD UPLOADER_S3_ACCESS_KEY UPLOADER_S3_SECRET_KEY \
-    SPARK_S3_ACCESS_KEY SPARK_S3_SECRET_KEY
+    SPARK_S3_ACCESS_KEY SPARK_S3_SECRET_KEY SERVE_S3_ACCESS_KEY SERVE_S3_SECRET_KEY
   MC_CONFIG_DIR=$(mktemp -d)
   export MC_CONFIG_DIR
   trap 'rm -rf "$MC_CONFIG_DIR"' EXIT
@@ -141,6 +161,7 @@ main() {
   make_buckets
   grant orchard-uploader uploader_policy "$UPLOADER_S3_ACCESS_KEY" "$UPLOADER_S3_SECRET_KEY"
   grant orchard-spark spark_policy "$SPARK_S3_ACCESS_KEY" "$SPARK_S3_SECRET_KEY"
+  grant orchard-serve serve_policy "$SERVE_S3_ACCESS_KEY" "$SERVE_S3_SECRET_KEY"
   log "done"
 }
 

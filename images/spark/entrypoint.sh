@@ -4,7 +4,7 @@
 #   worker               a Spark worker registering with $ORCHARD_SPARK_MASTER (scale freely)
 #   submit ARGS...       `orchard ARGS...` as the driver of a spark-submit against the master
 #   seed [ARGS...]       upload /input, or a generated synthetic dataset when /input is empty
-#   orchard ARGS...      the orchard CLI in-process (setup, dataset, upload, search, ...)
+#   orchard ARGS...      the orchard CLI in-process (setup, serve, dataset, upload, search, ...)
 #   anything else        exec'd as is
 # Settings are the ORCHARD_* variables of the native deployment; nothing here is compose-specific
 # except addresses: each container advertises its own IP, so scaled workers never collide.

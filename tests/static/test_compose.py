@@ -30,11 +30,12 @@ EXPECTED_SERVICES = {
     "orchard-setup",
     "spark-master",
     "spark-worker",
+    "serve",
     "spark-app",
     "uploader",
 }
-APP_SERVICES = ["orchard-setup", "spark-app", "uploader"]
-LONG_RUNNING = [*MINIO_NODES, "minio-lb", *ES_NODES, "kibana", "spark-master", "spark-worker"]
+APP_SERVICES = ["orchard-setup", "serve", "spark-app", "uploader"]
+LONG_RUNNING = [*MINIO_NODES, "minio-lb", *ES_NODES, "kibana", "spark-master", "spark-worker", "serve"]
 
 
 def config_errors(compose_bin: Path, env_file: Path, compose_file: Path) -> str:
@@ -145,6 +146,8 @@ def test_each_service_gets_its_own_scoped_s3_key(compose_config, env_values):
     assert services["uploader"]["environment"]["ORCHARD_S3_ACCESS_KEY"] == env_values["UPLOADER_S3_ACCESS_KEY"]
     for name in ["spark-app", "orchard-setup"]:
         assert services[name]["environment"]["ORCHARD_S3_ACCESS_KEY"] == env_values["SPARK_S3_ACCESS_KEY"]
+    assert services["serve"]["environment"]["ORCHARD_S3_ACCESS_KEY"] == env_values["SERVE_S3_ACCESS_KEY"]
+    assert services["serve"]["environment"]["ORCHARD_S3_SECRET_KEY"] == env_values["SERVE_S3_SECRET_KEY"]
     root_secret = env_values["MINIO_ROOT_PASSWORD"]
     for name, service in services.items():
         if name in {*MINIO_NODES, "minio-setup"}:
@@ -171,6 +174,37 @@ def test_every_dockerfile_is_built_by_some_service(compose_config):
         if "build" in s
     }
     assert built == {p.resolve() for p in IMAGES_DIR.glob("*/Dockerfile")}
+
+
+def test_serve_is_the_rest_api_behind_its_key(compose_config, env_values):
+    """`orchard serve` through the entrypoint's `orchard` role, on all interfaces inside the
+    container (so predictions need the API key, from .env), published on loopback, healthy when
+    /healthz answers, and only once the indices and buckets exist."""
+    serve = compose_config["services"]["serve"]
+    env = serve["environment"]
+    assert serve["command"][:2] == ["orchard", "serve"] and not serve.get("entrypoint")  # the image's
+    assert env["ORCHARD_SERVE_HOST"] == "0.0.0.0"
+    assert env["ORCHARD_SERVE_API_KEY"] == env_values["ORCHARD_SERVE_API_KEY"]
+    assert len(env_values["ORCHARD_SERVE_API_KEY"]) == 32
+    [port] = serve["ports"]
+    assert (port["target"], port["published"], port["host_ip"]) == (8600, "8600", "127.0.0.1")
+    assert serve["healthcheck"]["test"] == ["CMD", "curl", "-fsS", "http://127.0.0.1:8600/healthz"]
+    assert serve["depends_on"]["orchard-setup"]["condition"] == "service_completed_successfully"
+    assert serve["depends_on"]["minio-lb"]["condition"] == "service_healthy"
+    assert any(v["target"] == "/certs" and v.get("read_only") for v in serve["volumes"]), "ES is TLS: needs the CA"
+    assert serve["mem_limit"] and serve["restart"] == "unless-stopped"
+
+
+def test_serve_s3_key_is_read_only_on_images_and_models():
+    """The serve policy of images/minio/setup.sh grants reads only, on the images and models buckets
+    (checked for real against MinIO in test_minio_setup.py)."""
+    script = (IMAGES_DIR / "minio" / "setup.sh").read_text()
+    body = re.search(r"^serve_policy\(\) \{\n(.*?)^\}$", script, re.M | re.S)
+    assert body, "setup.sh has no serve_policy"
+    actions = set(re.findall(r'"(s3:[A-Za-z]+)"', body.group(1)))
+    assert actions == {"s3:GetBucketLocation", "s3:ListBucket", "s3:GetObject"}
+    assert set(re.findall(r'_arn "\$([A-Z]+)"', body.group(1))) == {"IMAGES", "MODELS"}
+    assert 'grant orchard-serve serve_policy "$SERVE_S3_ACCESS_KEY" "$SERVE_S3_SECRET_KEY"' in script
 
 
 def test_spark_workers_scale(compose_config):

@@ -66,3 +66,13 @@ def test_every_compose_variable_is_in_the_template():
     used = set(COMPOSE_VARIABLE.findall(COMPOSE_FILE.read_text()))
     missing = used - set(template_keys())
     assert not missing, f"compose uses variables .env.example does not define: {sorted(missing)}"
+
+
+def test_exactly_the_secret_keys_are_generated(tmp_path):
+    """*_PASSWORD, *_SECRET_KEY, *_ENCRYPTION_KEY and *_API_KEY (ORCHARD_SERVE_API_KEY) are generated;
+    access keys and user names keep the template's value."""
+    template = read_versions(ENV_TEMPLATE)
+    values = read_versions(write_env(tmp_path / ".env"))
+    generated = {k for k in template_keys() if not template[k] and re.fullmatch(r"[A-Za-z0-9]{32}", values[k])}
+    assert generated == set(SECRET_KEYS)
+    assert values["SERVE_S3_ACCESS_KEY"] == template["SERVE_S3_ACCESS_KEY"] == "orchard-serve"

@@ -36,7 +36,8 @@ from orchard.stack.mc import mc_json
 ROOT = ("-orchard-root", "-Ze2I $(id) `id`;'\"\\ :@%41|&<>*?#!")
 UPLOADER = ("-orchard-uploader$x;", "-up $HOME ;`x`'\"\\ :@%41 {}[]()^=,+/")
 SPARK = ("--help", "--help \tsp\u00e4rk secret ${X:-y} $'z' \\n")
-HOSTILE = (ROOT, UPLOADER, SPARK)
+SERVE = ("-serve'\"$(id)`id`", "-sv $(id) `id`;'\"\\ :@%41 *?~ \u00e9")
+HOSTILE = (ROOT, UPLOADER, SPARK, SERVE)
 
 
 def free_port() -> int:
@@ -123,6 +124,8 @@ def run_setup(
         "UPLOADER_S3_SECRET_KEY": uploader[1],
         "SPARK_S3_ACCESS_KEY": SPARK[0],
         "SPARK_S3_SECRET_KEY": SPARK[1],
+        "SERVE_S3_ACCESS_KEY": SERVE[0],
+        "SERVE_S3_SECRET_KEY": SERVE[1],
     }
     return run(["bash", IMAGES_DIR / "minio" / "setup.sh"], env=env)
 
@@ -212,6 +215,27 @@ def test_spark_writes_the_delta_table(setup_runs, minio_port):
     assert_may_write_the_delta_table(client(minio_port, SPARK), minio_port)
 
 
+def test_serve_may_only_read_images_and_models(setup_runs, minio_port):
+    """The REST API's key: GET of images and model files, nothing written, no other bucket; a
+    missing object is NoSuchKey (not AccessDenied), as the serving alias is before any promote."""
+    root, serve = client(minio_port, ROOT), client(minio_port, SERVE)
+    root.put_object("images", "v/1.jpg", io.BytesIO(b"img"), 3)
+    root.put_object("models", "v1/labels.json", io.BytesIO(b"{}"), 2)
+    root.put_object("features", "v/part-0", io.BytesIO(b"f"), 1)
+    assert serve.get_object("images", "v/1.jpg").read() == b"img"
+    assert serve.get_object("models", "v1/labels.json").read() == b"{}"
+    with pytest.raises(S3Error) as missing:
+        serve.get_object("models", "_aliases/serving.json")
+    assert missing.value.code == "NoSuchKey"
+    for bucket in ("images", "models", "features", "lake"):
+        assert not allowed(put(serve, bucket, "v/new"))
+    assert not allowed(lambda: serve.remove_object("images", "v/1.jpg"))
+    assert not allowed(lambda: serve.remove_object("models", "v1/labels.json"))
+    assert not allowed(lambda: serve.get_object("features", "v/part-0").read())
+    assert not allowed(lambda: list(serve.list_objects("lake")))
+    assert not allowed(lambda: serve.make_bucket("serve-made"))
+
+
 def test_orchard_mc_works_with_hostile_root_credentials(setup_runs, minio_port, tools):
     """orchard/stack/mc.py (mc for the native stack and the chaos tests) with the hostile root key,
     `:`, `@` and `%41` included: mc's MC_HOST_* URLs cannot carry those, its config.json can."""
@@ -222,7 +246,7 @@ def test_orchard_mc_works_with_hostile_root_credentials(setup_runs, minio_port, 
         cache_dir=tools.cache_dir,
     )
     users = {line.get("accessKey") for line in mc_json(s, "admin", "user", "list", "orchard")}
-    assert users >= {UPLOADER[0], SPARK[0]}
+    assert users >= {UPLOADER[0], SPARK[0], SERVE[0]}
 
 
 def test_setup_fails_without_secrets():
