@@ -7,6 +7,7 @@
 #   elasticsearch ~/.cache/orchard/elasticsearch-V  (Maven Central zip, sha256 verified)
 #   s3a + Delta   ~/.cache/orchard/jars/            (Maven Central, sha256 verified)
 #   nginx         Debian package (the single S3 endpoint in front of the 4 MinIO nodes)
+#   chromium      Debian package (headless browser of the report and serving-page tests)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -42,7 +43,9 @@ install_apt_packages() {
   local want=()
   have nginx || want+=(nginx-light)           # the load balancer in front of MinIO
   if [ "$(id -u)" = 0 ]; then have setfacl || want+=(acl); fi  # see ensure_service_user
-  have chromium || want+=(chromium)           # headless browser: the report test renders the demo report
+  have chromium || want+=(chromium)           # headless browser: the report and serving-page tests render pages
+  # a font for the pages' text in screenshots (Chromium renders none without one)
+  [ -d /usr/share/fonts/truetype/dejavu ] || want+=(fonts-dejavu-core)
   [ ${#want[@]} = 0 ] && return 0
   [ "$(id -u)" = 0 ] || die "missing packages: run 'sudo apt-get install ${want[*]}' once"
   log "apt-get install ${want[*]}"

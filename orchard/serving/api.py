@@ -3,6 +3,9 @@ lake's images, neighbours and models for applications. OpenAPI docs at /docs and
 
 Errors are JSON, `{"error": "..."}` with a 4xx status naming the problem; an unexpected failure is a
 500 saying only "internal error" (the trace goes to the service log, never to a client).
+
+The web page at / (orchard/serving/static: plain HTML/JS/CSS, nothing fetched from elsewhere) uses
+these same routes: predictions for a dropped photo, browsing the lake, one image's details.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 
 from orchard.core.settings import Settings
@@ -40,6 +45,13 @@ from orchard.spark_app.registry import list_versions
 log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "X-API-Key"
+STATIC_DIR = Path(__file__).parent / "static"  # package data (pyproject.toml)
+# The page loads its script, styles and images from this service only; previews of the photos being
+# posted are blob: URLs.
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 
 
 @dataclass
@@ -84,7 +96,25 @@ def create_app(s: Settings, holder: ModelHolder | None = None, catalog: Catalog 
     app.add_middleware(BodyLimit, max_bytes=int(s.serve_max_request_mb * 2**20))
     add_error_handlers(app)
     add_routes(app, service)
+    add_page(app)
     return app
+
+
+def add_page(app: FastAPI) -> None:
+    """The web page at / and its assets under /static."""
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(
+            STATIC_DIR / "index.html",
+            media_type="text/html; charset=utf-8",
+            headers={
+                "Content-Security-Policy": PAGE_CSP,
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-cache",
+            },
+        )
 
 
 def add_routes(app: FastAPI, service: Service) -> None:

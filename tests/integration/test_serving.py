@@ -1,5 +1,5 @@
 """`orchard serve` on the real native stack: the `serve` service `orchard stack up` started, with a
-CNN version trained, featurized and promoted here.
+CNN version trained, featurized and promoted here (the fixtures are serving_fixtures.py's).
 
 Data: 4 classes x 20 train + 5 test synthetic 100x100 JPEGs (a random synth seed per run). What is
 checked: a promotion is picked up by the running service without a restart; predictions for posted
@@ -28,68 +28,15 @@ from pathlib import Path
 import httpx
 import pytest
 from lake_datasets import Dataset, clean_up, count, docs_of, synth
-from orchard_cli import ORCHARD, last_json, ok, orchard
+from orchard_cli import ORCHARD, ok, orchard
+from serving_fixtures import CLASSES, TEST_PER_CLASS, posted, service_pid, wait_for_model
 
 from orchard.core.clients import es_client, s3_client
 from orchard.core.settings import Settings
 
 pytestmark = pytest.mark.integration
 
-CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 4, 20, 5
 CONCURRENT = 32
-
-
-@pytest.fixture(scope="module")
-def served(stack: Settings, tmp_path_factory):
-    """(dataset, version, the test photos): a CNN version trained and featurized on a fresh
-    dataset, promoted, and serving."""
-    token = os.urandom(3).hex()
-    root = synth(tmp_path_factory.mktemp("serve") / "fruits", CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, int(token, 16))
-    ds = Dataset(f"it-serve-{token}", stack, corrupt_key="")
-    try:
-        ok(orchard("upload", str(root), "--dataset", ds.name))
-        trained = last_json(ok(orchard("train", "--dataset", ds.name, "--epochs", "2", "--batch-size", "8", "--json")))
-        version = trained["version"]
-        ds.versions.append(version)
-        ok(orchard("features", "--dataset", ds.name, "--model", version))
-        yield ds, version, sorted((root / "Test").rglob("*.jpg"))
-    finally:
-        clean_up(ds)
-
-
-@pytest.fixture(scope="module")
-def api(stack: Settings, served):
-    """An HTTP client of the stack's service, once it serves the promoted version."""
-    _, version, _ = served
-    with httpx.Client(base_url=stack.serve_url, timeout=60) as client:
-        pid_before = service_pid(stack)
-        ok(orchard("models", "promote", version))
-        health = wait_for_model(client, version)
-        assert health["ready"] and service_pid(stack) == pid_before  # picked up without a restart
-        yield client
-
-
-def service_pid(s: Settings) -> int:
-    """The pid of the stack's serve service (`orchard stack status`)."""
-    rows = json.loads(ok(orchard("stack", "status", "--json")).stdout)
-    return next(row["pid"] for row in rows if row["service"] == "serve")
-
-
-def wait_for_model(client: httpx.Client, version: str, seconds: float = 180) -> dict:
-    """/healthz once the service serves `version` (AssertionError after `seconds`)."""
-    deadline, health = time.monotonic() + seconds, {}
-    while time.monotonic() < deadline:
-        health = client.get("/healthz").json()
-        if health.get("model") == version:
-            return health
-        time.sleep(1)
-    raise AssertionError(f"the service did not load {version} in {seconds:.0f}s: {health}")
-
-
-def posted(client: httpx.Client, paths: list[Path], **params) -> httpx.Response:
-    """POST /v1/predict with the files as multipart parts."""
-    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
-    return client.post("/v1/predict", files=files, params=params)
 
 
 def test_stack_status_lists_the_service_healthy(api):
