@@ -36,6 +36,7 @@ bench: deps ## benchmarks (print JSON)
 	$(VENV)/bin/python bench/inference.py --cleanup
 	$(VENV)/bin/python bench/transfer.py
 	$(VENV)/bin/python bench/bovw.py
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/python bench/serve.py
 
 stack-up: deps ## start the native stack
 	$(ORCHARD) stack up

@@ -15,10 +15,15 @@ One run, one dataset (`bench-serve-<seed>`: --classes x --per-class train + --te
   model_only  VERSION loaded in this process (load_predictor), predict_on_batch on 32 preprocessed
               test images (the card's preprocessing, as orchard/serving/predictor.py builds inputs)
               repeated for --model-seconds after a warm-up: images/s
+  enrich      --enrich-per-class x --classes new images (a second dataset, `bench-serve-new-<seed>`)
+              uploaded with `orchard upload`; the stack's own `serve` service predicts each from
+              MinIO's notification with VERSION (promoted above). Delay per image: from its
+              document's uploaded_at to the moment a reader of the index first sees its prediction
+              (polled every 0.25 s; includes Elasticsearch's 1 s refresh): p50/p99 seconds
 
 Prints one JSON line per step and, last, one JSON object with p50_ms_N, p99_ms_N, rps_N per level,
-model_only_ips, rps_32_over_model_only, largest_batch (after the 32-client level) and the
-enrichment figures (null until auto-enrichment exists).
+model_only_ips, rps_32_over_model_only, largest_batch (after the 32-client level), enrich_p50_s and
+enrich_p99_s.
 
   PYTHONPATH=. ~/.cache/orchard/venv/bin/python bench/serve.py [--classes 5 --per-class 40 --test-per-class 10]
 
@@ -38,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 from transfer import REPO, orchard, prepare, report_steps, split_facts, train_step
@@ -58,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=30.0, help="seconds per level at most")
     parser.add_argument("--model-seconds", type=float, default=10.0, help="model-only timing")
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /healthz ready")
+    parser.add_argument("--enrich-per-class", type=int, default=20, help="new images per class for the enrich step")
+    parser.add_argument("--enrich-timeout", type=float, default=300.0, help="seconds to wait for every prediction")
     parser.add_argument("--seed", type=int, default=None, help="default: the current time (fresh content)")
     return parser.parse_args(argv)
 
@@ -220,6 +228,37 @@ def model_only(version: str, images: list[tuple[str, bytes]], seconds: float) ->
     }
 
 
+def enrichment(o: argparse.Namespace, seed: int, work: Path, version: str) -> dict:
+    """Upload new images and time how soon the stack's service has predicted each (see the docstring)."""
+    from orchard.core.clients import es_client
+    from orchard.core.settings import load_settings
+
+    s = load_settings()
+    es = es_client(s)
+    counts = argparse.Namespace(classes=o.classes, per_class=o.enrich_per_class, test_per_class=1)
+    dataset = prepare(counts, seed + 1, work / "new", "bench-serve-new")
+    query = {"bool": {"filter": [{"term": {"dataset": dataset}}, {"term": {"prediction.model_version": version}}]}}
+    total = es.count(index=s.images_index, query={"term": {"dataset": dataset}})["count"]
+    seen: dict[str, float] = {}
+    deadline = time.time() + o.enrich_timeout
+    while len(seen) < total and time.time() < deadline:
+        now = time.time()
+        hits = es.search(index=s.images_index, query=query, size=10_000, source_includes=["uploaded_at"])
+        for hit in hits["hits"]["hits"]:
+            uploaded = datetime.fromisoformat(hit["_source"]["uploaded_at"].replace("Z", "+00:00")).timestamp()
+            seen.setdefault(hit["_id"], now - uploaded)
+        time.sleep(0.25)
+    delays = sorted(seen.values())
+    return {
+        "step": "enrich",
+        "dataset": dataset,
+        "images": total,
+        "predicted": len(seen),
+        "p50_s": round(percentile(delays, 50) or 0, 2) if delays else None,
+        "p99_s": round(percentile(delays, 99) or 0, 2) if delays else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     o = parse_args(argv)
@@ -257,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             stop_server(proc)
         log.info("service stopped; timing the model alone")
         alone = model_only(version, images, o.model_seconds)
-    by = report_steps([train, features, {"step": "promote", "version": version}, ready, *levels, alone])
+        log.info("uploading new images: the stack's service predicts them from MinIO's notifications")
+        enrich = enrichment(o, seed, work, version)
+    by = report_steps([train, features, {"step": "promote", "version": version}, ready, *levels, alone, enrich])
     result: dict = {**split_facts(o, dataset), "version": version, "steps": by}
     for level in levels:
         n = level["clients"]
@@ -268,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     result["largest_batch"] = largest_batch
     result["model_calls"] = health.get("model_calls")
     result["images_predicted"] = health.get("images_predicted")
-    result["enrich_p50_s"] = None
-    result["enrich_p99_s"] = None
-    result["enrich_note"] = "auto-enrichment (MinIO notifications) not built yet"
+    result["enrich_p50_s"] = enrich["p50_s"]
+    result["enrich_p99_s"] = enrich["p99_s"]
+    result["enrich_predicted"] = f"{enrich['predicted']}/{enrich['images']}"
     print(json.dumps(result))
     return 0
 
