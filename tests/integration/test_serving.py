@@ -6,7 +6,9 @@ checked: a promotion is picked up by the running service without a restart; pred
 photos equal `orchard predict`'s for the same files (same decoding and preprocessing); a photo of
 the lake finds itself first among its neighbours; neighbours' URLs give their exact bytes;
 concurrent requests share model calls; limits and errors are 4xx JSON naming the problem; bound
-beyond loopback, predictions require the API key.
+beyond loopback, predictions require the API key; new uploads are predicted by the service from
+MinIO's notifications (an undecodable one gets an error), and uploads made while the service is
+down are predicted once it is back.
 """
 
 from __future__ import annotations
