@@ -43,9 +43,14 @@ def test_versions_are_pinned():
 
 def test_minio_nodes_share_one_endpoint_list(env):
     s, tools, layout = env
-    creds = {"ORCHARD_S3_ACCESS_KEY": "k", "ORCHARD_S3_SECRET_KEY": "secret"}
+    creds = {"ORCHARD_S3_ACCESS_KEY": "k", "ORCHARD_S3_SECRET_KEY": "secret", "ORCHARD_SERVE_API_KEY": "token"}
     nodes = minio_services(s, tools, layout, creds)
     assert [n.port for n in nodes] == [9001, 9002, 9003, 9004]
+    # MinIO refuses to form a deployment whose nodes' MINIO_* variables differ (webhook target included)
+    settings = {tuple(sorted((k, v) for k, v in n.env.items() if k.startswith("MINIO_"))) for n in nodes}
+    assert len(settings) == 1
+    assert nodes[0].env["MINIO_NOTIFY_WEBHOOK_ENDPOINT_ORCHARD"] == "http://127.0.0.1:8600/v1/events"
+    assert nodes[0].env["MINIO_NOTIFY_WEBHOOK_AUTH_TOKEN_ORCHARD"] == "token"
     endpoint_lists = {tuple(a for a in n.argv if a.startswith("http://")) for n in nodes}
     assert len(endpoint_lists) == 1 and len(next(iter(endpoint_lists))) == 4
     assert all(n.env["_MINIO_SERVER_LOCAL"] == f"127.0.0.1:{n.port}" for n in nodes)
