@@ -233,6 +233,11 @@ async def enrich(service: Service, events: list[ObjectEvent]) -> EnrichTally:
     """Predict each event's image with the serving model and write its document's prediction;
     NotReady (nothing written for that event or later ones) when it cannot be done yet."""
     tally = EnrichTally()
+    if service.holder.current is None and service.holder.nothing_to_serve:
+        # Nothing to predict with (no version trained yet): acknowledged, not kept for later (a
+        # backlog replayed at the first training would race that version's own `orchard infer`).
+        tally.skipped.update({event.key: f"no model serves: {service.holder.problem}" for event in events})
+        return tally
     for event in events:
         content, reason = await asyncio.to_thread(usable_content, service.catalog, event)
         if content is None:

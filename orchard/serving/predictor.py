@@ -28,6 +28,10 @@ from orchard.spark_app.registry import serving_version
 log = logging.getLogger(__name__)
 
 
+LOADING = "loading the serving model"  # the problem until the first refresh has run
+NOTHING_TRAINED = "no model version is registered yet: run `orchard train`"
+
+
 class RejectedImage(ValueError):
     """An uploaded file that cannot be predicted; `status` is the HTTP status it earns."""
 
@@ -114,7 +118,8 @@ class ModelHolder:
     def __init__(self, s: Settings, loader: Callable[[Settings, str], ServingModel] = load_serving_model):
         self._s, self._loader = s, loader
         self.current: ServingModel | None = None
-        self.problem: str | None = "loading the serving model"
+        self.problem: str | None = LOADING
+        self.nothing_to_serve = False  # the registry has no version at all (not: cannot reach it)
         self.checked_at = 0.0
 
     def refresh(self) -> bool:
@@ -123,8 +128,9 @@ class ModelHolder:
         self.checked_at = time.time()
         try:
             version = serving_version(self._s)
+            self.nothing_to_serve = version is None
             if version is None:
-                self.problem = "no model version is registered yet: run `orchard train`"
+                self.problem = NOTHING_TRAINED
                 return False
             if self.current is not None and self.current.version == version:
                 self.problem = None
