@@ -159,6 +159,7 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
     keys = {
         "uploader": ("chaos-uploader", hostile_secret(core)),
         "spark": ("chaos-spark", secrets.token_urlsafe(24)),
+        "serve": ("chaos-serve", secrets.token_urlsafe(24)),
     }
     s = chaos.settings
     tools = Toolchain.from_cache(s.cache_dir)
@@ -172,6 +173,8 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
         "UPLOADER_S3_SECRET_KEY": keys["uploader"][1],
         "SPARK_S3_ACCESS_KEY": keys["spark"][0],
         "SPARK_S3_SECRET_KEY": keys["spark"][1],
+        "SERVE_S3_ACCESS_KEY": keys["serve"][0],
+        "SERVE_S3_SECRET_KEY": keys["serve"][1],
         "ORCHARD_IMAGES_BUCKET": s.images_bucket,
         "ORCHARD_FEATURES_BUCKET": s.features_bucket,
         "ORCHARD_MODELS_BUCKET": s.models_bucket,
@@ -213,6 +216,9 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
         ("spark", "write images"): (put("spark", s.images_bucket), False),
         ("spark", "write features"): (put("spark", s.features_bucket), True),
         ("spark", "write models"): (put("spark", s.models_bucket), True),
+        ("serve", "read images"): (lambda: client["serve"].stat_object(s.images_bucket, "chaos-scope/probe.txt"), True),
+        ("serve", "write images"): (put("serve", s.images_bucket), False),
+        ("serve", "write models"): (put("serve", s.models_bucket), False),
         ("spark", "write the lake"): (put("spark", s.lake_bucket), True),
         ("spark", "create buckets"): (lambda: client["spark"].make_bucket("chaos-not-allowed"), False),
     }
@@ -259,7 +265,7 @@ def stack_processes(chaos: ChaosStack) -> dict[str, list[psutil.Process]]:
     """Service name -> its process and every descendant (executors and Python workers included)."""
     found = {}
     names = sorted(p.stem for p in chaos.layout.run.glob("*.pid"))
-    assert len(names) == 11, names  # 4 MinIO + lb + 3 ES + master + 2 workers
+    assert len(names) == 12, names  # 4 MinIO + lb + 3 ES + master + 2 workers + serve
     for name in names:
         pid = chaos.pid(name)
         assert pid is not None, f"{name} is not running"
