@@ -24,6 +24,7 @@ from orchard.core import formats
 from orchard.core.lake import Field
 from orchard.serving.catalog import Catalog
 from orchard.serving.predictor import ServingModel, content_id
+from orchard.spark_app.images import read_object
 from orchard.spark_app.infer import PredictSpec, error_doc, prediction_doc
 
 log = logging.getLogger(__name__)
@@ -89,18 +90,13 @@ def skip_reason(event: ObjectEvent, images_bucket: str) -> str | None:
 
 
 def fetch(catalog: Catalog, event: ObjectEvent) -> bytes | None:
-    """The object's bytes, None if it was deleted since."""
+    """The object's bytes (transient errors retried), None if it was deleted since."""
     try:
-        response = catalog.s3.get_object(event.bucket, event.key)
+        return read_object(catalog.s3, event.bucket, event.key)
     except S3Error as exc:
         if exc.code in {"NoSuchKey", "NoSuchBucket"}:
             return None
         raise
-    try:
-        return response.read()
-    finally:
-        response.close()
-        response.release_conn()
 
 
 def document_exists(catalog: Catalog, image_id: str, event: ObjectEvent) -> bool:

@@ -198,7 +198,8 @@ def publish(s: Settings, version: str, model_path: Path, card: dict, metrics: di
 
 # The version `orchard serve` answers with: an object of the models bucket, set by
 # `orchard models promote` and re-read by the service every few seconds (no restart).
-SERVING_ALIAS_KEY = "_aliases/serving.json"
+ALIASES, SERVING_ALIAS = "_aliases", "serving.json"
+SERVING_ALIAS_KEY = f"{ALIASES}/{SERVING_ALIAS}"
 
 
 def promote(s: Settings, version: str) -> dict:
@@ -210,20 +211,12 @@ def promote(s: Settings, version: str) -> dict:
     return body
 
 
-@_retrying
 def promoted_version(s: Settings) -> str | None:
     """The version `orchard models promote` set, or None if no version was ever promoted."""
     try:
-        response = s3_client(s).get_object(s.models_bucket, SERVING_ALIAS_KEY)
-    except S3Error as exc:
-        if exc.code in {"NoSuchKey", "NoSuchBucket"}:
-            return None
-        raise
-    try:
-        return json.loads(response.read()).get("version")
-    finally:
-        response.close()
-        response.release_conn()
+        return get_json(s, ALIASES, SERVING_ALIAS).get("version")
+    except ConfigError:  # no alias object (or no bucket yet)
+        return None
 
 
 def serving_version(s: Settings) -> str | None:
