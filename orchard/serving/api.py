@@ -29,6 +29,7 @@ from orchard.core.settings import Settings
 from orchard.serving.batcher import MicroBatcher
 from orchard.serving.catalog import MAX_WINDOW, Catalog, ImageNotFound, Page
 from orchard.serving.enrichment import (
+    ALREADY_PREDICTED,
     EnrichTally,
     NotReady,
     ObjectEvent,
@@ -243,16 +244,20 @@ async def enrich(service: Service, events: list[ObjectEvent]) -> EnrichTally:
         if content is None:
             tally.skipped[event.key] = reason
             continue
-        error = await predict_into_document(service, content)
+        written, error = await predict_into_document(service, content)
+        if not written:
+            tally.skipped[event.key] = ALREADY_PREDICTED
+            continue
         tally.predicted += error is None
         tally.errors += error is not None
         log.info("enriched %s: %s", event.key, error or "predicted")
     return tally
 
 
-async def predict_into_document(service: Service, content: bytes) -> str | None:
+async def predict_into_document(service: Service, content: bytes) -> tuple[bool, str | None]:
     """Predict one image with the serving model and write its document's prediction (its error if it
-    cannot be predicted); returns that error or None. NotReady if no model serves yet."""
+    cannot be predicted) unless it has one by now; returns (written, that error or None). NotReady if
+    no model serves yet."""
     model = service.holder.current
     if model is None:
         raise NotReady(service.holder.problem or "no model is loaded yet")
@@ -264,9 +269,8 @@ async def predict_into_document(service: Service, content: bytes) -> str | None:
         error = str(exc)
     spec = PredictSpec.from_card(service.s, model.card, batch_size=1)
     prediction = prediction_of(model, spec, scored, error)
-    if not await asyncio.to_thread(write_prediction, service.catalog, content_id(content), prediction):
-        raise NotReady("the document vanished between its check and its update")
-    return error
+    written = await asyncio.to_thread(write_prediction, service.catalog, content_id(content), prediction)
+    return written, error
 
 
 def prepare_upload(model: ServingModel, upload: Upload, max_pixels: int) -> dict:

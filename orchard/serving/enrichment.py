@@ -8,6 +8,12 @@ image, object gone, no document after EVENT_PATIENCE). Otherwise the answer is 5
 the event in its queue and sends it again: with the service stopped, uploads wait in MinIO and are
 predicted when it is back. A document the uploader has not indexed yet (it indexes right after it
 stores, in batches) is such a case: 503, and the retry finds it.
+
+Enrichment fills a missing prediction; it never replaces one. A document that already has a
+prediction (a duplicate delivery, or `orchard infer` got there first) is left as it is; the update
+is conditional on the document version read (optimistic concurrency control), so a late event cannot
+overwrite a batch run's newer prediction.
+`orchard infer` stays the way to re-predict with another model.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from urllib.parse import unquote_plus
 
-from elasticsearch import NotFoundError
+from elasticsearch import ConflictError, NotFoundError
 from minio.error import S3Error
 
 from orchard.core import formats
@@ -33,6 +39,8 @@ log = logging.getLogger(__name__)
 # `orchard upload` (e.g. `mc cp`): acknowledged without a prediction rather than retried forever.
 EVENT_PATIENCE = timedelta(minutes=5)
 CREATED = "s3:ObjectCreated:"
+ALREADY_PREDICTED = "already predicted"
+WRITE_ATTEMPTS = 3  # conditional updates that lost a race before the event is retried later
 
 
 class NotReady(RuntimeError):
@@ -99,13 +107,23 @@ def fetch(catalog: Catalog, event: ObjectEvent) -> bytes | None:
         raise
 
 
-def document_exists(catalog: Catalog, image_id: str, event: ObjectEvent) -> bool:
-    """True if the image's document is there; NotReady while the uploader may still index it."""
-    if catalog.es.exists(index=catalog.s.images_index, id=image_id):
-        return True
-    if datetime.now(UTC) - event.at < EVENT_PATIENCE:
-        raise NotReady(f"{event.key}: no document yet (the uploader indexes it after storing)")
-    return False
+def stored_prediction(catalog: Catalog, image_id: str) -> dict | None:
+    """The document's hit (its `prediction` only, with _seq_no and _primary_term); None if absent."""
+    try:
+        return dict(catalog.es.get(index=catalog.s.images_index, id=image_id, source_includes=[Field.PREDICTION]))
+    except NotFoundError:
+        return None
+
+
+def document_state(catalog: Catalog, image_id: str, event: ObjectEvent) -> str:
+    """Why the image's document needs no prediction ("" if it needs one); NotReady while the
+    uploader may still index it."""
+    found = stored_prediction(catalog, image_id)
+    if found is None:
+        if datetime.now(UTC) - event.at < EVENT_PATIENCE:
+            raise NotReady(f"{event.key}: no document yet (the uploader indexes it after storing)")
+        return f"no document {EVENT_PATIENCE} after the upload (not uploaded by `orchard upload`)"
+    return ALREADY_PREDICTED if found["_source"].get(Field.PREDICTION) else ""
 
 
 def usable_content(catalog: Catalog, event: ObjectEvent) -> tuple[bytes | None, str]:
@@ -117,9 +135,8 @@ def usable_content(catalog: Catalog, event: ObjectEvent) -> tuple[bytes | None, 
     content = fetch(catalog, event)
     if content is None:
         return None, "deleted since"
-    if not document_exists(catalog, content_id(content), event):
-        return None, f"no document {EVENT_PATIENCE} after the upload (not uploaded by `orchard upload`)"
-    return content, ""
+    reason = document_state(catalog, content_id(content), event)
+    return (None, reason) if reason else (content, "")
 
 
 def prediction_of(model: ServingModel, spec: PredictSpec, scored, error: str | None) -> dict:
@@ -130,11 +147,24 @@ def prediction_of(model: ServingModel, spec: PredictSpec, scored, error: str | N
 
 
 def write_prediction(catalog: Catalog, image_id: str, prediction: dict) -> bool:
-    """Write the prediction into the image's document; False if the document is gone."""
-    try:
-        catalog.es.update(
-            index=catalog.s.images_index, id=image_id, doc={Field.PREDICTION: prediction}, retry_on_conflict=3
-        )
-    except NotFoundError:
-        return False
-    return True
+    """Write the prediction into the image's document unless it has one by now; returns whether it
+    was written. NotReady if the document is gone or keeps changing."""
+    for _ in range(WRITE_ATTEMPTS):
+        found = stored_prediction(catalog, image_id)
+        if found is None:
+            raise NotReady("the document vanished between its check and its update")
+        if found["_source"].get(Field.PREDICTION):
+            return False
+        try:
+            # Conditional on the version just read: a prediction written in between wins.
+            catalog.es.update(
+                index=catalog.s.images_index,
+                id=image_id,
+                doc={Field.PREDICTION: prediction},
+                if_seq_no=found["_seq_no"],
+                if_primary_term=found["_primary_term"],
+            )
+            return True
+        except ConflictError:
+            continue
+    raise NotReady(f"the document {image_id} changed {WRITE_ATTEMPTS} times while being updated")

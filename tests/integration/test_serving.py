@@ -26,6 +26,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote_plus
 
 import httpx
 import pytest
@@ -244,10 +245,29 @@ def test_new_uploads_are_predicted_by_the_serving_model_within_seconds(stack: Se
         print(f"{2 * 4 + 1} new images predicted by the service {seconds:.1f} s after the upload ended")
         error = es_client(stack).get(index=stack.images_index, id=broken)["_source"]["prediction"]
         assert error["label"] is None and error["error"].startswith("undecodable image")
-        predicted = docs_of(ds, split="train")[0]["_source"]["prediction"]
+        first = docs_of(ds, split="train")[0]
+        predicted = first["_source"]["prediction"]
         assert predicted["label"] and predicted["top5"] and predicted["model_family"] == "cnn"
+        assert_a_second_delivery_changes_nothing(stack, api, first)
     finally:
         clean_up(ds)
+
+
+def assert_a_second_delivery_changes_nothing(stack: Settings, api: httpx.Client, hit: dict) -> None:
+    """The same event sent again (MinIO may deliver twice) leaves the predicted document as it is."""
+    key = hit["_source"]["key"]
+    event = {
+        "Records": [
+            {
+                "eventName": "s3:ObjectCreated:Put",
+                "s3": {"bucket": {"name": stack.images_bucket}, "object": {"key": quote_plus(key, safe="/")}},
+            }
+        ]
+    }
+    answer = api.post("/v1/events", json=event, headers={"X-API-Key": stack.secret("serve_api_key")})
+    assert answer.status_code == 200 and answer.json()["skipped"] == {key: "already predicted"}, answer.text
+    again = es_client(stack).get(index=stack.images_index, id=hit["_id"])
+    assert (again["_seq_no"], again["_source"]["prediction"]) == (hit["_seq_no"], hit["_source"]["prediction"])
 
 
 def test_uploads_made_while_the_service_is_down_are_predicted_when_it_is_back(stack: Settings, served, api, tmp_path):
