@@ -21,7 +21,8 @@ trap stop_stack EXIT
 args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(tests --ignore=tests/chaos)
 set +e
-"$PY" -m pytest "${args[@]}"
+# The slowest tests listed at the end: CI time is a budget (under an hour), spent knowingly.
+"$PY" -m pytest --durations=30 "${args[@]}"
 rc=$?
 set -e
 # pytest exit 5 means no test ran: that is a failure here, not a pass.
