@@ -10,8 +10,9 @@ One run, one dataset (`bench-serve-<seed>`: --classes x --per-class train + --te
   serve       `python -m orchard serve --port <free port>` as a child process; waits (bounded,
               --ready-timeout) until /healthz is ready with VERSION
   clients_N   for N in --levels (1 8 32): N clients, each posting ONE test image as multipart
-              (k=5) at a time, until --requests requests or --seconds seconds: p50/p99 latency (ms),
-              requests/s; /healthz's largest_batch after the level
+              (--k similar images, 5) at a time, until --requests requests or --seconds seconds:
+              p50/p99 latency (ms), requests/s, the server's own median ms per part (Server-Timing:
+              read, decode, model = queue + call, similar); /healthz's largest_batch after it
   model_only  VERSION loaded in this process (load_predictor), predict_on_batch on 32 preprocessed
               test images (the card's preprocessing, as orchard/serving/predictor.py builds inputs)
               repeated for --model-seconds after a warm-up: images/s
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /healthz ready")
     parser.add_argument("--enrich-per-class", type=int, default=20, help="new images per class for the enrich step")
     parser.add_argument("--enrich-timeout", type=float, default=300.0, help="seconds to wait for every prediction")
+    parser.add_argument("--k", type=int, default=5, help="similar lake images asked per request (0: prediction only)")
     parser.add_argument("--seed", type=int, default=None, help="default: the current time (fresh content)")
     return parser.parse_args(argv)
 
@@ -143,12 +145,15 @@ def tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
-async def load_level(base: str, images: list[tuple[str, bytes]], clients: int, requests: int, seconds: float) -> dict:
+async def load_level(
+    base: str, images: list[tuple[str, bytes]], clients: int, requests: int, seconds: float, k: int = 5
+) -> dict:
     """`clients` concurrent clients posting one image each per request until `requests` requests
     were started or `seconds` passed: latency percentiles (ms) and requests/s of the successful ones."""
     import httpx
 
     latencies: list[float] = []
+    parts: dict[str, list[float]] = {}
     failures: list[str] = []
     started = 0
     began = time.monotonic()
@@ -161,13 +166,14 @@ async def load_level(base: str, images: list[tuple[str, bytes]], clients: int, r
             sent = time.monotonic()
             try:
                 response = await http.post(
-                    f"{base}/v1/predict", params={"k": 5}, files={"file": (name, content, "image/jpeg")}
+                    f"{base}/v1/predict", params={"k": k}, files={"file": (name, content, "image/jpeg")}
                 )
             except httpx.HTTPError as exc:
                 failures.append(f"{type(exc).__name__}: {exc}")
                 continue
             if response.status_code == 200:
                 latencies.append(time.monotonic() - sent)
+                add_server_timing(parts, response.headers.get("server-timing", ""))
             else:
                 failures.append(f"{response.status_code}: {response.text[:200]}")
 
@@ -186,7 +192,18 @@ async def load_level(base: str, images: list[tuple[str, bytes]], clients: int, r
         "p50_ms": round(p50 * 1000, 1) if p50 is not None else None,
         "p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
         "rps": round(len(latencies) / wall, 1) if wall > 0 else None,
+        # where the server spent a request (its Server-Timing header), median ms per part; the
+        # rest of p50_ms is HTTP, the event loop and the client
+        "server_p50_ms": {name: round(percentile(values, 50) or 0, 1) for name, values in parts.items()},
     }
+
+
+def add_server_timing(parts: dict[str, list[float]], header: str) -> None:
+    """Add each `name;dur=ms` of a Server-Timing header to parts[name]."""
+    for item in filter(None, (piece.strip() for piece in header.split(","))):
+        name, _, duration = item.partition(";dur=")
+        if duration:
+            parts.setdefault(name, []).append(float(duration))
 
 
 def healthz(base: str) -> dict:
@@ -287,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             largest_batch = None
             for clients in o.levels:
                 log.info("%d concurrent clients", clients)
-                level = asyncio.run(load_level(base, images, clients, o.requests, o.seconds))
+                level = asyncio.run(load_level(base, images, clients, o.requests, o.seconds, o.k))
                 level["largest_batch_so_far"] = healthz(base).get("largest_batch")
                 largest_batch = level["largest_batch_so_far"]
                 levels.append(level)

@@ -14,9 +14,10 @@ import asyncio
 import hmac
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -64,6 +65,12 @@ class Service:
     batcher: MicroBatcher[ServingModel, Scored]
     catalog: Catalog
     key_required: bool
+    # Neighbour searches of concurrent requests share one Elasticsearch multi-search: no waiting,
+    # the queries that arrive while one round trip runs form the next.
+    neighbours: MicroBatcher[str, list[dict]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.neighbours = MicroBatcher(self.catalog.nearest_many, self.s.serve_max_batch, 0, name="neighbour search")
 
 
 @dataclass(frozen=True)
@@ -87,10 +94,12 @@ def create_app(s: Settings, holder: ModelHolder | None = None, catalog: Catalog 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         service.batcher.start()
+        service.neighbours.start()
         watcher = asyncio.create_task(service.holder.watch(s.serve_reload_seconds), name="serving-alias")
         yield
         watcher.cancel()
         await service.batcher.stop()
+        await service.neighbours.stop()
 
     app = FastAPI(title="Orchard", summary="Predictions and search over the image lake", lifespan=lifespan)
     app.state.service = service
@@ -155,14 +164,16 @@ def add_routes(app: FastAPI, service: Service) -> None:
         model = service.holder.current
         if model is None:
             raise HTTPException(503, service.holder.problem or "no model is loaded yet")
-        uploads = await uploads_of(request)
-        results = await predict_uploads(service, model, uploads, top, k)
+        timing = Timing()
+        with timing.part("read"):
+            uploads = await uploads_of(request)
+        results = await predict_uploads(service, model, uploads, top, k, timing)
         failed = [r for r in results if "error" in r]
         status = 200 if len(failed) < len(results) else max(r["status"] for r in failed)
         body: dict = {"model": model.version, "predictions": [strip_status(r) for r in results]}
         if status != 200:
             body["error"] = "; ".join(f"{r['file']}: {r['error']}" for r in failed)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers={"Server-Timing": timing.header()})
 
     @app.post("/v1/events", include_in_schema=False)
     async def events(request: Request) -> JSONResponse:
@@ -214,15 +225,21 @@ def add_routes(app: FastAPI, service: Service) -> None:
         return {"id": image_id, "similar": [with_url(request, row) for row in rows]}
 
 
-async def predict_uploads(service: Service, model: ServingModel, uploads: list[Upload], top: int, k: int) -> list[dict]:
+async def predict_uploads(
+    service: Service, model: ServingModel, uploads: list[Upload], top: int, k: int, timing: Timing
+) -> list[dict]:
     """One result per upload, in order: top labels and neighbours, or its error and HTTP status."""
     limit = service.s.serve_max_pixels
-    prepared = await asyncio.to_thread(lambda: [prepare_upload(model, u, limit) for u in uploads])
-    good = [p for p in prepared if "input" in p]
-    scored = await service.batcher.submit(model, [p.pop("input") for p in good]) if good else []
-    neighbours = await asyncio.gather(
-        *(asyncio.to_thread(nearest_or_none, service, s.embedding, model.version, k) for s, _ in scored)
-    )
+    # Announced before decoding: a batch being gathered meanwhile waits for these inputs.
+    with service.batcher.announce(len(uploads)) as ticket:
+        with timing.part("decode"):
+            prepared = await asyncio.to_thread(lambda: [prepare_upload(model, u, limit) for u in uploads])
+        good = [p for p in prepared if "input" in p]
+        ticket.release(len(prepared) - len(good))  # the rejected ones are not coming
+        with timing.part("model"):
+            scored = await service.batcher.submit(model, [p.pop("input") for p in good], ticket) if good else []
+    with timing.part("similar"):
+        neighbours = await asyncio.gather(*(nearest_or_none(service, s.embedding, model.version, k) for s, _ in scored))
     for p, (s, batch), near in zip(good, scored, neighbours, strict=True):
         p["top5"] = [{"label": label, "confidence": round(prob, 6)} for label, prob in model.top(s, top)]
         p["batched_with"] = batch
@@ -263,14 +280,36 @@ async def predict_into_document(service: Service, content: bytes) -> tuple[bool,
         raise NotReady(service.holder.problem or "no model is loaded yet")
     scored, error = None, None
     try:
-        prepared = await asyncio.to_thread(model.input_of, content, service.s.serve_max_pixels)
-        [(scored, _)] = await service.batcher.submit(model, [prepared])
+        with service.batcher.announce(1) as ticket:
+            prepared = await asyncio.to_thread(model.input_of, content, service.s.serve_max_pixels)
+            [(scored, _)] = await service.batcher.submit(model, [prepared], ticket)
     except RejectedImage as exc:
         error = str(exc)
     spec = PredictSpec.from_card(service.s, model.card, batch_size=1)
     prediction = prediction_of(model, spec, scored, error)
     written = await asyncio.to_thread(write_prediction, service.catalog, content_id(content), prediction)
     return written, error
+
+
+@dataclass
+class Timing:
+    """Seconds spent in each part of a request, sent back as a `Server-Timing` header (shown by a
+    browser's developer tools; bench/serve.py reports their medians)."""
+
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        """Time the block under `name` (added up if it runs more than once)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - began
+
+    def header(self) -> str:
+        """`read;dur=0.4, decode;dur=1.2, ...` (milliseconds)."""
+        return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in self.parts.items())
 
 
 def prepare_upload(model: ServingModel, upload: Upload, max_pixels: int) -> dict:
@@ -283,15 +322,15 @@ def prepare_upload(model: ServingModel, upload: Upload, max_pixels: int) -> dict
     return result
 
 
-def nearest_or_none(service: Service, vector: list[float], version: str, k: int) -> list[dict] | None:
+async def nearest_or_none(service: Service, vector: list[float], version: str, k: int) -> list[dict] | None:
     """The k nearest lake images by the serving model's embedding; None if the index cannot say
     (the prediction is still worth answering)."""
     if k == 0:
         return []
     try:
-        rows = service.catalog.nearest(vector, version, k)
-    except Exception:  # Elasticsearch down or the index missing: answer without neighbours
-        log.warning("nearest images by %s unavailable", version, exc_info=True)
+        [(rows, _)] = await service.neighbours.submit(version, [(vector, k)])
+    except Exception as exc:  # Elasticsearch down or the index missing: answer without neighbours
+        log.warning("nearest images by %s unavailable: %s", version, exc)
         return None
     return [{**row, "url": f"/v1/images/{row['id']}/content"} for row in rows]
 

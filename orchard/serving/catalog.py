@@ -5,7 +5,7 @@ runs them in worker threads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from elasticsearch import NotFoundError
@@ -23,6 +23,10 @@ VECTOR_FIELDS = [Field.EMBEDDING, Field.PRETRAINED_EMBEDDING]  # large, and of n
 
 class ImageNotFound(LookupError):
     """No image document with this id."""
+
+
+class SearchFailed(RuntimeError):
+    """Elasticsearch answered a search with an error."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,24 @@ class Catalog:
 
     def nearest(self, vector: list[float], model: str, k: int) -> list[dict]:
         """The k images whose embedding by `model` is nearest (cosine) to `vector`."""
+        return self.nearest_many(model, [(vector, k)])[0]
+
+    def nearest_many(self, model: str, queries: Sequence[tuple[list[float], int]]) -> list[list[dict]]:
+        """For each (vector, k): the k images whose embedding by `model` is nearest (cosine), in one
+        multi-search round trip; SearchFailed if Elasticsearch failed any of them."""
+        if self._quantized is None:
+            self._quantized = quantized(self.es, self.s.images_index)
+        searches: list[dict] = []
+        for vector, k in queries:
+            searches += [{}, {"knn": self._knn(vector, model, k), "size": k, "_source": {"excludes": VECTOR_FIELDS}}]
+        response = self.es.msearch(index=self.s.images_index, searches=searches)
+        failed = [item["error"] for item in response["responses"] if "error" in item]
+        if failed:
+            raise SearchFailed(f"{len(failed)} of {len(queries)} neighbour searches failed: {failed[0]}")
+        return [[result_row(hit) for hit in item["hits"]["hits"]] for item in response["responses"]]
+
+    def _knn(self, vector: list[float], model: str, k: int) -> dict:
+        """The kNN clause: k nearest by `model`'s embedding (rescored on full vectors if quantized)."""
         knn: dict = {
             "field": Field.EMBEDDING,
             "query_vector": vector,
@@ -88,12 +110,9 @@ class Catalog:
             "num_candidates": max(100, 10 * k),
             "filter": {"term": {Field.EMBEDDING_MODEL: model}},
         }
-        if self._quantized is None:
-            self._quantized = quantized(self.es, self.s.images_index)
         if self._quantized:
             knn["rescore_vector"] = {"oversample": 3.0}
-        response = self.es.search(index=self.s.images_index, knn=knn, size=k, source_excludes=VECTOR_FIELDS)
-        return [result_row(hit) for hit in response["hits"]["hits"]]
+        return knn
 
     def content(self, image_id: str) -> tuple[str, Iterator[bytes]]:
         """(content type, the image's bytes as chunks) from the images bucket; ImageNotFound if the

@@ -55,6 +55,8 @@ def test_predictions_equal_local_predict_and_find_the_lake_copy_first(api, serve
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"] == version and len(body["predictions"]) == len(chosen)
+    timing = dict(part.split(";dur=") for part in response.headers["Server-Timing"].split(", "))
+    assert list(timing) == ["read", "decode", "model", "similar"] and all(float(v) >= 0 for v in timing.values())
     predicted = ok(orchard("predict", "--model", version, "--json", *map(str, chosen)))
     local = [json.loads(line) for line in predicted.stdout.splitlines()]
     for photo, prediction, expected in zip(chosen, body["predictions"], local, strict=True):
@@ -99,13 +101,13 @@ def test_concurrent_requests_share_model_calls(api, served):
 
     def one(i: int) -> dict:
         start.wait()
-        response = posted(api, [photos[i % len(photos)]], k=0)
+        response = posted(api, [photos[i % len(photos)]], k=2)  # neighbour searches batched too
         assert response.status_code == 200, response.text
         return response.json()["predictions"][0]
 
     with ThreadPoolExecutor(CONCURRENT) as pool:
         results = list(pool.map(one, range(CONCURRENT)))
-    assert all(r["top5"] for r in results)
+    assert all(r["top5"] and len(r["similar"]) == 2 for r in results)
     assert max(r["batched_with"] for r in results) > 1  # requests joined another's model call
     assert api.get("/healthz").json()["largest_batch"] > 1
 

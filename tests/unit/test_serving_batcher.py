@@ -54,13 +54,14 @@ def test_concurrent_submits_are_gathered_into_calls_of_at_most_max_batch():
     assert (batcher.stats.calls, batcher.stats.items, batcher.stats.largest) == (3, 10, 4)
 
 
-def test_inputs_arriving_within_max_wait_join_the_same_call():
+def test_announced_inputs_arriving_within_max_wait_join_the_same_call():
     run = Recorder()
     batcher = MicroBatcher(run, max_batch=32, max_wait=0.5)
 
     async def late(i: int, delay: float):
-        await asyncio.sleep(delay)
-        return await batcher.submit("m", [i])
+        with batcher.announce(1) as ticket:  # a request decoding its image meanwhile
+            await asyncio.sleep(delay)
+            return await batcher.submit("m", [i], ticket)
 
     async def main():
         return await asyncio.gather(late(0, 0), late(1, 0.02), late(2, 0.05))
@@ -69,6 +70,38 @@ def test_inputs_arriving_within_max_wait_join_the_same_call():
 
     assert run.sizes == [3]
     assert results == [[(0, 3)], [(10, 3)], [(20, 3)]]
+    assert batcher.expected == 0
+
+
+def test_a_lone_input_does_not_wait_for_company_nobody_announced():
+    run = Recorder()
+    batcher = MicroBatcher(run, max_batch=32, max_wait=30)
+
+    async def main():
+        first = await asyncio.wait_for(batcher.submit("m", [1]), 10)  # not 30 s of max_wait
+        await asyncio.sleep(0.05)
+        return first, await asyncio.wait_for(batcher.submit("m", [2]), 10)
+
+    assert asyncio.run(serving(batcher, main())) == ([(10, 1)], [(20, 1)])
+    assert run.sizes == [1, 1]
+
+
+def test_an_announced_input_that_never_comes_stops_the_wait_when_released():
+    run = Recorder()
+    batcher = MicroBatcher(run, max_batch=32, max_wait=30)
+
+    async def abandon(ticket):
+        await asyncio.sleep(0.05)
+        ticket.release()  # its image turned out undecodable
+
+    async def main():
+        ticket = batcher.announce(2)
+        answer = batcher.submit("m", [1], ticket)
+        _, result = await asyncio.wait_for(asyncio.gather(abandon(ticket), answer), 10)
+        return result
+
+    assert asyncio.run(serving(batcher, main())) == [(10, 1)]
+    assert run.sizes == [1] and batcher.expected == 0
 
 
 def test_results_come_back_in_order_for_each_caller():
