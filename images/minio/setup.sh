@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# minio-setup: the buckets, one least-privilege policy per service and one access key per service.
+# minio-setup: the buckets, one least-privilege policy per service and one access key per service,
+# and the images bucket's object creations subscribed to the nodes' ORCHARD webhook target (the
+# serve service's auto-enrichment; the target itself is MINIO_NOTIFY_WEBHOOK_*_ORCHARD on every node).
 # Re-runnable: `mc mb --ignore-existing`, `policy create` replaces the policy, `user add` resets the
-# secret to the one in .env, and an already attached policy is not attached twice.
+# secret to the one in .env, an already attached policy is not attached twice, and an existing
+# subscription is kept.
 #
 # Environment (from compose/.env): MINIO_ROOT_USER/PASSWORD, UPLOADER_S3_ACCESS_KEY/SECRET_KEY,
 # SPARK_S3_ACCESS_KEY/SECRET_KEY, SERVE_S3_ACCESS_KEY/SECRET_KEY, ORCHARD_IMAGES_BUCKET,
@@ -21,6 +24,9 @@ FEATURES=${ORCHARD_FEATURES_BUCKET:-features}
 MODELS=${ORCHARD_MODELS_BUCKET:-models}
 LAKE=${ORCHARD_LAKE_BUCKET:-lake}
 ALIAS=orchard
+# The webhook target's ARN: the native stack's too (orchard/stack/services.py WEBHOOK_ARN; the static
+# tests compare them).
+WEBHOOK_ARN=arn:minio:sqs::ORCHARD:webhook
 
 log() { printf '[minio-setup] %s\n' "$*" >&2; }
 
@@ -149,6 +155,17 @@ grant() {
   fi
 }
 
+# Object creations of the images bucket -> the webhook target (s3:ObjectCreated:*, like the native
+# stack's subscription). MinIO refuses a second identical rule, so an existing one is kept.
+subscribe_images() {
+  if mc event ls "$ALIAS/$IMAGES" "$WEBHOOK_ARN" 2>/dev/null | grep -qF "$WEBHOOK_ARN"; then
+    log "bucket $IMAGES already sends object creations to $WEBHOOK_ARN"
+  else
+    mc event add "$ALIAS/$IMAGES" "$WEBHOOK_ARN" --event put >/dev/null
+    log "bucket $IMAGES sends object creations to $WEBHOOK_ARN"
+  fi
+}
+
 main() {
   require_env MINIO_ROOT_USER MINIO_ROOT_PASSWORD UPLOADER_S3_ACCESS_KEY UPLOADER_S3_SECRET_KEY \
     SPARK_S3_ACCESS_KEY SPARK_S3_SECRET_KEY SERVE_S3_ACCESS_KEY SERVE_S3_SECRET_KEY
@@ -162,6 +179,7 @@ main() {
   grant orchard-uploader uploader_policy "$UPLOADER_S3_ACCESS_KEY" "$UPLOADER_S3_SECRET_KEY"
   grant orchard-spark spark_policy "$SPARK_S3_ACCESS_KEY" "$SPARK_S3_SECRET_KEY"
   grant orchard-serve serve_policy "$SERVE_S3_ACCESS_KEY" "$SERVE_S3_SECRET_KEY"
+  subscribe_images
   log "done"
 }
 

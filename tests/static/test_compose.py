@@ -15,6 +15,7 @@ from compose_checks import COMPOSE_FILE, IMAGES_DIR, compose_argv, run
 from config_renderings import compose_es_settings, compose_nginx_conf
 from orchard.core.settings import ENV_PREFIX, Settings
 from orchard.core.toolchain import REPO_ROOT
+from orchard.stack.services import WEBHOOK_TARGET
 
 MINIO_NODES = ["minio1", "minio2", "minio3", "minio4"]
 ES_NODES = ["es01", "es02", "es03"]
@@ -193,6 +194,23 @@ def test_serve_is_the_rest_api_behind_its_key(compose_config, env_values):
     assert serve["depends_on"]["minio-lb"]["condition"] == "service_healthy"
     assert any(v["target"] == "/certs" and v.get("read_only") for v in serve["volumes"]), "ES is TLS: needs the CA"
     assert serve["mem_limit"] and serve["restart"] == "unless-stopped"
+
+
+def test_minio_nodes_send_image_events_to_serve(compose_config, env_values):
+    """Auto-enrichment in compose: every node has the native stack's webhook target (same id, so
+    setup.sh's subscription matches it) aimed at serve's /v1/events with the API key, and keeps
+    undelivered events on its own volume (MinIO requires identical settings on all nodes)."""
+    serve_port = compose_config["services"]["serve"]["ports"][0]["target"]
+    var = f"MINIO_NOTIFY_WEBHOOK_{{}}_{WEBHOOK_TARGET}"
+    for node in MINIO_NODES:
+        service = compose_config["services"][node]
+        env = service["environment"]
+        assert env[var.format("ENABLE")] == "on"
+        assert env[var.format("ENDPOINT")] == f"http://serve:{serve_port}/v1/events"
+        assert env[var.format("AUTH_TOKEN")] == env_values["ORCHARD_SERVE_API_KEY"]
+        [events] = [v for v in service["volumes"] if v["target"] == env[var.format("QUEUE_DIR")]]
+        assert events["type"] == "volume" and events["source"] == f"{node}-events"
+    assert "chown minio:minio /data /events" in (IMAGES_DIR / "minio" / "Dockerfile").read_text()
 
 
 def test_serve_s3_key_is_read_only_on_images_and_models():

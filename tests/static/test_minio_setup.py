@@ -2,17 +2,23 @@
 
 The script is the one the compose `minio-setup` service runs; here it runs with the native `minio`
 and `mc` binaries of `make deps`, so its buckets, policies and keys are checked for real: each
-service's key can do exactly what its policy says, and a second run changes nothing.
+service's key can do exactly what its policy says, and a second run changes nothing. The server has
+the webhook target compose's nodes have, pointed at a receiver in this test: an image upload must
+reach it (the subscription setup.sh makes), with the token.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote_plus
 
 import pytest
 from minio import Minio
@@ -22,6 +28,7 @@ from compose_checks import IMAGES_DIR, cache_dir, run
 from orchard.core.settings import Settings
 from orchard.core.toolchain import Toolchain
 from orchard.stack.mc import mc_json
+from orchard.stack.services import WEBHOOK_ARN, WEBHOOK_TARGET
 
 # Hostile credentials: the script must work with ANY key a user or `secrets.token_urlsafe` picks.
 # What this MinIO build accepts (internal/auth/credentials.go, cmd/iam.go, signature-v4-parser.go):
@@ -71,17 +78,64 @@ def tools() -> Toolchain:
     return tools
 
 
+WEBHOOK_TOKEN = "-webhook-token-" + os.urandom(6).hex()
+
+
+class Receiver:
+    """A webhook endpoint on a free loopback port: keeps every POST (headers, JSON body), answers 200."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[dict[str, str], dict]] = []
+        received = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received.append((dict(self.headers), json.loads(body or b"{}")))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/events"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def keys_created(self) -> list[str]:
+        """The object keys (decoded: they arrive URL-encoded) of every object-created event so far."""
+        return [
+            unquote_plus(record["s3"]["object"]["key"])
+            for _, body in self.posts
+            for record in body.get("Records") or []
+            if record.get("eventName", "").startswith("s3:ObjectCreated:")
+        ]
+
+
 @pytest.fixture(scope="module")
-def minio_port(tools, tmp_path_factory):
-    """A single-node MinIO on a free loopback port, stopped after the module."""
+def receiver():
+    receiver = Receiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def minio_port(tools, tmp_path_factory, receiver):
+    """A single-node MinIO on a free loopback port with compose's webhook target (sending to
+    `receiver`), stopped after the module."""
     data = tmp_path_factory.mktemp("minio-data")
     port, console = free_port(), free_port()
+    webhook = f"MINIO_NOTIFY_WEBHOOK_{{}}_{WEBHOOK_TARGET}"
     env = {
         **os.environ,
         "MINIO_ROOT_USER": ROOT[0],
         "MINIO_ROOT_PASSWORD": ROOT[1],
         "MINIO_CI_CD": "on",
         "MINIO_UPDATE": "off",
+        webhook.format("ENABLE"): "on",
+        webhook.format("ENDPOINT"): receiver.url,
+        webhook.format("AUTH_TOKEN"): WEBHOOK_TOKEN,
+        webhook.format("QUEUE_DIR"): str(tmp_path_factory.mktemp("minio-events")),
     }
     proc = subprocess.Popen(
         [
@@ -167,6 +221,7 @@ def test_setup_succeeds_twice(setup_runs):
     for result in setup_runs:
         assert result.returncode == 0, result.stderr
     assert "already has policy" in setup_runs[1].stderr
+    assert "already sends object creations" in setup_runs[1].stderr
     for result in setup_runs:
         for _, secret in HOSTILE:
             assert secret not in result.stdout + result.stderr, "setup.sh printed a secret"
@@ -247,6 +302,26 @@ def test_orchard_mc_works_with_hostile_root_credentials(setup_runs, minio_port, 
     )
     users = {line.get("accessKey") for line in mc_json(s, "admin", "user", "list", "orchard")}
     assert users >= {UPLOADER[0], SPARK[0], SERVE[0]}
+
+
+def test_image_uploads_reach_the_webhook_target_with_the_token(setup_runs, minio_port, receiver):
+    """setup.sh subscribed the images bucket: an upload by the uploader's key is posted to the
+    target (compose: the serve service's /v1/events), authorized by the API key; other buckets not."""
+    client(minio_port, SPARK).put_object("features", "w/not-an-image.parquet", io.BytesIO(b"f"), 1)
+    client(minio_port, UPLOADER).put_object("images", "w/new photo.jpg", io.BytesIO(b"img"), 3)
+    deadline = time.monotonic() + 30
+    while "w/new photo.jpg" not in receiver.keys_created() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "w/new photo.jpg" in receiver.keys_created()
+    assert not [key for key in receiver.keys_created() if key.startswith("w/not-an-image")]
+    headers = next(h for h, body in receiver.posts if "new+photo.jpg" in json.dumps(body))
+    assert headers["Authorization"] == f"Bearer {WEBHOOK_TOKEN}"
+
+
+def test_setup_subscribes_the_native_stacks_webhook_target():
+    script = (IMAGES_DIR / "minio" / "setup.sh").read_text()
+    assert f"WEBHOOK_ARN={WEBHOOK_ARN}\n" in script
+    assert f"arn:minio:sqs::{WEBHOOK_TARGET}:webhook" == WEBHOOK_ARN
 
 
 def test_setup_fails_without_secrets():
