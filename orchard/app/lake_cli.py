@@ -10,6 +10,7 @@ import click
 
 from orchard.app.cli import settings_from
 from orchard.app.spark_cli import echo_summary, extra_conf
+from orchard.core import table_log
 from orchard.core.errors import ExitStatus, ItemsFailed
 from orchard.core.settings import Settings
 from orchard.core.tables import format_table
@@ -80,12 +81,12 @@ def vacuum(ctx, retain_hours, conf, as_json) -> int:
 
 @lake.command()
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
-@conf_option
 @json_option
 @click.pass_context
-def history(ctx, limit, conf, as_json) -> int:
-    """The table's latest versions: version, time, operation, rows added."""
-    rows = on_table(ctx, "orchard-lake-history", conf, lambda spark, s: table.history(spark, s, limit))
+def history(ctx, limit, as_json) -> int:
+    """The table's latest versions: version, time, operation, rows and files added (read from the
+    Delta log directly: no Spark application)."""
+    rows = table_log.history(settings_from(ctx), limit)
     if as_json:
         click.echo(json.dumps(rows))
     else:

@@ -1,6 +1,6 @@
 """The images table's Delta log, read on the driver with delta-rs (the `deltalake` package): the
-table's version, properties and per-dataset row counts from its files' statistics, in milliseconds
-and without Spark.
+table's version, properties, history and per-dataset row counts from its files' statistics, in
+milliseconds and without Spark.
 
 Why: Spark's Delta reader answers the same questions by replaying the log in Spark jobs, which on a
 fresh application cost most of a batch stage's start (profiled on the dev stack, 4,000 images:
@@ -141,3 +141,48 @@ def data_file(action: Mapping[str, Any], root: str) -> DataFile:
         action.get("num_records"),
         newest,
     )
+
+
+def history(s: Settings, limit: int = 20) -> list[dict]:
+    """The latest `limit` commits, newest first: version, time, operation, rows and files added.
+    TableNotFound if there is no table; ServiceUnavailable if the log cannot be read."""
+    from deltalake.exceptions import DeltaError
+
+    table = open_table(s, None, with_files=False)
+    try:
+        commits = table.history(limit)
+    except (DeltaError, OSError) as exc:
+        raise ServiceUnavailable(f"cannot read the history of the images table at {s.images_table_uri}: {exc}") from exc
+    return [history_entry(commit) for commit in commits]
+
+
+def history_entry(commit: Mapping[str, Any]) -> dict:
+    """One commit's `commitInfo` as a small dict (the counts under whichever name its writer used)."""
+    metrics = commit.get("operationMetrics") or {}
+    millis = commit.get("timestamp")
+    return {
+        "version": commit.get("version"),
+        "timestamp": datetime.fromtimestamp(millis / 1000, UTC).isoformat(timespec="milliseconds") if millis else None,
+        "operation": commit.get("operation"),
+        "rows_added": first_metric(metrics, ROWS_ADDED_METRICS),
+        "files_added": first_metric(metrics, FILES_ADDED_METRICS),
+    }
+
+
+# Each operation and each writer names its counts differently: Spark's Delta (MERGE, WRITE,
+# OPTIMIZE; camelCase) and delta-rs (the uploader's MERGEs; snake_case). The first one present wins.
+ROWS_ADDED_METRICS = ("numTargetRowsInserted", "numOutputRows", "num_target_rows_inserted", "num_added_rows")
+FILES_ADDED_METRICS = (
+    "numTargetFilesAdded",
+    "numFilesAdded",
+    "numAddedFiles",
+    "numFiles",
+    "num_target_files_added",
+    "num_added_files",
+    "num_files_added",
+)
+
+
+def first_metric(metrics: Mapping[str, Any], names: tuple[str, ...]) -> int:
+    """The integer value of the first of `names` in `metrics` (Spark records strings), else 0."""
+    return next((int(metrics[n] or 0) for n in names if n in metrics), 0)

@@ -481,34 +481,3 @@ def vacuum(spark: SparkSession, s: Settings, hours: int | None = None) -> dict:
         spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
     DeltaTable.forPath(spark, s.images_table_uri).vacuum(float(keep))
     return {"retain_hours": keep, "table_version": table_log.latest_version(s)}
-
-
-def history(spark: SparkSession, s: Settings, limit: int = 20) -> list[dict]:
-    """The latest `limit` versions: version, timestamp, operation, rows added, files."""
-    from delta.tables import DeltaTable
-
-    table_log.latest_version(s)  # TableNotFound when there is none
-    rows = DeltaTable.forPath(spark, s.images_table_uri).history(limit).collect()  # bounded by limit
-    return [history_entry(r.asDict(recursive=True)) for r in rows]
-
-
-def history_entry(row: dict) -> dict:
-    """One version of DESCRIBE HISTORY as a small dict."""
-    metrics = row.get("operationMetrics") or {}
-    return {
-        "version": row["version"],
-        "timestamp": str(row["timestamp"]),
-        "operation": row["operation"],
-        "rows_added": _first_metric(metrics, ROWS_ADDED_METRICS),
-        "files_added": _first_metric(metrics, FILES_ADDED_METRICS),
-    }
-
-
-# Each Delta operation names its counts differently (MERGE, WRITE, OPTIMIZE, ...): first one present wins.
-ROWS_ADDED_METRICS = ("numTargetRowsInserted", "numOutputRows")
-FILES_ADDED_METRICS = ("numTargetFilesAdded", "numFilesAdded", "numAddedFiles", "numFiles")
-
-
-def _first_metric(metrics: dict, names: tuple[str, ...]) -> int:
-    """The integer value of the first of `names` in `metrics` (Delta reports them as strings), else 0."""
-    return next((int(metrics[n] or 0) for n in names if n in metrics), 0)

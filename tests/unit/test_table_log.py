@@ -66,3 +66,41 @@ def test_data_files_hold_every_column_but_the_partition_columns():
     data = [part.split()[0] for part in lake.DATA_SCHEMA.split(", ")]
     assert data == [n for n in lake.COLUMN_NAMES if n not in lake.PARTITION_COLUMNS]
     assert "NOT NULL" not in lake.DATA_SCHEMA and "NOT NULL" not in lake.READ_SCHEMA
+
+
+def test_history_reads_each_commit_from_the_log_newest_first(tmp_path):
+    """`orchard lake history` without Spark: delta-rs's own commits (the uploader's writer), counted
+    under its snake_case metric names."""
+    import pandas as pd
+    from deltalake import write_deltalake
+
+    from orchard.core.settings import Settings
+
+    uri = (tmp_path / "images").as_uri()
+    write_deltalake(uri, pd.DataFrame({"id": ["a", "b"]}))
+    write_deltalake(uri, pd.DataFrame({"id": ["c"]}), mode="append")
+    s = Settings(lake_uri=uri, s3_access_key="unused", s3_secret_key="unused")  # a local table
+    latest, first = table_log.history(s, limit=5)
+    assert (latest["version"], latest["operation"], latest["rows_added"], latest["files_added"]) == (1, "WRITE", 1, 1)
+    assert (first["version"], first["rows_added"]) == (0, 2)
+    assert datetime.fromisoformat(latest["timestamp"]) >= datetime.fromisoformat(first["timestamp"])
+    assert table_log.history(s, limit=1) == [latest]
+
+
+def test_history_counts_spark_deltas_metric_names():
+    """Spark's Delta records MERGE counts as strings under camelCase names."""
+    commit = {
+        "version": 4,
+        "timestamp": 1_796_000_000_000,
+        "operation": "MERGE",
+        "operationMetrics": {"numTargetRowsInserted": "40", "numTargetFilesAdded": "2", "numOutputRows": "99"},
+    }
+    entry = table_log.history_entry(commit)
+    assert entry == {
+        "version": 4,
+        "timestamp": datetime.fromtimestamp(1_796_000_000, UTC).isoformat(timespec="milliseconds"),
+        "operation": "MERGE",
+        "rows_added": 40,
+        "files_added": 2,
+    }
+    assert table_log.history_entry({"version": 0, "operation": "CREATE TABLE"})["rows_added"] == 0
