@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 from PIL import Image
 
-from orchard.core import formats, lake, table_write
+from orchard.core import formats, lake, table_log, table_write
 from orchard.core.settings import Settings
 from orchard.spark_app import table
 from orchard.stack.setup import missing_properties
@@ -101,22 +101,23 @@ def test_merge_condition_names_the_dataset_and_key_range_with_quotes_escaped():
 def test_history_entry_takes_rows_added_from_each_operation():
     merge = {
         "version": 3,
-        "timestamp": "t",
+        "timestamp": 1_000,
         "operation": "MERGE",
         "operationMetrics": {"numTargetRowsInserted": "12", "numTargetFilesAdded": "1"},
     }
     write = {
         "version": 1,
-        "timestamp": "t",
+        "timestamp": 1_000,
         "operation": "WRITE",
         "operationMetrics": {"numOutputRows": "5", "numFiles": "2"},
     }
-    create = {"version": 0, "timestamp": "t", "operation": "CREATE TABLE", "operationMetrics": None}
-    optimize = {"version": 4, "timestamp": "t", "operation": "OPTIMIZE", "operationMetrics": {"numFilesAdded": "3"}}
-    assert table.history_entry(merge)["rows_added"] == 12 and table.history_entry(merge)["files_added"] == 1
-    assert table.history_entry(write)["rows_added"] == 5 and table.history_entry(write)["files_added"] == 2
-    assert table.history_entry(create)["rows_added"] == 0 and table.history_entry(create)["files_added"] == 0
-    assert table.history_entry(optimize)["files_added"] == 3 and table.history_entry(optimize)["rows_added"] == 0
+    create = {"version": 0, "timestamp": 1_000, "operation": "CREATE TABLE", "operationMetrics": None}
+    optimize = {"version": 4, "timestamp": 1_000, "operation": "OPTIMIZE", "operationMetrics": {"numFilesAdded": "3"}}
+    entry = table_log.history_entry  # Spark's Delta metric names (the camelCase ones)
+    assert entry(merge)["rows_added"] == 12 and entry(merge)["files_added"] == 1
+    assert entry(write)["rows_added"] == 5 and entry(write)["files_added"] == 2
+    assert entry(create)["rows_added"] == 0 and entry(create)["files_added"] == 0
+    assert entry(optimize)["files_added"] == 3 and entry(optimize)["rows_added"] == 0
 
 
 def test_setup_adds_only_the_fields_an_index_lacks():
