@@ -83,10 +83,6 @@ class Catalog:
         rows = similar(self.es, self.s.images_index, image_id, k + 1)
         return [row for row in rows if row["id"] != image_id][:k]
 
-    def nearest(self, vector: list[float], model: str, k: int) -> list[dict]:
-        """The k images whose embedding by `model` is nearest (cosine) to `vector`."""
-        return self.nearest_many(model, [(vector, k)])[0]
-
     def nearest_many(self, model: str, queries: Sequence[tuple[list[float], int]]) -> list[list[dict]]:
         """For each (vector, k): the k images whose embedding by `model` is nearest (cosine), in one
         multi-search round trip; SearchFailed if Elasticsearch failed any of them."""
