@@ -139,6 +139,8 @@ S3_SETUP = Policy("S3 setup", attempts=15, initial=0.5, max_wait=10, deadline=12
 ES_SETUP = Policy("Elasticsearch setup", attempts=6, initial=1, max_wait=10, deadline=120)
 # Uploader reads and deletes by id.
 ES_READ = Policy("Elasticsearch read", attempts=5, initial=0.5, max_wait=8, deadline=60)
+# One document write of the driver: a model version's registry document, its inference rate.
+ES_WRITE = Policy("Elasticsearch document write", attempts=5, initial=0.5, max_wait=8, deadline=60)
 # A bulk chunk after a dropped connection or a timeout (Spark: with the chunk's mget).
 ES_CHUNK = Policy("Elasticsearch bulk chunk", attempts=4, initial=2, max_wait=10, deadline=120)
 # One MERGE of rows into the images table with delta-rs (orchard.core.table_write): a store error, or

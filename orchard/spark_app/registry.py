@@ -21,7 +21,7 @@ from minio.error import S3Error
 from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ConfigError
 from orchard.core.lake import model_uri, utc_timestamp
-from orchard.core.retry import REGISTRY, retried, s3_transient
+from orchard.core.retry import ES_WRITE, REGISTRY, es_transient, retried, s3_transient, without_transport_retries
 from orchard.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ MODEL_FILE, LABELS_FILE, METRICS_FILE = "model.keras", "labels.json", "metrics.j
 
 # The models bucket's transfers: throttling, 5xx, dropped connections, timeouts (orchard.core.retry).
 _retrying = retried(REGISTRY, s3_transient, log)
+# Its documents in the models index: throttling (429) under a busy cluster, 5xx, dropped connections.
+_es_retrying = retried(ES_WRITE, es_transient, log)
 
 
 # Model families, recorded as `family` in the models index (and the prefix of their version ids).
@@ -164,7 +166,7 @@ def record_inference(s: Settings, version: str, summary: dict) -> None:
     if is_pretrained(version) or figures is None:
         return
     try:
-        es_client(s).update(index=s.models_index, id=version, doc={"inference": figures}, refresh="wait_for")
+        update_document(s, version, {"inference": figures})
     except NotFoundError:
         # A version whose files exist but whose document does not (e.g. an index rebuilt since):
         # the predictions are written, the rate is only a figure for comparison.
@@ -184,9 +186,24 @@ def register(s: Settings, version: str, card: dict, metrics: dict | None, regist
     if metrics is not None:
         put_json(s, f"{version}/{METRICS_FILE}", metrics)
         doc["metrics_uri"] = uri(s, version, METRICS_FILE)
-    es_client(s).index(index=s.models_index, id=version, document=doc, refresh="wait_for")
+    index_document(s, version, doc)
     log.info("registered model %s in %s and %s/%s/", version, s.models_index, s.models_bucket, version)
     return doc
+
+
+@_es_retrying
+def index_document(s: Settings, version: str, doc: dict) -> None:
+    """Write a version's registry document (whole), visible to searches on return."""
+    es = without_transport_retries(es_client(s))
+    es.index(index=s.models_index, id=version, document=doc, refresh="wait_for")
+
+
+@_es_retrying
+def update_document(s: Settings, version: str, fields: dict) -> None:
+    """Set fields of a version's registry document, visible to searches on return; NotFoundError if
+    it has none."""
+    es = without_transport_retries(es_client(s))
+    es.update(index=s.models_index, id=version, doc=fields, refresh="wait_for")
 
 
 def publish(s: Settings, version: str, model_path: Path, card: dict, metrics: dict | None, registry_doc: dict) -> dict:

@@ -29,6 +29,9 @@ class FakeEs:
         self.updates: list[dict] = []
         self.error = error
 
+    def options(self, **kwargs) -> FakeEs:
+        return self  # the writes turn the client's own retries off (ES_WRITE retries them)
+
     def update(self, **kwargs) -> None:
         self.updates.append(kwargs)
         if self.error is not None:

@@ -41,6 +41,7 @@ POLICIES = [
     retry.S3_SETUP,
     retry.ES_SETUP,
     retry.ES_READ,
+    retry.ES_WRITE,
     retry.ES_CHUNK,
 ]
 # The line the chaos suite looks for in the upload's and the executors' logs (tests/chaos/test_es_faults.py).
@@ -419,6 +420,21 @@ def test_the_uploader_reads_and_deletes_with_es_read_one_request_per_attempt(clo
     assert len(cluster.requests) == retry.ES_READ.attempts  # not attempts x attempts x transport retries
 
 
+def test_registry_documents_are_written_with_es_write_one_request_per_attempt(clock, monkeypatch) -> None:
+    from orchard.spark_app import registry
+
+    cluster = FakeCluster(refuse=[429, 429, 503])
+    monkeypatch.setattr(registry, "es_client", lambda s: cluster.client())
+    summary = {"images_per_second": 10.0, "images": 20, "seconds": 2.0, "predicted_at": "t", "table_version": 1}
+    registry.record_inference(Settings(es_hosts="http://es:9200"), "cnn-1", summary)
+    assert len(cluster.requests) == 4 and clock.sleeps == retry.ES_WRITE.waits()[:3]
+
+    cluster = FakeCluster(refuse=[429] * 100)
+    with pytest.raises(ApiError):
+        registry.register(Settings(es_hosts="http://es:9200"), "cnn-1", {}, None, {"family": "cnn"})
+    assert len(cluster.requests) == retry.ES_WRITE.attempts  # no transport retries inside the policy's
+
+
 def test_plain_elasticsearch_calls_try_each_node_once() -> None:
     cluster = FakeCluster(refuse=[503] * 10)
     with pytest.raises(ApiError):
@@ -461,6 +477,7 @@ def expected_rows() -> dict[str, tuple[int, float]]:
         ),
         "Features: write embeddings": retry.ES_CHUNK.worst_case(executor_bulk[1], executor_bulk[0]),
         "Model registry": retry.REGISTRY.worst_case(s3_request),
+        "Registry documents": retry.ES_WRITE.worst_case(es_request),
         "Setup: buckets": retry.S3_SETUP.worst_case(2 * s3_request, 2),
         "Setup: index templates": retry.ES_SETUP.worst_case(6 * es_request + 75, 7),
         "Any other Elasticsearch call": (transport, transport * es_request),
