@@ -17,6 +17,7 @@ import click
 from orchard.app.cli import settings_from
 from orchard.core.clients import es_client
 from orchard.core.errors import ConfigError, ExitStatus
+from orchard.core.rasters import SCALINGS, Conversion, conversion_of
 from orchard.core.settings import Settings
 from orchard.spark_app import search as finder
 from orchard.spark_app.bovw import BovwPlan, run_bovw
@@ -183,6 +184,22 @@ def echo_summary(summary: dict, as_json: bool, keys: list[str]) -> None:
     help="With --family bovw: strongest keypoints per image.",
 )
 @click.option(
+    "--bands",
+    default=None,
+    metavar="B,B,...",
+    help="Model input bands, 1-based and in this order, e.g. 4,3,2 (Sentinel-2 true colour); the model "
+    "takes that many channels. Default: 1 or 3 bands as stored (4+ -> the first 3). Recorded in the model "
+    "card: infer and serve apply the same (docs/rasters.md).",
+)
+@click.option(
+    "--scaling",
+    default=None,
+    metavar="SCALING",
+    help="Values to 0..255: "
+    + "; ".join(f"{name}: {what}" for name, what in SCALINGS.items())
+    + ". Recorded in the model card with --bands.",
+)
+@click.option(
     "--include-empty",
     is_flag=True,
     help="Train on empty images too (black, constant or no-data; left out by default and counted as "
@@ -205,6 +222,8 @@ def train(
     descriptor,
     words,
     keypoints,
+    bands,
+    scaling,
     include_empty,
     images_per_partition,
     as_json,
@@ -214,6 +233,7 @@ def train(
     --family bovw: bag of visual words with Spark ML), evaluate it on the test split, register it."""
     s = settings_from(ctx)
     family = chosen_family(family, base, fine_tune)
+    conversion = chosen_conversion(family, bands, scaling)
     common = (train_split, test_split, epochs, batch_size, learning_rate)
     with spark_session(s, f"orchard-train-{dataset}", extra_conf(conf)) as spark:
         if family == FAMILY_TRANSFER:
@@ -233,7 +253,7 @@ def train(
             )
             doc = run_bovw(spark, s, bovw, as_of)
         else:
-            doc = run_training(spark, s, dataset, *common, images_per_partition, as_of, include_empty)
+            doc = run_training(spark, s, dataset, *common, images_per_partition, as_of, include_empty, conversion)
     summary = training_summary(doc)
     echo_summary(summary, as_json, list(summary))
     return ExitStatus.OK
@@ -247,6 +267,19 @@ def chosen_family(family: str | None, base: str | None, fine_tune: int) -> str:
     if fine_tune and family != FAMILY_TRANSFER:
         raise click.UsageError("--fine-tune needs --base")
     return family
+
+
+def chosen_conversion(family: str, bands: str | None, scaling: str | None) -> Conversion:
+    """The bands and scaling of --bands/--scaling; UsageError when they are malformed or the family
+    cannot take them (transfer: the ImageNet base and its embedding cache take RGB as stored; bovw:
+    descriptors on grey pictures)."""
+    try:
+        conversion = conversion_of(bands, scaling)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not conversion.is_default and family != FAMILY_CNN:
+        raise click.UsageError(f"--bands and --scaling are for --family cnn, not {family}")
+    return conversion
 
 
 def training_summary(doc: dict) -> dict:

@@ -21,6 +21,7 @@ from orchard.core.settings import Settings
 from orchard.uploader.discovery import check_dataset, dataset_slug
 from orchard.uploader.inspection import DEFAULT_MAX_PIXELS, Limits
 from orchard.uploader.pipeline import Uploader, UploadOptions
+from orchard.uploader.raster_synth import WRITERS, SceneSpec, write_scene
 from orchard.uploader.report import Report, write_report
 from orchard.uploader.synth import synthesize
 
@@ -91,6 +92,41 @@ def synth(
     click.echo(
         f"wrote {summary.files} images ({summary.bytes / 1e6:.1f} MB) of {len(summary.classes)} classes to {out}"
     )
+    return ExitStatus.OK
+
+
+@dataset.command()
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--height", type=click.IntRange(1), default=4096, show_default=True, help="Rows (pixels).")
+@click.option("--width", type=click.IntRange(1), default=4096, show_default=True, help="Columns (pixels).")
+@click.option("--bands", type=click.IntRange(1, 64), default=6, show_default=True, help="Bands (Sentinel-2-like).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["uint16", "float32", "uint8"]),
+    default="uint16",
+    show_default=True,
+    help="Sample type: reflectance x 10000 for integers, 0..1 for float32.",
+)
+@click.option(
+    "--tile", type=click.IntRange(16), default=256, show_default=True, help="TIFF tile side (a multiple of 16)."
+)
+@click.option("--cell", type=click.IntRange(1), default=512, show_default=True, help="Land-cover cell side (pixels).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed and options -> byte-identical files.")
+def raster(out: Path, height: int, width: int, bands: int, dtype: str, tile: int, cell: int, seed: int) -> int:
+    """Write a satellite-like scene to OUT (.tif: tiled GeoTIFF, BigTIFF over 4 GiB; .npy), streamed:
+    memory stays at one tile or strip whatever the size (orchard/uploader/raster_synth.py).
+
+    A grid of land-cover cells (water, forest, crop, urban, bare, and no-data) with per-class
+    reflectances per band, a brightness gradient and sensor noise.
+    """
+    if tile % 16:
+        raise click.BadParameter("TIFF tiles are a multiple of 16 pixels", param_hint="--tile")
+    if out.suffix.lower() not in WRITERS:
+        raise click.BadParameter(f"{out}: write a scene as {', '.join(WRITERS)}", param_hint="OUT")
+    spec = SceneSpec(height, width, bands, dtype, tile, cell, seed)
+    with progress_bar("row", height) as bar:
+        write_scene(spec, out, progress=bar.update)
+    click.echo(f"wrote a {height}x{width}x{bands} {dtype} scene ({spec.nbytes / 2**30:.2f} GiB of pixels) to {out}")
     return ExitStatus.OK
 
 

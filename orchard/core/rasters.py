@@ -4,10 +4,14 @@
 Default conversion to what the models take (uint8, 1 or 3 channels), `to_picture`:
 - Layout: channels-first data (the first axis short, <= 16, and both others longer, as tifffile
   returns planar TIFFs and Sentinel-2 tiles come) is transposed to (H, W, bands) (`image_shape`).
-- Bands: 1 as is, 2 -> the first, 3 as is, 4 or more -> the first 3 (choosing other bands comes
-  with band-selection flags later).
+- Bands: 1 as is, 2 -> the first, 3 as is, 4 or more -> the first 3.
 - Values: uint8 as is; any other type is scaled per image by min-max over its finite values to
   0..255 (NaN and +-inf become 0; a constant image becomes all zeros).
+
+A `Conversion` chosen at training (`orchard train --bands 4,3,2 --scaling percentile:2,98`) replaces
+those defaults: the bands it names, in that order (1-based, as GDAL and the Sentinel-2 band numbers
+count; the model then takes that many channels), and one of the scalings of `SCALINGS`. It is
+recorded in the model card and applied identically by training, `orchard infer` and `orchard serve`.
 
 tifffile alone (no imagecodecs) decodes uncompressed, Deflate, PackBits, LZMA and Zstd TIFFs; an
 LZW- or JPEG-compressed 16-bit/float TIFF is refused with that reason (8-bit ones go to Pillow,
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
@@ -26,6 +30,7 @@ import tifffile
 
 PLANAR_MAX_BANDS = 16  # a first axis this short, with both others longer, holds bands
 GDAL_NODATA = 42113  # the TIFF tag GDAL writes a raster's no-data value into (ASCII)
+GEOTIFF_PIXEL_SCALE, GEOTIFF_TIEPOINT = 33550, 33922  # GeoTIFF tags: pixel size, and a pixel's position
 PICTURE_MAX_BANDS = 4  # Pillow reads 8-bit TIFFs with up to 4 bands (L, LA, RGB, RGBA, CMYK)
 
 
@@ -165,13 +170,229 @@ def scale_to_uint8(array: np.ndarray) -> np.ndarray:
     """uint8 as is; otherwise min-max over the finite values to 0..255 (non-finite -> 0, constant -> 0)."""
     if array.dtype == np.uint8:
         return array
+    return stretch(array, *finite_range(array, lambda v: (v.min(), v.max())))
+
+
+def finite_range(array: np.ndarray, bounds) -> tuple[float, float]:
+    """`bounds(finite values)` as floats; (0, 0) when no value is finite (stretch then gives zeros)."""
+    values = array[np.isfinite(array)] if array.dtype.kind == "f" else array.ravel()
+    if not values.size:
+        return 0.0, 0.0
+    low, high = bounds(values)
+    return float(low), float(high)
+
+
+def stretch(array: np.ndarray, low: float, high: float) -> np.ndarray:
+    """uint8 of `array` with `low` -> 0 and `high` -> 255, linearly, clipped; non-finite values -> 0,
+    and all zeros when high <= low (a constant image: no division by zero)."""
     values = array.astype(np.float64)
-    finite = np.isfinite(values)
-    if not finite.any():
-        return np.zeros(array.shape, np.uint8)
-    low, high = float(values[finite].min()), float(values[finite].max())
-    span = high - low
     scaled = np.zeros(array.shape, np.float64)
-    if span > 0 and math.isfinite(span):  # constant: all zeros, no division by zero
-        np.divide(values - low, span / 255.0, out=scaled, where=finite)
+    span = high - low
+    if span > 0 and math.isfinite(span):
+        np.divide(values - low, span / 255.0, out=scaled, where=np.isfinite(values))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+class BandError(ValueError):
+    """An image lacks a band the model's conversion names, or gives the model another channel count."""
+
+
+AUTO, MINMAX, MAX, PERCENTILE, RANGE = "auto", "minmax", "max", "percentile", "range"
+SCALINGS = {
+    AUTO: "uint8 as stored, any other type min-max per image (the default)",
+    MINMAX: "min-max per image, every type",
+    MAX: "0..the image's maximum, per image (values as counts or reflectance, 0 = black)",
+    PERCENTILE: "percentile:LOW,HIGH, e.g. percentile:2,98: clip to those percentiles per image",
+    RANGE: "range:LOW,HIGH, e.g. range:0,3000: a fixed value range for every image",
+}
+SCALING_ARGS = {PERCENTILE: 2, RANGE: 2}  # scalings that take LOW,HIGH
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """How stored pixels become the model's uint8 channels: `bands` (1-based, in order; empty: the
+    default rule of the module docstring) and the value `scaling` (a key of SCALINGS, with `bounds`
+    LOW, HIGH for percentile and range)."""
+
+    bands: tuple[int, ...] = ()
+    scaling: str = AUTO
+    bounds: tuple[float, ...] = field(default=())
+
+    @property
+    def is_default(self) -> bool:
+        return not self.bands and self.scaling == AUTO
+
+    @property
+    def spec(self) -> str:
+        """The scaling as the --scaling flag spells it, e.g. `percentile:2,98`."""
+        return f"{self.scaling}:{','.join(f'{b:g}' for b in self.bounds)}" if self.bounds else self.scaling
+
+    def channels(self, default: int = 3) -> int:
+        """The model's input channels: one per chosen band, else `default` (the default rule's 1 or 3)."""
+        return len(self.bands) or default
+
+    def to_card(self) -> dict:
+        """The model card's `conversion` entry."""
+        return {"bands": list(self.bands), "scaling": self.spec}
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, channels) of an image array ((H, W), (H, W, C) or (C, H, W)); ValueError if a
+        band it names is not in the image."""
+        pixels = channels_last(array)
+        pixels = pick_bands(pixels, self.bands) if self.bands else select_bands(pixels)
+        return self.scale(pixels)
+
+    def scale(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 of the selected bands by this conversion's scaling (one range over all bands: the
+        bands keep their relative brightness)."""
+        if self.scaling == AUTO:
+            return scale_to_uint8(pixels)
+        if self.scaling == RANGE:
+            return stretch(pixels, *self.bounds)
+        if self.scaling == PERCENTILE:
+            return stretch(pixels, *finite_range(pixels, lambda v: np.percentile(v, self.bounds)))
+        if self.scaling == MAX:
+            return stretch(pixels, 0.0, finite_range(pixels, lambda v: (0, v.max()))[1])
+        return stretch(pixels, *finite_range(pixels, lambda v: (v.min(), v.max())))
+
+
+DEFAULT_CONVERSION = Conversion()
+
+
+def pick_bands(pixels: np.ndarray, bands: tuple[int, ...]) -> np.ndarray:
+    """The (H, W, len(bands)) array of the 1-based `bands` of an (H, W, C) array; BandError naming
+    the first band the image does not have."""
+    have = pixels.shape[-1]
+    missing = [b for b in bands if b > have]
+    if missing:
+        raise BandError(f"band {missing[0]} asked (--bands), the image has {have}")
+    return pixels[..., [b - 1 for b in bands]]
+
+
+def parse_bands(text: str | None) -> tuple[int, ...]:
+    """(4, 3, 2) of "4,3,2" (1-based band numbers); () for None or ""; ValueError saying what is wrong."""
+    if not text:
+        return ()
+    try:
+        bands = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"bands {text!r}: expected 1-based band numbers such as 4,3,2") from None
+    if min(bands) < 1:
+        raise ValueError(f"bands {text!r}: band numbers start at 1")
+    return bands
+
+
+def parse_scaling(text: str | None) -> tuple[str, tuple[float, ...]]:
+    """(scaling, bounds) of "percentile:2,98", "range:0,3000", "max", ... (None: auto); ValueError
+    saying what is wrong."""
+    name, _, args = (text or AUTO).partition(":")
+    if name not in SCALINGS:
+        raise ValueError(f"scaling {text!r}: expected one of {', '.join(SCALINGS)}")
+    try:
+        bounds = tuple(float(part) for part in args.split(",")) if args else ()
+    except ValueError:
+        raise ValueError(f"scaling {text!r}: LOW,HIGH must be numbers") from None
+    want = SCALING_ARGS.get(name, 0)
+    if len(bounds) != want or (bounds and not (math.isfinite(bounds[0]) and bounds[0] < bounds[1])):
+        raise ValueError(f"scaling {text!r}: {SCALINGS[name]}" if want else f"scaling {text!r} takes no LOW,HIGH")
+    if name == PERCENTILE and not (bounds[0] >= 0 and bounds[1] <= 100):
+        raise ValueError(f"scaling {text!r}: percentiles are between 0 and 100")
+    return name, bounds
+
+
+def conversion_of(bands: str | None, scaling: str | None) -> Conversion:
+    """The Conversion of --bands and --scaling flags; ValueError saying which is wrong and why."""
+    name, bounds = parse_scaling(scaling)
+    return Conversion(parse_bands(bands), name, bounds)
+
+
+def conversion_from_card(card: dict) -> Conversion:
+    """A model card's conversion (the default for cards written before conversions were recorded)."""
+    entry = card.get("conversion") or {}
+    return conversion_of(",".join(str(b) for b in entry.get("bands") or ()), entry.get("scaling"))
+
+
+# --- windows of large rasters (tiling) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """A tile of a raster: its grid position (row, col) and its pixels (top, left, height, width)."""
+
+    row: int
+    col: int
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def tile_windows(height: int, width: int, size: int, stride: int) -> list[Window]:
+    """The windows cutting a height x width raster into size x size tiles every `stride` pixels; the
+    last row and column of tiles end flush with the raster's edge (every pixel is covered), and a
+    raster smaller than a tile is one window of its own size. ValueError for a non-positive size or
+    stride."""
+    if size < 1 or stride < 1:
+        raise ValueError(f"tile size and stride must be positive, got {size} and {stride}")
+    tops, lefts = tile_starts(height, size, stride), tile_starts(width, size, stride)
+    return [
+        Window(r, c, top, left, min(size, height), min(size, width))
+        for r, top in enumerate(tops)
+        for c, left in enumerate(lefts)
+    ]
+
+
+def tile_starts(length: int, size: int, stride: int) -> list[int]:
+    """Start offsets of tiles of `size` every `stride` along `length`, the last one flush with the end."""
+    if length <= size:
+        return [0]
+    starts = list(range(0, length - size + 1, stride))
+    return starts if starts[-1] == length - size else [*starts, length - size]
+
+
+def read_tiff_window(source: BinaryIO, window: Window) -> np.ndarray:
+    """(height, width, bands) pixels of a window of a TIFF's first page, reading and decoding only the
+    tiles or strips it overlaps (the raster is never whole in memory; `source` may be a ranged
+    reader of a remote object). ValueError for band-separate (planar) TIFFs, which would need one
+    read per band."""
+    with tifffile.TiffFile(source) as tif:
+        page = tif.pages.first
+        if page.planarconfig != 1 and page.samplesperpixel > 1:
+            raise ValueError("windowed reads need pixel-interleaved bands (GDAL's INTERLEAVE=PIXEL)")
+        out = np.zeros((window.height, window.width, page.samplesperpixel), page.dtype)
+        for index in overlapping_segments(page, window):
+            paste_segment(out, page, tif.filehandle, index, window)
+        return out
+
+
+def overlapping_segments(page, window: Window) -> list[int]:
+    """Indices of a page's tiles or strips (row-major) that overlap a window."""
+    seg_height, seg_width = page.chunks[0], page.chunks[1]
+    per_row = -(-page.imagewidth // seg_width)
+    rows = range(window.top // seg_height, (window.top + window.height - 1) // seg_height + 1)
+    cols = range(window.left // seg_width, (window.left + window.width - 1) // seg_width + 1)
+    return [r * per_row + c for r in rows for c in cols]
+
+
+def paste_segment(out: np.ndarray, page, fh, index: int, window: Window) -> None:
+    """Read, decode and copy the part of one tile or strip that falls in the window into `out`."""
+    fh.seek(page.dataoffsets[index])
+    segment, (_, _, top, left, _), _ = page.decode(fh.read(page.databytecounts[index]), index)
+    segment = segment.reshape(segment.shape[-3:])  # (rows, columns, bands) of the tile or strip
+    r0, c0 = max(top, window.top), max(left, window.left)
+    r1 = min(top + segment.shape[0], window.top + window.height, page.imagelength)
+    c1 = min(left + segment.shape[1], window.left + window.width, page.imagewidth)
+    out[r0 - window.top : r1 - window.top, c0 - window.left : c1 - window.left] = segment[
+        r0 - top : r1 - top, c0 - left : c1 - left
+    ]
+
+
+def geo_bounds(page, window: Window) -> tuple[float, float, float, float] | None:
+    """(west, south, east, north) of a window in the raster's CRS from its GeoTIFF pixel scale and tie
+    point (a north-up raster), or None when the TIFF is not georeferenced."""
+    scale, tie = page.tags.get(GEOTIFF_PIXEL_SCALE), page.tags.get(GEOTIFF_TIEPOINT)
+    if scale is None or tie is None:
+        return None
+    (sx, sy), (col0, row0, _, x0, y0) = scale.value[:2], tie.value[:5]
+    west, north = x0 + (window.left - col0) * sx, y0 - (window.top - row0) * sy
+    return west, north - window.height * sy, west + window.width * sx, north

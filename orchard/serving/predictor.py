@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from orchard.core.errors import ConfigError, UnusableImage
+from orchard.core.rasters import DEFAULT_CONVERSION, Conversion, conversion_from_card
 from orchard.core.settings import Settings
 from orchard.spark_app.images import ImageDecodeError, decode_image, open_raster
 from orchard.spark_app.local_prediction import load_predictor
@@ -56,6 +57,7 @@ class ServingModel:
     card: dict
     net: Any  # keras.Model with two outputs (orchard.spark_app.model.with_embedding)
     prep: Callable[[np.ndarray], np.ndarray]
+    conversion: Conversion = DEFAULT_CONVERSION  # bands and scaling (the card's)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -66,7 +68,7 @@ class ServingModel:
         check_pixels(content, max_pixels)
         size = tuple(int(v) for v in self.card["input_size"])
         try:
-            array = decode_image(content, (size[0], size[1]), int(self.card.get("channels", 3)))
+            array = decode_image(content, (size[0], size[1]), int(self.card.get("channels", 3)), self.conversion)
             return self.prep(array)
         except (ImageDecodeError, UnusableImage) as exc:
             raise RejectedImage(str(exc)) from None
@@ -109,7 +111,8 @@ def load_serving_model(s: Settings, version: str) -> ServingModel:
     from orchard.spark_app.model import with_embedding  # noqa: PLC0415 - TensorFlow on first load
 
     net, card = load_predictor(s, version)
-    return ServingModel(version, card, with_embedding(net), preprocessor(card["preprocessing"]))
+    prep = preprocessor(card["preprocessing"])
+    return ServingModel(version, card, with_embedding(net), prep, conversion_from_card(card))
 
 
 class ModelHolder:

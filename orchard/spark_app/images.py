@@ -26,6 +26,7 @@ from orchard.core.errors import DatasetNotFound
 from orchard.core.formats import NPY, TIFF, decoder_of
 from orchard.core.lake import dataset_uri, key_of, parse_key
 from orchard.core.quality import ImageQuality, measure_quality, picture_pixels
+from orchard.core.rasters import DEFAULT_CONVERSION, Conversion
 from orchard.core.retry import S3_READ, retrying, s3_transient
 from orchard.core.settings import Settings
 from orchard.spark_app.context import s3_of
@@ -86,33 +87,53 @@ def table_pair(row) -> Pair:
     return ImageRef(row[0], row[1], row[2], row[3], row[4]), (bytes(row[5]) if row[5] is not None else None)
 
 
-def decode_image(content: bytes, size: tuple[int, int], channels: int = 3) -> np.ndarray:
+def decode_image(
+    content: bytes, size: tuple[int, int], channels: int = 3, conversion: Conversion = DEFAULT_CONVERSION
+) -> np.ndarray:
     """uint8 array (height, width, channels) of an encoded image, resized to `size` = (height, width).
 
     Every accepted format (orchard.core.formats): Pillow for 8-bit pictures, tifffile for other
-    TIFFs, numpy for .npy; non-8-bit data scaled by orchard.core.rasters.to_picture. Raises
-    ImageDecodeError with a short reason when the bytes cannot be decoded.
+    TIFFs, numpy for .npy; bands and values converted by `conversion` (orchard.core.rasters: the
+    model card's; the default scales non-8-bit data by to_picture). Raises ImageDecodeError with a
+    short reason when the bytes cannot be decoded or converted.
     """
-    return decoded(content, size, channels, measure=False)[0]
+    return decoded(content, size, channels, measure=False, conversion=conversion)[0]
 
 
 def decoded(
-    content: bytes, size: tuple[int, int], channels: int, measure: bool
+    content: bytes,
+    size: tuple[int, int],
+    channels: int,
+    measure: bool,
+    conversion: Conversion = DEFAULT_CONVERSION,
 ) -> tuple[np.ndarray, ImageQuality | None]:
     """(decode_image's uint8 array, and if `measure` the image's quality, else None); ImageDecodeError
     if it cannot be decoded. The quality is measured on the pixels as stored, before scaling and
     resizing (orchard.core.quality: the measure the uploader writes into the document)."""
     try:
         raster = open_raster(content)
-        with raster.picture as img:
-            quality = raster.quality() if measure else None
-            converted = img.convert("L" if channels == 1 else "RGB")
-            if converted.size != (size[1], size[0]):
-                converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(converted, dtype=np.uint8)
+        quality = raster.quality() if measure else None
+        array = raster.pixels(conversion, channels, size)
+    except rasters.BandError as exc:  # decodable, but not what the model takes
+        raise ImageDecodeError(str(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError) as exc:
         raise ImageDecodeError(f"undecodable image: {type(exc).__name__}: {exc}"[:240]) from None
-    return (array[..., None] if channels == 1 else array), quality
+    return array, quality
+
+
+def resized(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (height, width, C) of (H, W, C) pixels, bilinear; each band on its own beyond 3 (Pillow
+    images hold at most RGB)."""
+    height, width = size
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    if pixels.shape[-1] in (1, 3):
+        image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else np.ascontiguousarray(pixels))
+        out = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
+        return out[..., None] if out.ndim == 2 else out
+    return np.stack(
+        [resized(np.ascontiguousarray(pixels[..., [b]]), size)[..., 0] for b in range(pixels.shape[-1])], -1
+    )
 
 
 @dataclass(frozen=True)
@@ -128,6 +149,32 @@ class Raster:
         """The image's quality, measured on the stored array, else on the decoded picture."""
         pixels = self.array if self.array is not None else picture_pixels(self.picture)
         return measure_quality(pixels, self.nodata)
+
+    def pixels(self, conversion: Conversion, channels: int, size: tuple[int, int]) -> np.ndarray:
+        """uint8 (height, width, channels) the model takes, `size` = (height, width); ValueError if
+        the conversion's bands are not `channels` or not in the image (BandError)."""
+        if not conversion.is_default:
+            stored = self.array if self.array is not None else picture_pixels(self.picture)
+            return resized(with_channels(conversion.apply(stored), channels, bool(conversion.bands)), size)
+        # Pillow's own L/RGB conversion (palette, CMYK, alpha, ...), resized before it becomes an array
+        image = self.picture.convert("L" if channels == 1 else "RGB")
+        if image.size != (size[1], size[0]):
+            image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+        return array[..., None] if channels == 1 else array
+
+
+def with_channels(pixels: np.ndarray, channels: int, explicit: bool) -> np.ndarray:
+    """`pixels` with `channels` bands: grey repeated to RGB, RGB to grey (Pillow's L) when the bands
+    came from the default rule; BandError when chosen bands (`explicit`) are not as many."""
+    have = pixels.shape[-1]
+    if have == channels:
+        return pixels
+    if explicit or {have, channels} != {1, 3}:
+        raise rasters.BandError(f"{have} bands selected, the model takes {channels}")
+    if channels == 3:
+        return np.repeat(pixels, 3, axis=-1)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).convert("L"), dtype=np.uint8)[..., None]
 
 
 def open_raster(content: bytes) -> Raster:
@@ -152,22 +199,33 @@ def image_of(array: np.ndarray) -> Image.Image:
 Decoded = tuple[ImageRef, np.ndarray | None, str | None]  # (ref, uint8 array or None, error or None)
 
 
-def decode_rows(pairs: Iterable[Pair], s: Settings, size: tuple[int, int], channels: int = 3) -> Iterator[Decoded]:
+def decode_rows(
+    pairs: Iterable[Pair],
+    s: Settings,
+    size: tuple[int, int],
+    channels: int = 3,
+    conversion: Conversion = DEFAULT_CONVERSION,
+) -> Iterator[Decoded]:
     """(ref, uint8 array or None, error or None) per (ref, content) pair, lazily (runs in executors);
     content None (a large image the table references by key) is read from the bucket."""
-    for ref, array, error, _ in measured_rows(pairs, s, size, channels, measure=False):
+    for ref, array, error, _ in measured_rows(pairs, s, size, channels, measure=False, conversion=conversion):
         yield ref, array, error
 
 
 def measured_rows(
-    pairs: Iterable[Pair], s: Settings, size: tuple[int, int], channels: int = 3, measure: bool = True
+    pairs: Iterable[Pair],
+    s: Settings,
+    size: tuple[int, int],
+    channels: int = 3,
+    measure: bool = True,
+    conversion: Conversion = DEFAULT_CONVERSION,
 ) -> Iterator[tuple[ImageRef, np.ndarray | None, str | None, ImageQuality | None]]:
     """decode_rows, each row with the image's quality (orchard.core.quality; None when undecodable or
     not `measure`)."""
     for ref, content in pairs:
         try:
             data = content if content is not None else read_object(s3_of(s), s.images_bucket, ref.key)
-            array, quality = decoded(data, size, channels, measure)
+            array, quality = decoded(data, size, channels, measure, conversion)
             yield ref, array, None, quality
         except ImageDecodeError as exc:
             yield ref, None, str(exc), None

@@ -24,6 +24,7 @@ from orchard.core.clients import es_client
 from orchard.core.errors import ItemsFailed
 from orchard.core.iterables import batched
 from orchard.core.lake import Field, Prediction, path, utc_timestamp
+from orchard.core.rasters import DEFAULT_CONVERSION, Conversion, conversion_from_card
 from orchard.core.settings import Settings
 from orchard.spark_app.context import es_of
 from orchard.spark_app.images import ImageRef, decode_rows
@@ -79,6 +80,7 @@ class PredictSpec:
     top: int = 5
     table_version: int | None = None  # the images table version the run reads
     family: str = ""  # the version's model family (registry.family_of)
+    conversion: Conversion = DEFAULT_CONVERSION  # bands and scaling (the card's)
 
     @classmethod
     def from_card(cls, s: Settings, card: dict, batch_size: int, table_version: int | None = None) -> PredictSpec:
@@ -94,6 +96,7 @@ class PredictSpec:
             utc_timestamp(timespec="seconds", zulu=False),
             table_version=table_version,
             family=family_of(card["version"]),
+            conversion=conversion_from_card(card),
         )
 
 
@@ -135,7 +138,7 @@ def same_prediction(stored: dict | None, new: dict) -> bool:
 def model_inputs(spec: PredictSpec, rows: Iterable) -> Iterator[tuple[tuple[ImageRef, str | None], np.ndarray | None]]:
     """mapPartitions body: ((ref, error), preprocessed image or None) per (ref, content) pair."""
     prep = preprocessor(spec.preprocessing)
-    for ref, array, error in decode_rows(rows, spec.settings, spec.size, spec.channels):
+    for ref, array, error in decode_rows(rows, spec.settings, spec.size, spec.channels, spec.conversion):
         if array is None:  # exactly when error is set
             yield (ref, error), None
             continue

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from orchard.core.iterables import batched
+from orchard.core.rasters import DEFAULT_CONVERSION, Conversion, conversion_from_card
 from orchard.core.settings import Settings
 from orchard.spark_app.images import ImageDecodeError, decode_image
 from orchard.spark_app.preprocess import as_probabilities, prepare, preprocessor, top_k
@@ -49,8 +50,9 @@ def predict_files(s: Settings, version: str, files: Sequence[Path], batch_size: 
     net, card = load_predictor(s, version)
     classes, prep = tuple(card["classes"]), preprocessor(card["preprocessing"])
     size, channels = tuple(card["input_size"]), int(card.get("channels", 3))
+    conversion = conversion_from_card(card)
     for batch in batched(files, batch_size):
-        ready = [model_input(path, size, channels, prep) for path in batch]
+        ready = [model_input(path, size, channels, prep, conversion) for path in batch]
         good = [x for x, _ in ready if x is not None]
         probs = iter(top_k(as_probabilities(net.predict_on_batch(np.stack(good))), classes, k) if good else [])
         yield from (
@@ -61,9 +63,11 @@ def predict_files(s: Settings, version: str, files: Sequence[Path], batch_size: 
         )
 
 
-def model_input(path: Path, size: Sequence[int], channels: int, prep) -> tuple[np.ndarray | None, str | None]:
+def model_input(
+    path: Path, size: Sequence[int], channels: int, prep, conversion: Conversion = DEFAULT_CONVERSION
+) -> tuple[np.ndarray | None, str | None]:
     """(the model's input for a file, None) or (None, why the file cannot be used)."""
-    array, error = decode_file(path, size, channels)
+    array, error = decode_file(path, size, channels, conversion)
     return prepare(prep, array) if array is not None else (None, error)
 
 
@@ -73,10 +77,12 @@ def load_predictor(s: Settings, version: str) -> tuple[Any, dict]:
     return load_model(s, card).master_network, card  # the Keras model itself (no Spark here)
 
 
-def decode_file(path: Path, size: Sequence[int], channels: int) -> tuple[np.ndarray | None, str | None]:
+def decode_file(
+    path: Path, size: Sequence[int], channels: int, conversion: Conversion = DEFAULT_CONVERSION
+) -> tuple[np.ndarray | None, str | None]:
     """(uint8 array at the model's input size, None) or (None, the reason the file cannot be used)."""
     try:
-        return decode_image(path.read_bytes(), (int(size[0]), int(size[1])), channels), None
+        return decode_image(path.read_bytes(), (int(size[0]), int(size[1])), channels, conversion), None
     except ImageDecodeError as exc:
         return None, str(exc)
     except OSError as exc:

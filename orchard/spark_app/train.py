@@ -21,6 +21,7 @@ import numpy as np
 
 from orchard.core.errors import ConfigError
 from orchard.core.lake import TEST, TRAIN, Column, utc_timestamp
+from orchard.core.rasters import DEFAULT_CONVERSION, Conversion
 from orchard.core.settings import Settings
 from orchard.spark_app import registry
 from orchard.spark_app.images import measured_rows
@@ -49,13 +50,16 @@ def labelled_examples(
     skipped=None,
     include_empty: bool = False,
     excluded=None,
+    conversion: Conversion = DEFAULT_CONVERSION,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """mapPartitions body: (preprocessed image, one-hot label) per decodable image of a known class;
     empty images (black, constant, no-data: orchard.core.quality) are left out unless `include_empty`.
-    `skipped` and `excluded` (accumulators) count the undecodable or unknown and the empty images."""
+    `skipped` and `excluded` (accumulators) count the undecodable or unknown and the empty images;
+    `conversion` chooses the bands (as many channels) and scales the values (orchard.core.rasters)."""
     index = label_map(classes)
     prep = preprocessor(preprocessing)
-    for ref, array, _error, quality in measured_rows(rows, s, size, measure=not include_empty):
+    channels = conversion.channels()
+    for ref, array, _error, quality in measured_rows(rows, s, size, channels, not include_empty, conversion):
         if quality is not None and quality.empty:  # measured only when empty images are left out
             if excluded is not None:
                 excluded.add(1)
@@ -68,9 +72,17 @@ def labelled_examples(
         yield x, one_hot(index[ref.label], len(classes))
 
 
-def train_rdd(pairs_rdd, s: Settings, classes: list[str], skipped=None, include_empty: bool = False, excluded=None):
+def train_rdd(
+    pairs_rdd,
+    s: Settings,
+    classes: list[str],
+    skipped=None,
+    include_empty: bool = False,
+    excluded=None,
+    conversion: Conversion = DEFAULT_CONVERSION,
+):
     """RDD of (x, y) for Elephas from an RDD of (ref, content) pairs (empty images left out unless
-    `include_empty`)."""
+    `include_empty`; bands and values by `conversion`)."""
     # TensorFlow: loaded only when a model is trained (the caller, fit, has loaded it already).
     from orchard.spark_app.model import DEFAULT_SIZE  # noqa: PLC0415
 
@@ -83,6 +95,7 @@ def train_rdd(pairs_rdd, s: Settings, classes: list[str], skipped=None, include_
         skipped=skipped,
         include_empty=include_empty,
         excluded=excluded,
+        conversion=conversion,
     )
     return pairs_rdd.mapPartitions(body)
 
@@ -108,9 +121,11 @@ def fit(
     images_per_partition: int,
     table_version: int,
     include_empty: bool = False,
+    conversion: Conversion = DEFAULT_CONVERSION,
 ):
     """Train the default CNN with Elephas on the table at `table_version`, empty images left out
-    unless `include_empty`; returns (Elephas model, classes, workers, empty images left out)."""
+    unless `include_empty`, one input channel per band of `conversion`; returns (Elephas model,
+    classes, workers, empty images left out)."""
     # TensorFlow: loaded only when a model is trained.
     from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
@@ -123,7 +138,8 @@ def fit(
         )
     workers = executor_count(spark)
     skipped, excluded = spark.sparkContext.accumulator(0), spark.sparkContext.accumulator(0)
-    net = keras_model.build_cnn(len(classes), learning_rate=learning_rate)
+    shape = (*keras_model.DEFAULT_SIZE, conversion.channels())
+    net = keras_model.build_cnn(len(classes), input_shape=shape, learning_rate=learning_rate)
     log.info(
         "training %s (%d parameters) on %s/%s: %d classes, %d epochs, batch %d, %d Elephas workers",
         keras_model.ARCHITECTURE,
@@ -135,7 +151,7 @@ def fit(
         batch_size,
         workers,
     )
-    examples = train_rdd(pairs, s, classes, skipped, include_empty, excluded)
+    examples = train_rdd(pairs, s, classes, skipped, include_empty, excluded, conversion)
     spark_model = keras_model.train_elephas(net, examples, epochs, batch_size, workers)
     log_left_out(skipped.value, excluded.value, include_empty)
     return spark_model, classes, workers, excluded.value
@@ -236,13 +252,15 @@ def run_training(
     images_per_partition: int = 1024,
     as_of: int | None = None,
     include_empty: bool = False,
+    conversion: Conversion = DEFAULT_CONVERSION,
 ) -> dict:
     """Train, save, evaluate and register a model version; returns the registry document.
 
     The images are the table's at `as_of` (default: the current version, after syncing the dataset
     first if the bucket differs, as every stage does); the version is recorded as the model's `trained_on_version`.
     Empty train images (orchard.core.quality) are left out unless `include_empty`, their number
-    recorded as `excluded_empty`; evaluation scores every image."""
+    recorded as `excluded_empty`; evaluation scores every image. `conversion` (bands, scaling) is
+    recorded in the card, which inference and serving apply."""
     # TensorFlow: loaded only when a model is trained.
     from orchard.spark_app import model as keras_model  # noqa: PLC0415
 
@@ -259,10 +277,12 @@ def run_training(
         images_per_partition,
         table_version,
         include_empty,
+        conversion,
     )
     net, history = spark_model.master_network, spark_model.epoch_metrics
     version = registry.new_version(registry.FAMILY_CNN, keras_model.weights_digest(net))
-    card = save_version(s, net, {**model_card(version, classes, net), "trained_on_version": table_version})
+    card = model_card(version, classes, net, conversion=conversion.to_card(), trained_on_version=table_version)
+    card = save_version(s, net, card)
     splits = {"train": train_split, "test": test_split}
     scores = evaluate_splits(spark, s, dataset, spark_model, card, splits, 64, images_per_partition, table_version)
     doc = {**registry_document(dataset, splits, card, net, epochs, scores, history), "excluded_empty": excluded}

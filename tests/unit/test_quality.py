@@ -293,7 +293,21 @@ def test_train_leaves_empty_images_out_unless_include_empty(runs) -> None:
     assert "excluded_empty: 3" in train().output
     train("--include-empty")
     (_, default, _), (_, included, _) = runs
-    assert (default[-1], included[-1]) == (False, True)  # run_training's include_empty
+    assert (default[-2], included[-2]) == (False, True)  # run_training's include_empty (then the conversion)
+
+
+def test_train_passes_bands_and_scaling_and_refuses_them_where_they_do_not_apply(runs) -> None:
+    train("--bands", "4,3,2", "--scaling", "percentile:2,98")
+    assert runs[-1][1][-1] == rasters.Conversion((4, 3, 2), "percentile", (2.0, 98.0))
+    for flags, says in (
+        (("--bands", "0,1"), "start at 1"),
+        (("--scaling", "gamma"), "expected one of"),
+        (("--base", "efficientnet-lite0", "--bands", "4,3,2"), "for --family cnn, not transfer"),
+        (("--family", "bovw", "--scaling", "max"), "for --family cnn, not bovw"),
+    ):
+        result = CliRunner().invoke(spark_cli.train, ["--dataset", "d", *flags], obj=CFG)
+        assert result.exit_code == 2 and says in result.output, (flags, result.output)
+    assert len(runs) == 1  # nothing ran for the refused flags
 
 
 def test_train_with_a_base_passes_include_empty_in_the_plan(runs) -> None:
