@@ -411,7 +411,8 @@ def fetch_decoded(s: Settings, dataset: str, size: tuple[int, int]):
 
     from orchard.core.clients import s3_client
     from orchard.core.formats import is_image_key
-    from orchard.spark_app.images import decode_image, read_object
+    from orchard.core.objects import read_object
+    from orchard.spark_app.images import decode_image
 
     client = s3_client(s)
     objects = client.list_objects(s.images_bucket, prefix=f"{dataset}/", recursive=True)

@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ConfigError
 from orchard.core.lake import SPLITS, TEST, TRAIN, Field, Pca, Prediction
+from orchard.core.objects import get_bytes
 from orchard.core.settings import Settings
 from orchard.spark_app.registry import list_versions
 
@@ -448,13 +449,7 @@ def spark_cluster(s: Settings) -> dict:
 def thumbnail_uri(s3, bucket: str, key: str, px: int = THUMB_PX) -> str | None:
     """A JPEG data URI of the image at `key`, shrunk to fit px x px (None if it cannot be read)."""
     try:
-        response = s3.get_object(bucket, key)
-        try:
-            data = response.read()
-        finally:
-            response.close()
-            response.release_conn()
-        image = Image.open(io.BytesIO(data)).convert("RGB")
+        image = Image.open(io.BytesIO(get_bytes(s3, bucket, key))).convert("RGB")
     except (S3Error, OSError, UnidentifiedImageError) as exc:
         log.warning("thumbnail of %s/%s: %s", bucket, key, exc)
         return None

@@ -1,7 +1,9 @@
-"""Bulk operations on objects under a prefix, retried as any S3 write (orchard.core.retry.S3_WRITE).
+"""Reads of one object and bulk operations on objects under a prefix, retried as any S3 read or
+write (orchard.core.retry.S3_READ, S3_WRITE).
 
-Shared by the benches and the test suites' cleanup, which must not fail on a MinIO that briefly
-answers SlowDown (short of write quorum while a node restarts) and must fail on a real refusal.
+The prefix removal is shared by the benches and the test suites' cleanup, which must not fail on a
+MinIO that briefly answers SlowDown (short of write quorum while a node restarts) and must fail on a
+real refusal.
 """
 
 from __future__ import annotations
@@ -11,9 +13,25 @@ import logging
 from minio import Minio
 from minio.deleteobjects import DeleteError, DeleteObject
 
-from orchard.core.retry import S3_TRANSIENT_CODES, S3_WRITE, retrying, s3_transient
+from orchard.core.retry import S3_READ, S3_TRANSIENT_CODES, S3_WRITE, retrying, s3_transient
 
 log = logging.getLogger(__name__)
+
+
+def get_bytes(client: Minio, bucket: str, key: str, offset: int = 0, length: int = 0) -> bytes:
+    """The bytes of one object (or of `length` bytes from `offset`), one GET, its connection released;
+    S3Error as MinIO answers it (not retried)."""
+    response = client.get_object(bucket, key, offset=offset, length=length)
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def read_object(client: Minio, bucket: str, key: str, offset: int = 0, length: int = 0) -> bytes:
+    """get_bytes retried with the S3_READ policy (transient errors retried with a bounded backoff)."""
+    return retrying(S3_READ, s3_transient, log)(get_bytes, client, bucket, key, offset, length)
 
 
 class DeletesRefused(Exception):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 
+from orchard.core.objects import read_object
 from orchard.core.retry import S3_READ, retrying, s3_transient
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,7 @@ class RangedObject(io.RawIOBase):
 
     def _fetch(self, offset: int, length: int) -> bytes:
         """One range request, retried as an S3 read."""
-        data = retrying(S3_READ, s3_transient, log)(self._get_range, offset, length)
+        data = read_object(self.client, self.bucket, self.key, offset, length)
         self.fetched += len(data)
         self.requests += 1
         return data
-
-    def _get_range(self, offset: int, length: int) -> bytes:
-        response = self.client.get_object(self.bucket, self.key, offset=offset, length=length)
-        try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
@@ -216,7 +216,7 @@ class Conversion:
 
     bands: tuple[int, ...] = ()
     scaling: str = AUTO
-    bounds: tuple[float, ...] = field(default=())
+    bounds: tuple[float, ...] = ()
 
     @property
     def is_default(self) -> bool:

@@ -28,9 +28,9 @@ from minio.error import S3Error
 
 from orchard.core import formats
 from orchard.core.lake import Field
+from orchard.core.objects import read_object
 from orchard.serving.catalog import Catalog
 from orchard.serving.predictor import ServingModel, content_id
-from orchard.spark_app.images import read_object
 from orchard.spark_app.infer import PredictSpec, error_doc, prediction_doc
 
 log = logging.getLogger(__name__)

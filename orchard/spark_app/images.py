@@ -15,7 +15,7 @@ import io
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import numpy as np
 from minio.error import S3Error
@@ -25,9 +25,9 @@ from orchard.core import rasters
 from orchard.core.errors import DatasetNotFound
 from orchard.core.formats import NPY, TIFF, decoder_of
 from orchard.core.lake import dataset_uri, key_of, parse_key
+from orchard.core.objects import read_object
 from orchard.core.quality import ImageQuality, measure_quality, picture_pixels
 from orchard.core.rasters import DEFAULT_CONVERSION, Conversion
-from orchard.core.retry import S3_READ, retrying, s3_transient
 from orchard.core.settings import Settings
 from orchard.spark_app.context import s3_of
 
@@ -145,17 +145,21 @@ class Raster:
     array: np.ndarray | None = None
     nodata: float | None = None
 
+    @cached_property
+    def stored(self) -> np.ndarray:
+        """The pixels as stored: the array, else the decoded picture's (computed once per image: the
+        quality measure and an explicit conversion both start from them)."""
+        return self.array if self.array is not None else picture_pixels(self.picture)
+
     def quality(self) -> ImageQuality:
-        """The image's quality, measured on the stored array, else on the decoded picture."""
-        pixels = self.array if self.array is not None else picture_pixels(self.picture)
-        return measure_quality(pixels, self.nodata)
+        """The image's quality, measured on the pixels as stored."""
+        return measure_quality(self.stored, self.nodata)
 
     def pixels(self, conversion: Conversion, channels: int, size: tuple[int, int]) -> np.ndarray:
         """uint8 (height, width, channels) the model takes, `size` = (height, width); ValueError if
         the conversion's bands are not `channels` or not in the image (BandError)."""
         if not conversion.is_default:
-            stored = self.array if self.array is not None else picture_pixels(self.picture)
-            return resized(with_channels(conversion.apply(stored), channels, bool(conversion.bands)), size)
+            return resized(with_channels(conversion.apply(self.stored), channels, bool(conversion.bands)), size)
         # Pillow's own L/RGB conversion (palette, CMYK, alpha, ...), resized before it becomes an array
         image = self.picture.convert("L" if channels == 1 else "RGB")
         if image.size != (size[1], size[0]):
@@ -255,17 +259,3 @@ def read_image_files(spark, bucket: str, dataset: str, split: str | None = None,
             f"{what} has no objects at {root}: upload it first (`orchard upload DIR "
             f"--dataset {dataset}`) or check --dataset/--split"
         ) from None
-
-
-def read_object(client, bucket: str, key: str) -> bytes:
-    """The bytes of one object, read with the S3_READ retry policy (transient errors retried)."""
-    return retrying(S3_READ, s3_transient, log)(_get_object, client, bucket, key)
-
-
-def _get_object(client, bucket: str, key: str) -> bytes:
-    response = client.get_object(bucket, key)
-    try:
-        return response.read()
-    finally:
-        response.close()
-        response.release_conn()

@@ -21,6 +21,7 @@ from minio.error import S3Error
 from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ConfigError
 from orchard.core.lake import model_uri, utc_timestamp
+from orchard.core.objects import get_bytes
 from orchard.core.retry import ES_WRITE, REGISTRY, es_transient, retried, s3_transient, without_transport_retries
 from orchard.core.settings import Settings
 
@@ -93,16 +94,11 @@ def get_json(s: Settings, version: str, name: str) -> dict:
     """A JSON file of a version; ConfigError if the version does not exist."""
     client = s3_client(s)
     try:
-        response = client.get_object(s.models_bucket, f"{version}/{name}")
+        return json.loads(get_bytes(client, s.models_bucket, f"{version}/{name}"))
     except S3Error as exc:
         if exc.code in {"NoSuchKey", "NoSuchBucket"}:
             raise ConfigError(f"model version {version!r} not found (no {s.models_bucket}/{version}/{name})") from None
         raise
-    try:
-        return json.loads(response.read())
-    finally:
-        response.close()
-        response.release_conn()
 
 
 def load_card(s: Settings, version: str) -> dict:

@@ -47,11 +47,12 @@ from orchard.core.lake import (
     parse_key,
     s3a_uri,
 )
+from orchard.core.objects import read_object
 from orchard.core.settings import Settings
 from orchard.core.table_log import TableSnapshot
 from orchard.core.table_write import image_row
 from orchard.spark_app.context import s3_of
-from orchard.spark_app.images import read_object, table_pair
+from orchard.spark_app.images import table_pair
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession

@@ -90,10 +90,12 @@ def class_map(spec: SceneSpec) -> np.ndarray:
 
 
 def signatures(bands: int) -> np.ndarray:
-    """(classes, bands) reflectances: SIGNATURES, with further bands interpolated between its last two."""
+    """(classes, bands) reflectances: SIGNATURES, with further bands extrapolated along the slope of
+    its last two (clipped to 0..10000)."""
     if bands <= SIGNATURES.shape[1]:
         return SIGNATURES[:, :bands]
-    extra = [SIGNATURES[:, -1] + (i + 1) * (SIGNATURES[:, -1] - SIGNATURES[:, -2]) / 4 for i in range(bands - 6)]
+    slope = (SIGNATURES[:, -1] - SIGNATURES[:, -2]) / 4
+    extra = [SIGNATURES[:, -1] + (i + 1) * slope for i in range(bands - SIGNATURES.shape[1])]
     return np.clip(np.column_stack([SIGNATURES, *extra]), 0, 10000)
 
 
