@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import psutil
+from elasticsearch.helpers import scan
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from minio import MinioAdmin
 from minio.credentials import StaticProvider
@@ -36,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ConfigError
-from orchard.core.lake import SPLITS, TEST, TRAIN, Field, Pca, Prediction
+from orchard.core.lake import SPLITS, TEST, TRAIN, Field, Pca, Prediction, Tile, Tiles
 from orchard.core.objects import get_bytes
 from orchard.core.settings import Settings
 from orchard.spark_app.registry import list_versions
@@ -51,6 +52,9 @@ THUMB_PX = 96
 MAX_MODELS = 20  # versions in the report's model comparison
 SAMPLE_SEED = 360  # the same sample of points and images on every render of the same data
 COMPOSITE_PAGE = 1000
+MAX_RASTERS = 4  # tiled rasters drawn as class maps
+MAX_MAP_TILES = 250_000  # a larger tile grid is not drawn (the summary's counts still are)
+NOT_A_TILE = {"exists": {"field": Field.TILE_PARENT}}  # a must_not clause
 SOFTWARE = ("pyspark", "tensorflow", "keras", "elephas", "elasticsearch", "minio")
 
 
@@ -166,8 +170,9 @@ def human_seconds(seconds: float | None) -> str:
 
 
 def dataset_filter(dataset: str, *more: dict) -> dict:
-    """A bool query: dataset term plus extra filter clauses."""
-    return {"bool": {"filter": [{"term": {Field.DATASET: dataset}}, *more]}}
+    """A bool query: the dataset's images (not the tiles of its large rasters, which carry their
+    raster's labels, not their own) plus extra filter clauses."""
+    return {"bool": {"filter": [{"term": {Field.DATASET: dataset}}, *more], "must_not": [NOT_A_TILE]}}
 
 
 def latest_model(es, s: Settings, dataset: str) -> dict | None:
@@ -237,6 +242,44 @@ def confusion_cells(es, s: Settings, dataset: str, split: str, version: str) -> 
             return
 
 
+def tiled_rasters(es, s: Settings, dataset: str, limit: int = MAX_RASTERS) -> list[dict]:
+    """Up to `limit` rasters of a dataset cut into tiles by `orchard infer`: id, key and `tiles` summary."""
+    response = es.search(
+        index=s.images_index,
+        size=limit,
+        source_includes=[Field.KEY, Field.TILES],
+        query=dataset_filter(dataset, {"exists": {"field": Field.TILES_COUNT}}),
+        sort=[{Field.KEY: "asc"}],
+    )
+    return [{"id": h["_id"], **h["_source"]} for h in response["hits"]["hits"]]
+
+
+def tile_labels(es, s: Settings, parent: str) -> Iterator[tuple[int, int, str | None]]:
+    """(grid row, grid column, predicted label or None) of every tile of a raster."""
+    fields = [Field.TILE_ROW, Field.TILE_COL, Field.PREDICTION_LABEL]
+    query = {"query": {"term": {Field.TILE_PARENT: parent}}, "_source": fields}
+    for hit in scan(es, index=s.images_index, query=query, size=5000):
+        tile, prediction = hit["_source"][Field.TILE], hit["_source"].get(Field.PREDICTION) or {}
+        yield tile[Tile.ROW], tile[Tile.COL], prediction.get(Prediction.LABEL)
+
+
+def class_maps(es, s: Settings, dataset: str) -> list[dict]:
+    """Per tiled raster (up to MAX_RASTERS): key, summary, and its tiles' labels as a grid (None
+    when it is larger than MAX_MAP_TILES)."""
+    maps = []
+    for raster in tiled_rasters(es, s, dataset):
+        summary = raster[Field.TILES]
+        rows, cols = summary[Tiles.ROWS], summary[Tiles.COLS]
+        grid = None
+        if rows * cols <= MAX_MAP_TILES:
+            grid = np.full((rows, cols), "", dtype=object)
+            for row, col, label in tile_labels(es, s, raster["id"]):
+                if row < rows and col < cols:
+                    grid[row, col] = label or ""
+        maps.append({"key": raster[Field.KEY], "summary": summary, "grid": grid})
+    return maps
+
+
 def count(es, s: Settings, query: dict) -> int:
     """Number of image documents matching `query`."""
     return int(es.count(index=s.images_index, query=query)["count"])
@@ -267,7 +310,7 @@ def grid_hits(
         index=s.images_index,
         size=size,
         source_includes=source,
-        query={"bool": {"filter": base, "must_not": [agreement(classes)]}},
+        query={"bool": {"filter": base, "must_not": [agreement(classes), NOT_A_TILE]}},
         sort=[{Field.PREDICTION_CONFIDENCE: "desc"}, {Field.KEY: "asc"}],
     )
     hits = wrong["hits"]["hits"]
@@ -278,7 +321,7 @@ def grid_hits(
             source_includes=source,
             query={
                 "function_score": {
-                    "query": {"bool": {"filter": [*base, agreement(classes)]}},
+                    "query": {"bool": {"filter": [*base, agreement(classes)], "must_not": [NOT_A_TILE]}},
                     "random_score": {"seed": SAMPLE_SEED, "field": Field.ID},
                     "boost_mode": "replace",
                 }
@@ -525,6 +568,30 @@ def plot_history(series: dict[str, list[float]], metrics: dict) -> str | None:
     return png_uri(fig)
 
 
+def plot_class_map(grid: np.ndarray, classes: Sequence[str]) -> str:
+    """A raster's tiles coloured by predicted class (white: not predicted), with a legend."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    plt = _pyplot()
+    colours = class_colours(classes)
+    index = {label: i + 1 for i, label in enumerate(classes)}
+    codes = np.vectorize(lambda label: index.get(label, 0), otypes=[np.int32])(grid)
+    rows, cols = grid.shape
+    fig, ax = plt.subplots(figsize=(min(6.0, 1.5 + cols * 0.25), min(6.0, 1.0 + rows * 0.25)))
+    ax.imshow(codes, cmap=ListedColormap([(1, 1, 1, 1), *colours.values()]), vmin=0, vmax=len(classes))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    present = sorted({label for label in grid.flat if label}, key=lambda label: index.get(label, 0))
+    ax.legend(
+        handles=[Patch(color=colours[c], label=c) for c in present if c in colours],
+        frameon=False,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1),
+    )
+    return png_uri(fig)
+
+
 def plot_confusion(matrix: np.ndarray, classes: Sequence[str]) -> str | None:
     """The confusion matrix as a heatmap, counts annotated when it is small enough to read."""
     if not matrix.size:
@@ -647,6 +714,7 @@ class ReportData:
     pca_shown: int = 0
     stages: list[dict] = field(default_factory=list)
     stack: dict = field(default_factory=dict)
+    rasters: list[dict] = field(default_factory=list)  # tiled rasters: key and `tiles` summary
 
     def to_json(self) -> str:
         """The figures as JSON (what the HTML shows, without plots and thumbnails)."""
@@ -676,7 +744,9 @@ def collect(es, s: Settings, dataset: str, stages: Sequence[Stage] = ()) -> tupl
         "knn": None,
         "examples": class_examples(es, s, dataset),
         "series": {},
+        "class_maps": class_maps(es, s, dataset),
     }
+    data.rasters = [{"key": m["key"], **m["summary"]} for m in raw["class_maps"]]
     model = latest_model(es, s, dataset)
     if model is not None:
         data.models = list_versions(s, dataset, limit=MAX_MODELS)
@@ -756,6 +826,12 @@ def prepare(s: Settings, dataset: str, stages: Sequence[Stage] = ()) -> Page:
         "confusion": plot_confusion(raw["matrix"], raw["axis"]),
         "per_class": plot_per_class(data.per_class),
         "pca": plot_pca(raw["points"], sorted({p["label"] for p in raw["points"]})),
+        "class_maps": [
+            plot_class_map(m["grid"], (data.model or {}).get("classes") or sorted({c for c in m["grid"].flat if c}))
+            if m["grid"] is not None
+            else None
+            for m in raw["class_maps"]
+        ],
     }
 
     def with_thumb(hit: dict) -> dict:

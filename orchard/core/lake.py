@@ -176,9 +176,34 @@ class Quality:
     STD: Final = "std"  # largest per-band standard deviation, as a fraction of the value scale
 
 
+class Tile:
+    """Names inside a tile document's `tile` object: one fixed-size window of a large raster
+    (orchard.spark_app.tiles), predicted like any image; the document's key is the raster's."""
+
+    PARENT: Final = "parent"  # the raster's id (its document's _id)
+    ROW: Final = "row"  # the tile's row and column in the raster's tile grid
+    COL: Final = "col"
+    TOP: Final = "top"  # its pixel window in the raster
+    LEFT: Final = "left"
+    HEIGHT: Final = "height"
+    WIDTH: Final = "width"
+    BOUNDS: Final = "bounds"  # [west, south, east, north] in the raster's CRS, when georeferenced
+
+
+class Tiles:
+    """Names inside a tiled raster's `tiles` object: what its tiles were predicted as."""
+
+    COUNT: Final = "count"  # tiles predicted
+    ROWS: Final = "rows"  # the tile grid's shape
+    COLS: Final = "cols"
+    CLASSES: Final = "classes"  # [{label, count}], most tiles first; failed tiles are not counted
+    LABEL: Final = "label"  # the class of most tiles
+    MODEL_VERSION: Final = "model_version"
+
+
 class Field:
     """Field names of an image document; nested fields as the dotted paths queries use (built from the
-    names inside their objects, `Prediction`, `Pca`, `Pretrained` and `Quality`)."""
+    names inside their objects, `Prediction`, `Pca`, `Pretrained`, `Quality`, `Tile` and `Tiles`)."""
 
     ID: Final = "id"  # = the content sha256 = the document _id
     DATASET: Final = "dataset"
@@ -221,6 +246,22 @@ class Field:
     QUALITY_DARK_FRACTION: Final = path(QUALITY, Quality.DARK_FRACTION)
     QUALITY_NODATA_FRACTION: Final = path(QUALITY, Quality.NODATA_FRACTION)
     QUALITY_STD: Final = path(QUALITY, Quality.STD)
+    TILE: Final = "tile"  # object: see Tile (tile documents only)
+    TILE_PARENT: Final = path(TILE, Tile.PARENT)
+    TILE_ROW: Final = path(TILE, Tile.ROW)
+    TILE_COL: Final = path(TILE, Tile.COL)
+    TILE_TOP: Final = path(TILE, Tile.TOP)
+    TILE_LEFT: Final = path(TILE, Tile.LEFT)
+    TILE_HEIGHT: Final = path(TILE, Tile.HEIGHT)
+    TILE_WIDTH: Final = path(TILE, Tile.WIDTH)
+    TILE_BOUNDS: Final = path(TILE, Tile.BOUNDS)
+    TILES: Final = "tiles"  # object: see Tiles (tiled rasters only)
+    TILES_COUNT: Final = path(TILES, Tiles.COUNT)
+    TILES_ROWS: Final = path(TILES, Tiles.ROWS)
+    TILES_COLS: Final = path(TILES, Tiles.COLS)
+    TILES_CLASSES: Final = path(TILES, Tiles.CLASSES)
+    TILES_LABEL: Final = path(TILES, Tiles.LABEL)
+    TILES_MODEL_VERSION: Final = path(TILES, Tiles.MODEL_VERSION)
 
 
 # --- the images table (Delta Lake) -------------------------------------------------------------------

@@ -28,6 +28,8 @@ from typing import BinaryIO
 import numpy as np
 import tifffile
 
+from orchard.core.formats import NPY
+
 PLANAR_MAX_BANDS = 16  # a first axis this short, with both others longer, holds bands
 GDAL_NODATA = 42113  # the TIFF tag GDAL writes a raster's no-data value into (ASCII)
 GEOTIFF_PIXEL_SCALE, GEOTIFF_TIEPOINT = 33550, 33922  # GeoTIFF tags: pixel size, and a pixel's position
@@ -356,13 +358,18 @@ def read_tiff_window(source: BinaryIO, window: Window) -> np.ndarray:
     reader of a remote object). ValueError for band-separate (planar) TIFFs, which would need one
     read per band."""
     with tifffile.TiffFile(source) as tif:
-        page = tif.pages.first
-        if page.planarconfig != 1 and page.samplesperpixel > 1:
-            raise ValueError("windowed reads need pixel-interleaved bands (GDAL's INTERLEAVE=PIXEL)")
-        out = np.zeros((window.height, window.width, page.samplesperpixel), page.dtype)
-        for index in overlapping_segments(page, window):
-            paste_segment(out, page, tif.filehandle, index, window)
-        return out
+        return page_window(tif, window)
+
+
+def page_window(tif: tifffile.TiffFile, window: Window) -> np.ndarray:
+    """read_tiff_window of an open TIFF."""
+    page = tif.pages.first
+    if page.planarconfig != 1 and page.samplesperpixel > 1:
+        raise ValueError("windowed reads need pixel-interleaved bands (GDAL's INTERLEAVE=PIXEL)")
+    out = np.zeros((window.height, window.width, page.samplesperpixel), page.dtype)
+    for index in overlapping_segments(page, window):
+        paste_segment(out, page, tif.filehandle, index, window)
+    return out
 
 
 def overlapping_segments(page, window: Window) -> list[int]:
@@ -387,12 +394,120 @@ def paste_segment(out: np.ndarray, page, fh, index: int, window: Window) -> None
     ]
 
 
-def geo_bounds(page, window: Window) -> tuple[float, float, float, float] | None:
-    """(west, south, east, north) of a window in the raster's CRS from its GeoTIFF pixel scale and tie
-    point (a north-up raster), or None when the TIFF is not georeferenced."""
+GeoTransform = tuple[float, float, float, float, float, float]  # sx, sy, tie column, tie row, x, y
+
+
+def geo_transform(page) -> GeoTransform | None:
+    """A north-up GeoTIFF's pixel scale and tie point, or None when the TIFF is not georeferenced."""
     scale, tie = page.tags.get(GEOTIFF_PIXEL_SCALE), page.tags.get(GEOTIFF_TIEPOINT)
     if scale is None or tie is None:
         return None
     (sx, sy), (col0, row0, _, x0, y0) = scale.value[:2], tie.value[:5]
+    return float(sx), float(sy), float(col0), float(row0), float(x0), float(y0)
+
+
+def window_bounds(transform: GeoTransform, window: Window) -> tuple[float, float, float, float]:
+    """(west, south, east, north) of a window in the raster's CRS."""
+    sx, sy, col0, row0, x0, y0 = transform
     west, north = x0 + (window.left - col0) * sx, y0 - (window.top - row0) * sy
     return west, north - window.height * sy, west + window.width * sx, north
+
+
+def geo_bounds(page, window: Window) -> tuple[float, float, float, float] | None:
+    """(west, south, east, north) of a window in the raster's CRS from its GeoTIFF pixel scale and tie
+    point (a north-up raster), or None when the TIFF is not georeferenced."""
+    transform = geo_transform(page)
+    return window_bounds(transform, window) if transform else None
+
+
+@dataclass(frozen=True)
+class Band:
+    """A strip of a raster read at once: one row of its tile grid (or a run of columns of it, so that
+    a strip of a very wide raster stays under a pixel budget) and the tile windows it holds."""
+
+    window: Window  # the strip's pixels in the raster
+    tiles: tuple[Window, ...]  # in raster coordinates
+
+
+def tile_bands(height: int, width: int, size: int, stride: int, max_pixels: int) -> list[Band]:
+    """The strips that read every tile of tile_windows(height, width, size, stride) once, each at most
+    `max_pixels` pixels (but always a whole tile)."""
+    bands: list[Band] = []
+    for row in tile_grid_rows(tile_windows(height, width, size, stride)):
+        run: list[Window] = []
+        for tile in row:
+            if run and (tile.left + tile.width - run[0].left) * tile.height > max_pixels:
+                bands.append(band_of(run))
+                run = []
+            run.append(tile)
+        bands.append(band_of(run))
+    return bands
+
+
+def tile_grid_rows(windows: list[Window]) -> list[list[Window]]:
+    """Row-major tile windows grouped by grid row."""
+    rows: dict[int, list[Window]] = {}
+    for window in windows:
+        rows.setdefault(window.row, []).append(window)
+    return [rows[r] for r in sorted(rows)]
+
+
+def band_of(tiles: list[Window]) -> Band:
+    """The strip covering tiles of one grid row."""
+    first, last = tiles[0], tiles[-1]
+    window = Window(first.row, first.col, first.top, first.left, first.height, last.left + last.width - first.left)
+    return Band(window, tuple(tiles))
+
+
+def tile_of(band_pixels: np.ndarray, band: Window, tile: Window) -> np.ndarray:
+    """A tile's pixels cut out of its strip's (a view, no copy)."""
+    top, left = tile.top - band.top, tile.left - band.left
+    return band_pixels[top : top + tile.height, left : left + tile.width]
+
+
+def read_raster_window(
+    source: BinaryIO, decoder: str, window: Window
+) -> tuple[np.ndarray, float | None, GeoTransform | None]:
+    """(height, width, bands) pixels of a window of a TIFF or .npy raster, its declared no-data value
+    and its geotransform (None when not georeferenced), reading only what the window needs (`source`
+    may be a ranged reader of a remote object). ValueError for layouts that cannot be read by
+    window (band-first .npy, Fortran order, planar TIFFs)."""
+    if decoder == NPY:
+        return read_npy_window(source, window), None, None
+    with tifffile.TiffFile(source) as tif:
+        page = tif.pages.first
+        return page_window(tif, window), declared_nodata(page), geo_transform(page)
+
+
+def read_npy_window(source: BinaryIO, window: Window) -> np.ndarray:
+    """(height, width, bands) pixels of a window of an (H, W) or (H, W, C) C-order .npy: one read of
+    the window's rows when it spans the full width, else one read per row."""
+    source.seek(0)
+    version = np.lib.format.read_magic(source)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f"unsupported .npy format version {version}")
+    shape, fortran, dtype = readers[version](source)
+    if fortran or is_planar(tuple(shape)) or len(shape) not in (2, 3) or dtype.hasobject:
+        raise ValueError(f"windowed reads need a C-order (H, W[, C]) array, not {'Fortran-order ' * fortran}{shape}")
+    height, width, bands = image_shape(tuple(shape))
+    if window.top + window.height > height or window.left + window.width > width:
+        raise ValueError(f"window {window} outside the {height} x {width} array")
+    offset, pixel = source.tell(), bands * dtype.itemsize
+    if window.left == 0 and window.width == width:
+        rows = [read_exactly(source, offset + window.top * width * pixel, window.height * width * pixel)]
+    else:
+        rows = [
+            read_exactly(source, offset + ((window.top + r) * width + window.left) * pixel, window.width * pixel)
+            for r in range(window.height)
+        ]
+    return np.frombuffer(b"".join(rows), dtype).reshape(window.height, window.width, bands)
+
+
+def read_exactly(source: BinaryIO, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset`; ValueError if the file ends first (a truncated array)."""
+    source.seek(offset)
+    data = source.read(length)
+    if len(data) != length:
+        raise ValueError(f"the array ends at byte {offset + len(data)}, {length - len(data)} bytes short")
+    return data

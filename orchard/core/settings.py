@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     lake_target_file_mb: int = 128  # `orchard lake optimize` compacts to files of about this size
     # `orchard lake vacuum` keeps removed files this long: longer than any job reading a snapshot.
     lake_retention_hours: int = 168
+    # Rasters (TIFF, .npy) of more pixels than this are cut into tiles by `orchard infer`
+    # (orchard.spark_app.tiles): one document and prediction per tile_size x tile_size window every
+    # tile_stride pixels, read by ranged requests, never the whole raster in an executor's memory.
+    tile_min_pixels: int = 25_000_000
+    tile_size: int = Field(default=256, ge=16)
+    tile_stride: int = Field(default=256, ge=1)
     es_hosts: str | None = None  # comma-separated; default: the 3 native nodes
     es_username: str | None = None
     es_password: SecretStr | None = None

@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property, partial
+from typing import BinaryIO, cast
 
 import numpy as np
 from minio.error import S3Error
@@ -27,6 +28,7 @@ from orchard.core.formats import NPY, TIFF, decoder_of
 from orchard.core.lake import dataset_uri, key_of, parse_key
 from orchard.core.objects import read_object
 from orchard.core.quality import ImageQuality, measure_quality, picture_pixels
+from orchard.core.ranged import RangedObject
 from orchard.core.rasters import DEFAULT_CONVERSION, Conversion
 from orchard.core.settings import Settings
 from orchard.spark_app.context import s3_of
@@ -44,17 +46,49 @@ class ImageDecodeError(ValueError):
 
 
 @dataclass(frozen=True)
-class ImageRef:
-    """Where an image is and what its key says about it."""
+class TilePlace:
+    """Where a tile is in its raster (orchard.spark_app.tiles)."""
 
-    id: str  # sha256 of the content = the Elasticsearch document id
+    parent: str  # the raster's id
+    window: rasters.Window
+    bounds: tuple[float, ...] = ()  # (west, south, east, north) when the raster is georeferenced
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an image is and what its key says about it; a tile of a large raster has its `tile` place
+    (its key and labels are the raster's)."""
+
+    id: str  # sha256 of the content = the Elasticsearch document id (a tile's: tile_id)
     key: str  # key in the images bucket
     dataset: str
     split: str
     label: str
+    tile: TilePlace | None = None
 
 
-Pair = tuple[ImageRef, bytes | None]  # content None: too large for the table, read by key
+@dataclass(frozen=True)
+class BandJob:
+    """In place of content: read this strip of a large raster and give each of its tiles as an image."""
+
+    decoder: str  # orchard.core.formats.TIFF or NPY
+    band: rasters.Band
+
+
+Pair = tuple[ImageRef, "bytes | BandJob | None"]  # content None: too large for the table, read by key
+
+
+def tile_id(parent: str, window: rasters.Window) -> str:
+    """A tile's deterministic id: the sha256 of its raster's id and its pixel window."""
+    place = f"{parent}/tile/{window.top},{window.left},{window.height},{window.width}"
+    return hashlib.sha256(place.encode()).hexdigest()
+
+
+def tile_ref(parent: ImageRef, window: rasters.Window, transform: rasters.GeoTransform | None) -> ImageRef:
+    """The ref of one tile of a raster (bounds from the raster's geotransform, if any)."""
+    bounds = rasters.window_bounds(transform, window) if transform else ()
+    place = TilePlace(parent.id, window, tuple(round(b, 9) for b in bounds))
+    return ImageRef(tile_id(parent.id, window), parent.key, parent.dataset, parent.split, parent.label, place)
 
 
 def ref_of(path: str, content: bytes, bucket: str) -> ImageRef:
@@ -110,8 +144,20 @@ def decoded(
     """(decode_image's uint8 array, and if `measure` the image's quality, else None); ImageDecodeError
     if it cannot be decoded. The quality is measured on the pixels as stored, before scaling and
     resizing (orchard.core.quality: the measure the uploader writes into the document)."""
+    return converted(partial(open_raster, content), size, channels, measure, conversion)
+
+
+def converted(
+    open_image: Callable[[], Raster],
+    size: tuple[int, int],
+    channels: int,
+    measure: bool,
+    conversion: Conversion = DEFAULT_CONVERSION,
+) -> tuple[np.ndarray, ImageQuality | None]:
+    """decoded() of the Raster `open_image` returns; ImageDecodeError with a short reason when it
+    cannot be opened or converted."""
     try:
-        raster = open_raster(content)
+        raster = open_image()
         quality = raster.quality() if measure else None
         array = raster.pixels(conversion, channels, size)
     except rasters.BandError as exc:  # decodable, but not what the model takes
@@ -186,11 +232,9 @@ def open_raster(content: bytes) -> Raster:
     (errors as they raise them)."""
     decoder = decoder_of(content)
     if decoder == NPY:
-        array = rasters.read_npy(content)
-        return Raster(image_of(array), array)
+        return raster_of(rasters.read_npy(content))
     if decoder == TIFF and rasters.tiff_array_header(io.BytesIO(content)) is not None:
-        array, nodata = rasters.read_tiff_raster(content)
-        return Raster(image_of(array), array, nodata)
+        return raster_of(*rasters.read_tiff_raster(content))
     return Raster(Image.open(io.BytesIO(content)))
 
 
@@ -227,6 +271,9 @@ def measured_rows(
     """decode_rows, each row with the image's quality (orchard.core.quality; None when undecodable or
     not `measure`)."""
     for ref, content in pairs:
+        if isinstance(content, BandJob):
+            yield from tile_rows(ref, content, s, size, channels, measure, conversion)
+            continue
         try:
             data = content if content is not None else read_object(s3_of(s), s.images_bucket, ref.key)
             array, quality = decoded(data, size, channels, measure, conversion)
@@ -235,6 +282,46 @@ def measured_rows(
             yield ref, None, str(exc), None
         except S3Error as exc:
             yield ref, None, f"cannot read the object: {exc.code}", None
+
+
+def tile_rows(
+    parent: ImageRef,
+    job: BandJob,
+    s: Settings,
+    size: tuple[int, int],
+    channels: int,
+    measure: bool,
+    conversion: Conversion,
+) -> Iterator[tuple[ImageRef, np.ndarray | None, str | None, ImageQuality | None]]:
+    """measured_rows of each tile of a strip of a large raster: the strip read by ranged requests
+    (orchard.core.ranged), never the whole raster; every tile gets the strip's error if it cannot be read."""
+    try:
+        source = cast(BinaryIO, RangedObject(s3_of(s), s.images_bucket, parent.key))
+        pixels, nodata, transform = rasters.read_raster_window(source, job.decoder, job.band.window)
+    except S3Error as exc:
+        yield from failed_tiles(parent, job, f"cannot read the object: {exc.code}")
+        return
+    except (OSError, ValueError, EOFError, IndexError, KeyError) as exc:  # tifffile's and numpy's errors
+        yield from failed_tiles(parent, job, f"undecodable raster window: {type(exc).__name__}: {exc}"[:240])
+        return
+    for window in job.band.tiles:
+        ref = tile_ref(parent, window, transform)
+        tile = rasters.tile_of(pixels, job.band.window, window)
+        try:
+            array, quality = converted(partial(raster_of, tile, nodata), size, channels, measure, conversion)
+            yield ref, array, None, quality
+        except ImageDecodeError as exc:
+            yield ref, None, str(exc), None
+
+
+def failed_tiles(parent: ImageRef, job: BandJob, error: str) -> Iterator:
+    """measured_rows of each tile of a strip that could not be read: the strip's error."""
+    return ((tile_ref(parent, window, None), None, error, None) for window in job.band.tiles)
+
+
+def raster_of(array: np.ndarray, nodata: float | None = None) -> Raster:
+    """The Raster of an image array as stored."""
+    return Raster(image_of(array), array, nodata)
 
 
 def read_image_files(spark, bucket: str, dataset: str, split: str | None = None, images_per_partition: int = 64):

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ from orchard.spark_app.preprocess import as_probabilities, cross_entropy_terms, 
 from orchard.spark_app.registry import family_of, record_inference
 from orchard.spark_app.sink import Tally, log_retries, merge_tallies, tally_partition
 from orchard.spark_app.table import stage_images
+from orchard.spark_app.tiles import TileCount, add_counts, count_tiles, summary_action, tile_fields
 from orchard.spark_app.versions import load_card, load_model
 
 if TYPE_CHECKING:
@@ -177,14 +178,19 @@ def predict(pairs_rdd, spec: PredictSpec, spark_model, loads=None):
 
 
 def update_action(index: str, ref: ImageRef, prediction: dict) -> dict:
-    """The bulk partial update of one image document (id = content sha256)."""
-    return {
+    """The bulk partial update of one image document (id = content sha256); a tile's document is
+    created by it if it does not exist yet (with the tile's fields, orchard.spark_app.tiles)."""
+    action: dict[str, Any] = {
         "_op_type": "update",
         "_index": index,
         "_id": ref.id,
         "retry_on_conflict": 3,
         "doc": {Field.PREDICTION: prediction},
     }
+    if ref.tile is not None:
+        action["doc"].update(tile_fields(ref))
+        action["doc_as_upsert"] = True
+    return action
 
 
 def skip_unchanged(force: bool, es, chunk: list[tuple[dict, str, bool]]) -> tuple[list, Tally]:
@@ -198,7 +204,9 @@ def skip_unchanged(force: bool, es, chunk: list[tuple[dict, str, bool]]) -> tupl
     for item in chunk:
         action, key, _ = item
         doc = stored.get(action["_id"], {})
-        if not doc.get("found"):
+        if not doc.get("found") and action.get("doc_as_upsert"):
+            keep.append(item)  # a tile predicted for the first time: its document is created
+        elif not doc.get("found"):
             tally.fail(key, "no document with this id in the index (not uploaded?)")
         elif not force and same_prediction(
             (doc.get("_source") or {}).get(Field.PREDICTION), action["doc"][Field.PREDICTION]
@@ -209,20 +217,73 @@ def skip_unchanged(force: bool, es, chunk: list[tuple[dict, str, bool]]) -> tupl
     return keep, tally
 
 
-def write_partition(s: Settings, force: bool, chunk_size: int, pairs: Iterable) -> Iterator[Tally]:
-    """mapPartitions body: bulk-update the partition's predictions; yields its tally."""
+TALLY = "tally"  # write_partition's tag of its tally (its other items are tile counts)
+
+
+def write_partition(s: Settings, force: bool, chunk_size: int, tiles, pairs: Iterable) -> Iterator[tuple]:
+    """mapPartitions body: bulk-update the partition's predictions; yields (TALLY, its tally), then
+    ((raster id, label), tile count) per raster and class of the tiles it predicted (`tiles`, an
+    accumulator, adds up the tiles)."""
+    counts: dict[tuple[str, str], TileCount] = {}
     items = (
-        (update_action(s.images_index, ref, pred), ref.key, pred[Prediction.ERROR] is not None) for ref, pred in pairs
+        (update_action(s.images_index, ref, pred), ref.key, pred[Prediction.ERROR] is not None)
+        for ref, pred in count_tiles(pairs, counts)
     )
     # With --force nothing is compared, so nothing is read first: a document that does not exist
     # fails its update (document_missing_exception, counted with its reason by the sink).
     select = None if force else partial(skip_unchanged, force)
-    return tally_partition(lambda: es_of(s), items, chunk_size, select)
+    for tally in tally_partition(lambda: es_of(s), items, chunk_size, select):
+        yield TALLY, tally
+    tiles.add(sum(count[0] for count in counts.values()))
+    yield from counts.items()
 
 
-def write_predictions(pairs_rdd, s: Settings, force: bool = False, chunk_size: int = 500) -> Tally:
-    """Send every prediction from the executors; returns the merged counts (the only thing collected)."""
-    return pairs_rdd.mapPartitions(partial(write_partition, s, force, chunk_size)).fold(Tally(), merge_tallies)
+def is_tally(item: tuple) -> bool:
+    return item[0] == TALLY
+
+
+def is_tile_count(item: tuple) -> bool:
+    return item[0] != TALLY
+
+
+@dataclass(frozen=True)
+class Written:
+    """What write_predictions did: the documents' tally, tiles predicted, rasters summarised."""
+
+    tally: Tally
+    tiles: int = 0
+    rasters: Tally = field(default_factory=Tally)
+
+
+def write_predictions(pairs_rdd, s: Settings, version: str, force: bool = False, chunk_size: int = 500) -> Written:
+    """Send every prediction from the executors, then each tiled raster's summary of its tiles;
+    returns the merged counts (the only things collected)."""
+    tiles = pairs_rdd.context.accumulator(0)
+    out = pairs_rdd.mapPartitions(partial(write_partition, s, force, chunk_size, tiles)).persist()
+    try:
+        tally = out.filter(is_tally).map(second).fold(Tally(), merge_tallies)
+        if not tiles.value:  # no tile: no second job
+            return Written(tally)
+        return Written(tally, tiles.value, write_summaries(out.filter(is_tile_count), s, version, chunk_size))
+    finally:
+        out.unpersist()
+
+
+def second(item: tuple):
+    return item[1]
+
+
+def write_summaries(counts_rdd, s: Settings, version: str, chunk_size: int = 500) -> Tally:
+    """Reduce ((raster id, label), tile count) by key in the executors and update each raster's
+    document with its `tiles` summary from them; returns the tally."""
+    by_raster = counts_rdd.reduceByKey(add_counts).map(lambda kv: (kv[0][0], (kv[0][1], kv[1]))).groupByKey()
+    return by_raster.mapPartitions(partial(summary_partition, s, version, chunk_size)).fold(Tally(), merge_tallies)
+
+
+def summary_partition(s: Settings, version: str, chunk_size: int, groups: Iterable) -> Iterator[Tally]:
+    """mapPartitions body: bulk-update the rasters' `tiles` summaries; yields the tally."""
+    items = ((summary_action(s.images_index, version, parent, classes), parent, False) for parent, classes in groups)
+    return tally_partition(lambda: es_of(s), items, chunk_size)
 
 
 Score = tuple[int, int, float, int]  # images, correct, cross-entropy sum, skipped
@@ -334,6 +395,11 @@ def settle(s: Settings, tally: Tally) -> None:
     es_client(s).indices.refresh(index=s.images_index)
 
 
+def tiled_images(spark, s: Settings, dataset: str, split: str | None, images_per_partition: int):
+    """What `orchard infer` predicts: the images table, rasters above tile_min_pixels as their tiles."""
+    return stage_images(spark, s, dataset, split, images_per_partition, tiles=True)
+
+
 def run_inference(
     spark,
     s: Settings,
@@ -343,12 +409,12 @@ def run_inference(
     batch_size: int = 64,
     images_per_partition: int = 1024,
     force: bool = False,
-    source: ImageSource = stage_images,
+    source: ImageSource | None = None,
 ) -> dict:
     """Predict every image of a dataset (split), write the predictions and record the rate in the
     model registry; returns the run summary (counts, failure reasons and examples; the caller
     decides the exit status)."""
-    run = ModelRun.start(spark, s, dataset, version, split, batch_size, images_per_partition, source)
+    run = ModelRun.start(spark, s, dataset, version, split, batch_size, images_per_partition, source or tiled_images)
     loads = spark.sparkContext.accumulator(0)
     log.info(
         "inference of %s with %s, %d partitions",
@@ -356,12 +422,20 @@ def run_inference(
         version,
         run.images.getNumPartitions(),
     )
-    tally = write_predictions(predict(run.images, run.spec, run.spark_model, loads), s, force)
+    written = write_predictions(predict(run.images, run.spec, run.spark_model, loads), s, version, force)
+    tally = written.tally
     log.info("%d predictions written (%d unchanged)", tally.updated, tally.noop)
     seconds = run.finish(tally)
     summary = inference_summary(tally, version, loads.value, seconds, run.spec.predicted_at)
     summary["table_version"] = run.spec.table_version
-    if source is stage_images:  # a benchmark's baseline source is not the rate `orchard infer` achieves
+    summary["tiles"] = written.tiles  # of summary["images"]: tiles of large rasters
+    summary["tiled_rasters"] = written.rasters.written
+    if written.rasters.failed:
+        summary["failed"] += written.rasters.failed
+        summary["failure_examples"] += [list(e) for e in written.rasters.examples]
+        for reason, n in written.rasters.reasons.items():
+            summary["failure_reasons"][reason] = summary["failure_reasons"].get(reason, 0) + n
+    if source is None:  # a benchmark's baseline source is not the rate `orchard infer` achieves
         record_inference(s, version, summary)
     return summary
 

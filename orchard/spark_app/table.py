@@ -53,6 +53,7 @@ from orchard.core.table_log import TableSnapshot
 from orchard.core.table_write import image_row
 from orchard.spark_app.context import s3_of
 from orchard.spark_app.images import table_pair
+from orchard.spark_app.tiles import JOB_COLUMNS, band_jobs, is_tiled
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -148,23 +149,36 @@ def stage_images(
     split: str | None = None,
     images_per_partition: int = 1024,
     as_of: int | None = None,
+    tiles: bool = False,
 ):
-    """What a Spark stage reads: (RDD of (ImageRef, content), the table version read)."""
-    df, version, rows = stage_frame(spark, s, dataset, split, as_of)
-    return image_pairs(spark, df, rows, images_per_partition), version
+    """What a Spark stage reads: (RDD of (ImageRef, content), the table version read); with `tiles`,
+    rasters above tile_min_pixels come as jobs reading strips of their tiles (orchard.spark_app.tiles)."""
+    if not tiles:
+        df, version, rows = stage_frame(spark, s, dataset, split, as_of)
+        return image_pairs(spark, df, rows, images_per_partition), version
+    df, version, rows = stage_frame(spark, s, dataset, split, as_of, PAIR_COLUMNS + JOB_COLUMNS[5:])
+    tiled = is_tiled(s)
+    images = image_pairs(spark, df.where(~tiled).select(*PAIR_COLUMNS), rows, images_per_partition)
+    return images.union(band_jobs(spark, s, df.where(tiled))), version
 
 
 def stage_frame(
-    spark: SparkSession, s: Settings, dataset: str, split: str | None = None, as_of: int | None = None
+    spark: SparkSession,
+    s: Settings,
+    dataset: str,
+    split: str | None = None,
+    as_of: int | None = None,
+    columns: tuple[str, ...] = PAIR_COLUMNS,
 ) -> tuple[DataFrame, int, int]:
-    """(rows id, key, dataset, split, label, content; table version; row count) a stage reads.
+    """(rows of `columns`, by default id, key, dataset, split, label, content; table version; row
+    count) a stage reads.
 
     Without `as_of`, a dataset whose objects the table lacks is synced first, so a stage never
     reads a table that lags the bucket; the version read is pinned, so a concurrent writer does not
     change the stage's input halfway. DatasetNotFound if the dataset (split) has no rows."""
     snapshot, rows = synced_snapshot(spark, s, dataset) if as_of is None else (table_log.read_snapshot(s, as_of), None)
     version = snapshot.version
-    df = scan(spark, snapshot, dataset, split).select(*PAIR_COLUMNS)
+    df = scan(spark, snapshot, dataset, split).select(*columns)
     if rows is None or split:
         rows = df.count()
     if rows == 0:

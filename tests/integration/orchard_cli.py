@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,9 +11,12 @@ REPO = Path(__file__).resolve().parents[2]
 ORCHARD = REPO / "bin" / "orchard"
 
 
-def orchard(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-    """Run the CLI like a user; stdout/stderr captured."""
-    return subprocess.run([str(ORCHARD), *args], capture_output=True, text=True, timeout=timeout, check=False)
+def orchard(*args: str, timeout: float = 1200, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI like a user; stdout/stderr captured; `env` adds (ORCHARD_*) variables to ours."""
+    full_env = {**os.environ, **env} if env else None
+    return subprocess.run(
+        [str(ORCHARD), *args], capture_output=True, text=True, timeout=timeout, check=False, env=full_env
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchard.core import lake
-from orchard.core.lake import Field, Pca, Prediction, Pretrained, Quality
+from orchard.core.lake import Field, Pca, Prediction, Pretrained, Quality, Tile, Tiles
 
 MAPPING = Path(__file__).resolve().parents[2] / "es_mappings" / "images.json"
 
@@ -49,11 +49,17 @@ def test_nested_names_are_the_mapped_sub_fields(properties):
     assert set(constants(Pretrained).values()) == set(pretrained)
     assert set(constants(Pca).values()) == set(pretrained[Pretrained.PCA]["properties"])
     assert set(constants(Quality).values()) == set(properties[Field.QUALITY]["properties"])
+    assert set(constants(Tile).values()) == set(properties[Field.TILE]["properties"])
+    tiles = properties[Field.TILES]["properties"]
+    assert set(constants(Tiles).values()) == set(tiles)
+    assert set(tiles[Tiles.CLASSES]["properties"]) == {Tiles.LABEL, Tiles.COUNT}
     nested = {value for value in constants(Field).values() if "." in value}
     assert nested == {lake.path(Field.PREDICTION, name) for name in constants(Prediction).values()} | {
         lake.path(Field.PCA, name) for name in constants(Pca).values()
     } | {lake.path(Field.PRETRAINED, name) for name in constants(Pretrained).values()} | {
         lake.path(Field.QUALITY, name) for name in constants(Quality).values()
+    } | {lake.path(Field.TILE, name) for name in constants(Tile).values()} | {
+        lake.path(Field.TILES, name) for name in constants(Tiles).values()
     }
 
 

@@ -145,3 +145,35 @@ def test_the_models_table_shows_each_versions_inference_rate_or_a_dash() -> None
     assert "<th>images/s (inference)</th>" in table
     measured, unmeasured = table.split('data-version="cnn-2"')[1].split('data-version="cnn-1"')
     assert "<td>123.5</td>" in measured and "<td>61.5</td>\n        <td>-</td>" in unmeasured
+
+
+METRICS = {"test_loss": 0.3, "test_accuracy": 0.9, "train_accuracy": 0.95, "train_loss": 0.2}
+
+
+def test_a_tiled_raster_gets_its_class_map_and_counts() -> None:
+    import numpy as np
+
+    from orchard.app.report import plot_class_map, render_html
+
+    grid = np.array([["water", "forest", ""], ["water", "water", "crop"]], dtype=object)
+    png = plot_class_map(grid, ["crop", "forest", "water"])
+    assert png.startswith("data:image/png;base64,") and len(png) > 500
+    summary = {"count": 5, "rows": 2, "cols": 3, "label": "water", "model_version": "cnn-1"}
+    classes = [{"label": "water", "count": 3}, {"label": "forest", "count": 1}, {"label": "crop", "count": 1}]
+    data = ReportData(
+        dataset="scenes",
+        generated_at="now",
+        splits=["test"],
+        split_rows=[],
+        totals={"total": 1, "test": 1},
+        classes=1,
+        model={"version": "cnn-1", "metrics": METRICS, "params": 10, "train_images": 8, "test_images": 2},
+        rasters=[{"key": "scenes/test/forest/a.tif", **summary, "classes": classes}],
+        stack={"software": {}, "machine": {}, "s3": {"buckets": []}, "elasticsearch": {}, "spark": {}, "indices": []},
+    )
+    html = render_html(data, {"class_maps": [png]}, [], None, {})
+    section = html[html.index('id="rasters"') :]
+    assert "scenes/test/forest/a.tif" in section and "5 tiles (2 \u00d7 3)" in section and png in section
+    assert "water 3 · forest 1 · crop 1" in section
+    html = render_html(data, {"class_maps": [None]}, [], None, {})
+    assert "Too many tiles to draw" in html

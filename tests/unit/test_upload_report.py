@@ -58,7 +58,7 @@ def test_documents_fit_the_strict_mapping() -> None:
     info = Inspected(item, "ab" * 32, 1234, "jpeg", 100, 100, 3, "RGB", quality=quality)
     doc = build_document(info, "images", "etag1", "2026-01-01T00:00:00.000Z")
     mapped = set(load_mapping(MAPPINGS_DIR / "images.json")["mappings"]["properties"])
-    spark_fields = {"prediction", "embedding", "embedding_model", "pca", "pretrained"}
+    spark_fields = {"prediction", "embedding", "embedding_model", "pca", "pretrained", "tile", "tiles"}
     assert set(doc) == mapped - spark_fields
     assert doc["id"] == doc["sha256"] == "ab" * 32
     assert doc["uri"] == "s3a://images/f/train/apple_red/0_100.jpg"
