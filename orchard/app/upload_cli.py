@@ -173,7 +173,9 @@ def raster(out: Path, height: int, width: int, bands: int, dtype: str, tile: int
     "--max-pixels",
     type=click.IntRange(0),
     default=None,
-    help="Decompression-bomb limit in pixels per image; 0 = none [default: Pillow's, 89.5 Mpx].",
+    help="Decompression-bomb limit in pixels per image; 0 = none [default: Pillow's, 89.5 Mpx]. Raster "
+    "TIFFs and .npy above it are accepted (infer reads them by tiles) unless a TIFF declares over 200x "
+    "its bytes in samples.",
 )
 @click.option(
     "--no-table",

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -49,30 +49,35 @@ class MergeCounts:
     version: int | None
 
 
-def image_header(content: bytes) -> dict:
+def image_header(content: bytes | BinaryIO) -> dict:
     """Format (lower case), width, height and channels from an image's header (Pillow's; an .npy's
-    or a 16-bit/float/many-band TIFF's read by orchard.core.rasters); all None when it cannot be parsed."""
+    or a 16-bit/float/many-band TIFF's read by orchard.core.rasters); all None when it cannot be
+    parsed. `content`: the bytes, or a seekable file (e.g. a ranged reader: only the header is read)."""
+    source = io.BytesIO(content) if isinstance(content, bytes) else content
     try:
-        return _array_header(content) or _picture_header(content)
+        return _array_header(source) or _picture_header(source)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError):
         return {Column.FORMAT: None, Column.WIDTH: None, Column.HEIGHT: None, Column.CHANNELS: None}
 
 
-def _array_header(content: bytes) -> dict | None:
+def _array_header(source: BinaryIO) -> dict | None:
     """The header of an .npy, or of a TIFF that is an array rather than an 8-bit picture; else None."""
-    found = sniff(content[:MAGIC_BYTES])
+    source.seek(0)
+    found = sniff(source.read(MAGIC_BYTES))
     if found is None or found.decoder not in (NPY, TIFF):
         return None
+    source.seek(0)
     if found.decoder == NPY:
-        header: rasters.RasterHeader | None = rasters.npy_header(io.BytesIO(content))
+        header: rasters.RasterHeader | None = rasters.npy_header(source)
     else:
-        header = rasters.tiff_array_header(io.BytesIO(content))
+        header = rasters.tiff_array_header(source)
     return None if header is None else _header(found.name, header.width, header.height, header.bands)
 
 
-def _picture_header(content: bytes) -> dict:
+def _picture_header(source: BinaryIO) -> dict:
     """Pillow's header of an image (format None if Pillow does not name one)."""
-    with Image.open(io.BytesIO(content)) as img:
+    source.seek(0)
+    with Image.open(source) as img:
         return _header((img.format or "").lower() or None, img.size[0], img.size[1], len(img.getbands()))
 
 

@@ -19,13 +19,14 @@ Only counts, versions and at most MAX_EXAMPLES failure examples reach the driver
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 import pandas as pd
 from minio.error import S3Error
@@ -48,9 +49,11 @@ from orchard.core.lake import (
     s3a_uri,
 )
 from orchard.core.objects import read_object
+from orchard.core.ranged import RangedObject
+from orchard.core.retry import S3_READ, retrying, s3_transient
 from orchard.core.settings import Settings
 from orchard.core.table_log import TableSnapshot
-from orchard.core.table_write import image_row
+from orchard.core.table_write import image_header, image_row, referenced_row
 from orchard.spark_app.context import s3_of
 from orchard.spark_app.images import table_pair
 from orchard.spark_app.tiles import JOB_COLUMNS, band_jobs, is_tiled
@@ -63,6 +66,7 @@ log = logging.getLogger(__name__)
 MAX_EXAMPLES = 20
 # The columns a stage reads, in the order `table_pair` takes them.
 PAIR_COLUMNS = (Column.ID, Column.KEY, Column.DATASET, Column.SPLIT, Column.LABEL, Column.CONTENT)
+LENGTH = "length"  # the listing's object size column
 ERROR = "error"  # the fetch step's extra column: why an object did not become a row
 # Rows of the fetch step: the table's columns plus the error column.
 FETCH_SCHEMA = f"{READ_SCHEMA}, {ERROR} STRING"
@@ -232,7 +236,7 @@ def list_objects(spark: SparkSession, s: Settings, dataset: str | None) -> DataF
         where = s3a_uri(s.images_bucket, top)
         raise DatasetNotFound(f"no objects at {where}: upload the dataset first (`orchard upload DIR`)")
     rdd = spark.sparkContext.parallelize(prefixes, min(len(prefixes), 64)).flatMap(partial(list_prefix, s))
-    return spark.createDataFrame(rdd, f"{Column.KEY} STRING, length BIGINT, {Column.ETAG} STRING")
+    return spark.createDataFrame(rdd, f"{Column.KEY} STRING, {LENGTH} BIGINT, {Column.ETAG} STRING")
 
 
 def leaf_prefixes(client, bucket: str, prefix: str, depth: int) -> list[str]:
@@ -258,24 +262,48 @@ def fetch_batches(s: Settings, ingested_at: datetime, batches: Iterator[pd.DataF
     """mapInPandas body: the table row (or an error) of each object key (executors)."""
     client = s3_of(s)
     for batch in batches:
-        pairs = zip(batch[Column.KEY], batch[Column.ETAG], strict=True)
-        rows = [{**fetch_row(client, s, key, ingested_at), Column.ETAG: etag} for key, etag in pairs]
+        triples = zip(batch[Column.KEY], batch[LENGTH], batch[Column.ETAG], strict=True)
+        rows = [{**fetch_row(client, s, key, ingested_at, int(size)), Column.ETAG: etag} for key, size, etag in triples]
         yield pd.DataFrame(rows, columns=[*COLUMN_NAMES, ERROR])
 
 
-def fetch_row(client, s: Settings, key: str, ingested_at: datetime) -> dict:
+def fetch_row(client, s: Settings, key: str, ingested_at: datetime, size: int = 0) -> dict:
     """The table row of one object (orchard.core.table_write.image_row), or a row with `error` set
-    when the key is not in the layout or the object cannot be read."""
+    when the key is not in the layout or the object cannot be read. An object larger than the
+    inline limit (`size`, as listed) is never whole in memory: hashed as a stream, its header read
+    by ranged requests."""
     row: dict = dict.fromkeys(COLUMN_NAMES)
     row.update({Column.KEY: key, Column.INGESTED_AT: ingested_at, Column.DATASET: "", ERROR: None})
     try:
         parse_key(key)
+        if size > s.lake_inline_max_bytes:
+            return {**referenced_object_row(client, s, key, ingested_at), ERROR: None}
         content = read_object(client, s.images_bucket, key)
     except ValueError as exc:
         return {**row, ERROR: str(exc)[:200]}
     except S3Error as exc:  # e.g. deleted since the listing
         return {**row, ERROR: f"cannot read the object: {exc.code}"}
     return {**image_row(key, content, "", ingested_at, s.lake_inline_max_bytes), ERROR: None}
+
+
+def referenced_object_row(client, s: Settings, key: str, ingested_at: datetime) -> dict:
+    """The row of a large object the table references by key: sha256 of its stream, header by ranges."""
+    source = RangedObject(client, s.images_bucket, key)
+    digest = retrying(S3_READ, s3_transient, log)(stream_sha256, client, s.images_bucket, key)
+    return referenced_row(key, digest, source.size, image_header(cast(BinaryIO, source)), "", ingested_at)
+
+
+def stream_sha256(client, bucket: str, key: str, chunk: int = 8 * 2**20) -> str:
+    """The sha256 of an object read as a stream of `chunk`-byte parts (one attempt)."""
+    digest = hashlib.sha256()
+    response = client.get_object(bucket, key)
+    try:
+        for part in response.stream(chunk):
+            digest.update(part)
+    finally:
+        response.close()
+        response.release_conn()
+    return digest.hexdigest()
 
 
 def known_rows(spark: SparkSession, s: Settings, dataset: str | None) -> DataFrame:
@@ -393,7 +421,7 @@ def sync(spark: SparkSession, s: Settings, dataset: str | None = None, keys_per_
         if pending == 0 and removed == 0:
             return SyncResult(listed, 0, 0, table_log.latest_version(s))
         log.info("lake sync: %d of %d objects are new, reading them (%d rows to remove)", pending, listed, removed)
-        keys = todo.select(Column.KEY, Column.ETAG).repartition(max(1, math.ceil(pending / keys_per_task)))
+        keys = todo.select(Column.KEY, LENGTH, Column.ETAG).repartition(max(1, math.ceil(pending / keys_per_task)))
         fetched = keys.mapInPandas(partial(fetch_batches, s, began), FETCH_SCHEMA)
         fetched = fetched.persist(StorageLevel.MEMORY_AND_DISK)
         reasons, examples = failure_counts(fetched)

@@ -183,12 +183,25 @@ def _tiff_array_header(fh: BinaryIO) -> rasters.RasterHeader | None:
         fh.seek(0)
 
 
+# A raster TIFF above the pixel limit is still accepted (`orchard infer` reads it by tiles, never
+# whole) unless its declared samples are this many times its bytes: a bomb, not a compressed scene.
+BOMB_RATIO = 200
+
+
 def tiff_properties(fh: BinaryIO, header: rasters.RasterHeader, limits: Limits) -> Properties:
     """Properties of a 16-bit, float or many-band TIFF; its samples are read (to catch a truncated
-    or corrupt file) up to the verification limit."""
+    or corrupt file) up to the verification limit. BadInput (decompression bomb) when it declares
+    more pixels than the limit and BOMB_RATIO times more sample bytes than the file holds."""
     pixels = header.width * header.height
-    if limits.max_pixels and pixels > limits.max_pixels:
-        raise BadInput("decompression_bomb", f"decompression bomb: {pixels} pixels exceeds {limits.max_pixels}")
+    declared = pixels * header.bands * header.dtype.itemsize
+    stored = fh.seek(0, io.SEEK_END)
+    fh.seek(0)
+    if limits.max_pixels and pixels > limits.max_pixels and declared > BOMB_RATIO * stored:
+        raise BadInput(
+            "decompression_bomb",
+            f"decompression bomb: {pixels} pixels exceeds {limits.max_pixels} and declares {declared} bytes "
+            f"of samples in a {stored}-byte file",
+        )
     quality = None
     if pixels <= limits.verify_pixels:
         try:

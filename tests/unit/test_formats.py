@@ -216,3 +216,10 @@ def test_npy_that_is_not_an_image_gives_a_reason() -> None:
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ImageDecodeError):
         decode_image(pickled.getvalue(), (16, 16))
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_a_header_read_from_a_file_equals_the_one_read_from_bytes(name: str) -> None:
+    """lake sync reads a large object's header through a ranged file, not its bytes."""
+    _, data, _ = SAMPLES[name]
+    assert table_write.image_header(io.BytesIO(data)) == table_write.image_header(data)

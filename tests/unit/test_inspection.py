@@ -150,3 +150,21 @@ def test_unreadable_and_vanished_files(tmp_path: Path) -> None:
         with pytest.raises(BadInput) as caught:
             inspect_item(item_for(path))
         assert caught.value.code == "unreadable"
+
+
+def test_a_raster_tiff_above_the_pixel_limit_is_a_bomb_only_if_it_declares_far_more_than_it_holds(
+    tmp_path: Path,
+) -> None:
+    """Rasters are read by tiles (orchard infer), not whole: a large scene passes the pixel limit;
+    a compressed file declaring 200 times its bytes in samples does not."""
+    import tifffile
+
+    scene = tmp_path / "scene.tif"
+    tifffile.imwrite(scene, np.arange(2000 * 1000, dtype=np.uint16).reshape(1000, 2000))
+    assert inspect_item(item_for(scene), Limits(max_pixels=1_000_000)).width == 2000
+    bomb = tmp_path / "bomb.tif"
+    tifffile.imwrite(bomb, np.zeros((3000, 3000), np.uint16), compression="zlib")
+    with pytest.raises(BadInput) as caught:
+        inspect_item(item_for(bomb), Limits(max_pixels=1_000_000))
+    assert caught.value.code == "decompression_bomb" and "9000000 pixels" in caught.value.reason
+    assert inspect_item(item_for(bomb), Limits(max_pixels=0)).height == 3000
