@@ -105,6 +105,16 @@ def rss_mb(pid: int) -> float:
         return 0.0
 
 
+def peak_rss(pid: int) -> int:
+    """VmHWM: the peak resident set of a process's current program (bytes), 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    line = next((row for row in status.splitlines() if row.startswith("VmHWM:")), "VmHWM: 0 kB")
+    return int(line.split()[1]) * 1024
+
+
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     """Signal the process group the launcher created (pgid == pid, thanks to start_new_session)."""
     try:

@@ -7,6 +7,10 @@ import os
 import subprocess
 from pathlib import Path
 
+from orchard.stack.process import peak_rss
+
+__all__ = ["ORCHARD", "last_json", "ok", "orchard", "peak_rss"]  # peak_rss: re-exported for the tests
+
 REPO = Path(__file__).resolve().parents[2]
 ORCHARD = REPO / "bin" / "orchard"
 
@@ -28,13 +32,3 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def last_json(proc: subprocess.CompletedProcess):
     """The JSON document on the last line of stdout."""
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def peak_rss_of(pid: int) -> int:
-    """VmHWM: the peak resident set of the process's current program (bytes), 0 once it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    line = next((row for row in status.splitlines() if row.startswith("VmHWM:")), "VmHWM: 0 kB")
-    return int(line.split()[1]) * 1024

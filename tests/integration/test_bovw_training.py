@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 from lake_datasets import Dataset, clean_up, count, docs_of, synth
-from orchard_cli import ORCHARD, last_json, ok, orchard, peak_rss_of
+from orchard_cli import ORCHARD, last_json, ok, orchard, peak_rss
 from PIL import Image
 
 from orchard.core.clients import es_client, s3_client
@@ -83,7 +83,7 @@ def driver_peak_mb(process: subprocess.Popen) -> float:
             family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
             for p in family:
                 if p.pid == process.pid or "java" in p.name():
-                    peaks[p.pid] = max(peaks.get(p.pid, 0), peak_rss_of(p.pid))
+                    peaks[p.pid] = max(peaks.get(p.pid, 0), peak_rss(p.pid))
         except psutil.Error:
             pass
         threading.Event().wait(0.2)

@@ -166,3 +166,22 @@ def test_the_report_maps_each_raster_and_counts_images_not_tiles(stack: Settings
     images = [doc for doc in documents(stack, ds.name) if "tile" not in doc]
     counted = sum(n for by_split in split_counts(es, stack, ds.name).values() for n in by_split.values())
     assert counted == len(images)
+
+
+def test_lake_sync_reads_a_large_object_as_a_stream_and_its_header_by_ranges(stack: Settings, tiled) -> None:
+    """What `orchard lake sync` makes of a large object another tool put in the bucket (the upload
+    writes its rows itself): the same id and header as the uploader's, the content referenced."""
+    import hashlib
+    from datetime import UTC, datetime
+
+    from orchard.core.clients import s3_client
+    from orchard.spark_app.table import fetch_row
+
+    ds, root, _, _ = tiled
+    key, spec = "test/forest/scene.tif", SCENES["test/forest/scene.tif"]
+    data = (root / key).read_bytes()
+    small = stack.model_copy(update={"lake_inline_max_bytes": 1_000_000})
+    row = fetch_row(s3_client(stack), small, f"{ds.name}/{key}", datetime.now(UTC), len(data))
+    assert row["error"] is None and row["id"] == hashlib.sha256(data).hexdigest()
+    assert (row["format"], row["width"], row["height"], row["channels"]) == ("tiff", spec.width, spec.height, 4)
+    assert row["content"] is None and row["bytes"] == len(data) and row["label"] == "forest"
