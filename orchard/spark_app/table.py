@@ -162,6 +162,10 @@ def stage_images(
         return image_pairs(spark, df, rows, images_per_partition), version
     df, version, rows = stage_frame(spark, s, dataset, split, as_of, PAIR_COLUMNS + JOB_COLUMNS[5:])
     tiled = is_tiled(s)
+    # One small job first: most datasets have no raster to tile, and a union of two RDDs would
+    # break Python's pipelining (each task would run a second Python worker feeding the first).
+    if not df.where(tiled).limit(1).count():
+        return image_pairs(spark, df.select(*PAIR_COLUMNS), rows, images_per_partition), version
     images = image_pairs(spark, df.where(~tiled).select(*PAIR_COLUMNS), rows, images_per_partition)
     return images.union(band_jobs(spark, s, df.where(tiled))), version
 
