@@ -23,6 +23,8 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from itertools import groupby
+from operator import attrgetter
 from typing import BinaryIO
 
 import numpy as np
@@ -55,12 +57,18 @@ class RasterHeader:
 
 def read_npy_header(fh: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, offset of the data) from an .npy header; ValueError if it is not one."""
+    shape, _, dtype, offset = read_npy_layout(fh)
+    return shape, dtype, offset
+
+
+def read_npy_layout(fh: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, Fortran order, dtype, offset of the data) from an .npy header; ValueError if it is not one."""
     version = np.lib.format.read_magic(fh)
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     if version not in readers:
         raise ValueError(f"unsupported .npy format version {version}")
-    shape, _, dtype = readers[version](fh)
-    return tuple(shape), dtype, fh.tell()
+    shape, fortran, dtype = readers[version](fh)
+    return tuple(shape), bool(fortran), dtype, fh.tell()
 
 
 def is_planar(shape: tuple[int, ...]) -> bool:
@@ -433,7 +441,7 @@ def tile_bands(height: int, width: int, size: int, stride: int, max_pixels: int)
     """The strips that read every tile of tile_windows(height, width, size, stride) once, each at most
     `max_pixels` pixels (but always a whole tile)."""
     bands: list[Band] = []
-    for row in tile_grid_rows(tile_windows(height, width, size, stride)):
+    for _, row in groupby(tile_windows(height, width, size, stride), key=attrgetter("row")):  # row-major
         run: list[Window] = []
         for tile in row:
             if run and (tile.left + tile.width - run[0].left) * tile.height > max_pixels:
@@ -442,14 +450,6 @@ def tile_bands(height: int, width: int, size: int, stride: int, max_pixels: int)
             run.append(tile)
         bands.append(band_of(run))
     return bands
-
-
-def tile_grid_rows(windows: list[Window]) -> list[list[Window]]:
-    """Row-major tile windows grouped by grid row."""
-    rows: dict[int, list[Window]] = {}
-    for window in windows:
-        rows.setdefault(window.row, []).append(window)
-    return [rows[r] for r in sorted(rows)]
 
 
 def band_of(tiles: list[Window]) -> Band:
@@ -483,17 +483,13 @@ def read_npy_window(source: BinaryIO, window: Window) -> np.ndarray:
     """(height, width, bands) pixels of a window of an (H, W) or (H, W, C) C-order .npy: one read of
     the window's rows when it spans the full width, else one read per row."""
     source.seek(0)
-    version = np.lib.format.read_magic(source)
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in readers:
-        raise ValueError(f"unsupported .npy format version {version}")
-    shape, fortran, dtype = readers[version](source)
-    if fortran or is_planar(tuple(shape)) or len(shape) not in (2, 3) or dtype.hasobject:
+    shape, fortran, dtype, offset = read_npy_layout(source)
+    if fortran or is_planar(shape) or len(shape) not in (2, 3) or dtype.hasobject:
         raise ValueError(f"windowed reads need a C-order (H, W[, C]) array, not {'Fortran-order ' * fortran}{shape}")
-    height, width, bands = image_shape(tuple(shape))
+    height, width, bands = image_shape(shape)
     if window.top + window.height > height or window.left + window.width > width:
         raise ValueError(f"window {window} outside the {height} x {width} array")
-    offset, pixel = source.tell(), bands * dtype.itemsize
+    pixel = bands * dtype.itemsize
     if window.left == 0 and window.width == width:
         rows = [read_exactly(source, offset + window.top * width * pixel, window.height * width * pixel)]
     else:

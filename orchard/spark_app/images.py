@@ -116,9 +116,14 @@ def binaryfile_images(spark, s: Settings, dataset: str, split: str | None = None
     return file_pairs(files, s.images_bucket), None
 
 
+def table_ref(row) -> ImageRef:
+    """The ref of a table row that starts with id, key, dataset, split, label."""
+    return ImageRef(row[0], row[1], row[2], row[3], row[4])
+
+
 def table_pair(row) -> Pair:
     """(ref, content) of one table row (id, key, dataset, split, label, content)."""
-    return ImageRef(row[0], row[1], row[2], row[3], row[4]), (bytes(row[5]) if row[5] is not None else None)
+    return table_ref(row), (bytes(row[5]) if row[5] is not None else None)
 
 
 def decode_image(

@@ -8,8 +8,8 @@ requests (orchard.core.rasters.read_raster_window over orchard.core.ranged.Range
 executor holds one strip at a time, never the raster. Every tile is then an image like any other
 (decode, conversion, model) whose document is created by its first prediction: the raster's key
 and labels, the tile's grid place, pixel window and geographic bounds (`tile_fields`). After the
-writes, each raster's document gets a summary of its tiles' predicted classes (`summarize_tiles`:
-counts reduced by key in the executors, written from them).
+writes, each raster's document gets a summary of its tiles' predicted classes (`count_tiles`,
+`summary_doc`; reduced by key and written from the executors by orchard.spark_app.infer.write_summaries).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from orchard.core.formats import NPY, TIFF
 from orchard.core.lake import Column, Field, Prediction, Tile, Tiles
 from orchard.core.rasters import tile_bands
 from orchard.core.settings import Settings
-from orchard.spark_app.images import BandJob, ImageRef
+from orchard.spark_app.images import BandJob, ImageRef, table_ref
 
 BAND_MAX_PIXELS = 8 * 2**20  # a strip of a wide raster is cut into runs of tiles of at most this many pixels
 JOB_COLUMNS = (
@@ -56,7 +56,7 @@ def band_jobs(spark, s: Settings, rasters_df):
 
 def raster_jobs(size: int, stride: int, row) -> Iterator[tuple[ImageRef, BandJob]]:
     """flatMap body: (ref, BandJob) per strip of one raster row."""
-    ref = ImageRef(row[0], row[1], row[2], row[3], row[4])
+    ref = table_ref(row)
     for band in tile_bands(int(row[7]), int(row[6]), size, stride, max(BAND_MAX_PIXELS, size * size)):
         yield ref, BandJob(row[5], band)
 
