@@ -120,34 +120,35 @@ def test_report_only_keeps_the_stage_times_of_the_same_model_only(tmp_path: Path
     assert previous_stages(tmp_path / "missing.json", data) == []
 
 
+METRICS = {"test_loss": 0.3, "test_accuracy": 0.9, "train_accuracy": 0.95, "train_loss": 0.2}
+EMPTY_STACK = {"software": {}, "machine": {}, "s3": {"buckets": []}, "elasticsearch": {}, "spark": {}, "indices": []}
+
+
+def report_data(dataset: str, split: str, version: str, **more) -> ReportData:
+    """A report of one image in `split`, the latest model `version`, and `more` fields."""
+    model = {"version": version, "metrics": METRICS, "params": 10, "train_images": 8, "test_images": 2}
+    totals = {"total": 1, split: 1}
+    return ReportData(dataset, "now", [split], [], totals, 1, model=model, stack=EMPTY_STACK, **more)
+
+
 def test_the_models_table_shows_each_versions_inference_rate_or_a_dash() -> None:
     from orchard.app.report import render_html
 
-    metrics = {"test_loss": 0.3, "test_accuracy": 0.9, "train_accuracy": 0.95, "train_loss": 0.2}
-    model = {"version": "cnn-2", "metrics": metrics, "params": 10, "train_images": 8, "test_images": 2}
     listed = {"family": "cnn", "base": None, "test_accuracy": 0.9, "training_seconds": 61.5, "trained_on_version": 3}
-    data = ReportData(
-        dataset="fruits",
-        generated_at="now",
-        splits=["train"],
-        split_rows=[],
-        totals={"total": 1, "train": 1},
-        classes=1,
-        model=model,
+    data = report_data(
+        "fruits",
+        "train",
+        "cnn-2",
         models=[
             {**listed, "version": "cnn-2", "images_per_second": 123.45},
             {**listed, "version": "cnn-1", "images_per_second": None},
         ],
-        stack={"software": {}, "machine": {}, "s3": {"buckets": []}, "elasticsearch": {}, "spark": {}, "indices": []},
     )
     html = render_html(data, {}, [], None, {})
     table = html[html.index('id="model-table"') : html.index("</table>", html.index('id="model-table"'))]
     assert "<th>images/s (inference)</th>" in table
     measured, unmeasured = table.split('data-version="cnn-2"')[1].split('data-version="cnn-1"')
     assert "<td>123.5</td>" in measured and "<td>61.5</td>\n        <td>-</td>" in unmeasured
-
-
-METRICS = {"test_loss": 0.3, "test_accuracy": 0.9, "train_accuracy": 0.95, "train_loss": 0.2}
 
 
 def test_a_tiled_raster_gets_its_class_map_and_counts() -> None:
@@ -160,16 +161,8 @@ def test_a_tiled_raster_gets_its_class_map_and_counts() -> None:
     assert png.startswith("data:image/png;base64,") and len(png) > 500
     summary = {"count": 5, "rows": 2, "cols": 3, "label": "water", "model_version": "cnn-1"}
     classes = [{"label": "water", "count": 3}, {"label": "forest", "count": 1}, {"label": "crop", "count": 1}]
-    data = ReportData(
-        dataset="scenes",
-        generated_at="now",
-        splits=["test"],
-        split_rows=[],
-        totals={"total": 1, "test": 1},
-        classes=1,
-        model={"version": "cnn-1", "metrics": METRICS, "params": 10, "train_images": 8, "test_images": 2},
-        rasters=[{"key": "scenes/test/forest/a.tif", **summary, "classes": classes}],
-        stack={"software": {}, "machine": {}, "s3": {"buckets": []}, "elasticsearch": {}, "spark": {}, "indices": []},
+    data = report_data(
+        "scenes", "test", "cnn-1", rasters=[{"key": "scenes/test/forest/a.tif", **summary, "classes": classes}]
     )
     html = render_html(data, {"class_maps": [png]}, [], None, {})
     section = html[html.index('id="rasters"') :]
