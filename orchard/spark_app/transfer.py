@@ -2,10 +2,11 @@
 
 Frozen base (the default): every image's base embedding comes from the embeddings table
 (orchard.spark_app.embedding_cache: each image goes through the base once, in the executors, at
-224x224), and a new head (dropout, a 128-d `embedding` layer, softmax) is trained on the stored
-1280-d vectors with Elephas, then evaluated on them: an epoch costs a pass of vectors through a
-~165k-parameter head, not of images through the 4.7M-parameter base. The composed model gives the
-same outputs on the images, because the frozen base runs in inference mode.
+224x224), and a new head (the features standardized by the train split's moments, dropout, a
+128-d `embedding` layer, softmax) is trained on the stored 1280-d vectors with Elephas, then
+evaluated on them: an epoch costs a pass of vectors through a ~165k-parameter head, not of images
+through the 4.7M-parameter base. The composed model gives the same outputs on the images, because
+the frozen base runs in inference mode.
 
 `--fine-tune N` then unfreezes the base's top N blocks (BatchNorm stays frozen) and trains base +
 head on the images themselves for `--fine-tune-epochs` at a tenth of the learning rate, evaluated
@@ -98,11 +99,24 @@ def fit_head(spark, cached: BaseEmbeddings, plan: TransferPlan, classes: list[st
     from orchard.spark_app import model as keras_model  # noqa: PLC0415
     from orchard.spark_app import pretrained  # noqa: PLC0415
 
-    head = pretrained.build_head(len(classes), plan.learning_rate)
     train_rows = cached.frame.where(cached.frame[Column.SPLIT] == plan.train_split)
+    head = pretrained.build_head(len(classes), plan.learning_rate, moments=feature_moments(train_rows))
     examples = train_rows.rdd.mapPartitions(partial(labelled_vectors, tuple(classes)))
     log.info("training a %d-parameter head on %s embeddings, %d epochs", head.count_params(), plan.base, plan.epochs)
     return keras_model.train_elephas(head, examples, plan.epochs, plan.batch_size, executor_count(spark))
+
+
+def feature_moments(rows) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, variance) of each feature of the embeddings of `rows`, computed by Spark (Summarizer):
+    the driver receives two vectors, whatever the number of rows."""
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.ml.stat import Summarizer
+
+    vectors = rows.where(rows[EMBEDDING].isNotNull()).select(array_to_vector(rows[EMBEDDING]).alias("v"))
+    summary = vectors.select(Summarizer.metrics("mean", "variance").summary(vectors["v"]).alias("s")).first()
+    if summary is None or summary["s"] is None:
+        raise ConfigError("no train image has a base embedding: nothing to train the head on")
+    return summary["s"]["mean"].toArray(), summary["s"]["variance"].toArray()
 
 
 def evaluate_head(cached: BaseEmbeddings, spec: PredictSpec, head_model, plan: TransferPlan) -> dict[str, dict]:

@@ -138,6 +138,24 @@ def create_documents(es: Elasticsearch, index: str, docs: dict[str, dict]) -> di
     return results
 
 
+def make_searchable(es: Elasticsearch, index: str) -> None:
+    """Refresh the index, so that a search run after the upload sees every document it wrote.
+
+    Why: bulk writes become searchable only at the next periodic refresh, and each shard copy
+    refreshes on its own clock; without this an upload followed at once by a search or a count
+    sees part of its documents (CI saw 9 of 20). The documents are written either way, so a
+    refresh that still fails after retries is logged, not raised."""
+    try:
+        _refresh(es, index)
+    except (ApiError, TransportError) as exc:
+        log.warning("documents written, but the index refresh failed (they become searchable within ~1 s): %s", exc)
+
+
+@es_read_retry
+def _refresh(es: Elasticsearch, index: str) -> None:
+    without_transport_retries(es).indices.refresh(index=index)
+
+
 @es_read_retry
 def delete_document_if_key(es: Elasticsearch, index: str, doc_id: str, key: str) -> bool:
     """Delete document `doc_id` if it still describes `key` (its object was replaced); True if deleted."""

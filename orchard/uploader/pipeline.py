@@ -169,6 +169,7 @@ class Uploader:
         try:
             self._run_batches(found.items, pool, indexer)
             self.feed.flush()  # the rows of the last batches (the indexer has finished)
+            index.make_searchable(self.es, self.index)
         except SERVICE_ERRORS as exc:  # still failing after retries: abort with one line, not a traceback
             self._finish()
             raise ServiceUnavailable(f"upload aborted, MinIO or Elasticsearch kept failing: {exc}") from exc

@@ -161,8 +161,27 @@ def test_predict_cli_names_the_photos_with_the_pretrained_base(tmp_path, monkeyp
     assert main(["-q", "predict", files[0], "--model", "imagenet:efficientnet-lite9"]) == 3  # ExitStatus.CONFIG
 
 
+def moments(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, 2, pretrained.FEATURES), rng.uniform(0, 3, pretrained.FEATURES)
+
+
+def test_the_head_standardizes_features_by_the_moments_it_is_given_and_keeps_them_through_json():
+    mean, variance = moments()
+    head = pretrained.build_head(3, moments=(mean, variance))
+    x = np.random.default_rng(1).normal(size=(4, pretrained.FEATURES)).astype(np.float32)
+    standardize = pretrained.keras.Model(head.input, head.get_layer("head_standardize").output)
+    expected = (x - mean) / np.sqrt(variance + pretrained.VARIANCE_FLOOR)
+    np.testing.assert_allclose(standardize.predict_on_batch(x), expected, rtol=1e-4, atol=1e-4)
+    # Elephas ships the head to its workers as JSON: the moments travel with it, not as weights
+    copy = pretrained.keras.models.model_from_json(head.to_json())
+    copy.set_weights(head.get_weights())
+    np.testing.assert_allclose(copy.predict_on_batch(x), head.predict_on_batch(x), rtol=1e-5, atol=1e-6)
+    assert len(head.get_weights()) == len(pretrained.build_head(3).get_weights())
+
+
 def test_composed_transfer_model_is_the_head_on_the_base_features(lite0):
-    head = pretrained.build_head(3)
+    head = pretrained.build_head(3, moments=moments())
     net = pretrained.compose(lite0, head)
     image = photo(skimage.data.coffee())[None]
     features = pretrained.keras.Model(lite0.input, lite0.get_layer("embedding").output).predict_on_batch(image)

@@ -420,6 +420,17 @@ def test_the_uploader_reads_and_deletes_with_es_read_one_request_per_attempt(clo
     assert len(cluster.requests) == retry.ES_READ.attempts  # not attempts x attempts x transport retries
 
 
+def test_the_uploader_refreshes_the_index_with_es_read_and_a_failed_refresh_loses_no_upload(clock, caplog) -> None:
+    cluster = FakeCluster(refuse=[503])
+    index.make_searchable(cluster.client(), "ix")
+    assert cluster.requests == [("_refresh", []), ("_refresh", [])] and clock.sleeps == retry.ES_READ.waits()[:1]
+
+    cluster = FakeCluster(refuse=["connect"] * 100)
+    index.make_searchable(cluster.client(), "ix")  # logged, not raised: the documents are written
+    assert len(cluster.requests) == retry.ES_READ.attempts
+    assert "index refresh failed" in caplog.text
+
+
 def test_registry_documents_are_written_with_es_write_one_request_per_attempt(clock, monkeypatch) -> None:
     from orchard.spark_app import registry
 
