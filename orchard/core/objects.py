@@ -8,6 +8,7 @@ real refusal.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from minio import Minio
@@ -32,6 +33,25 @@ def get_bytes(client: Minio, bucket: str, key: str, offset: int = 0, length: int
 def read_object(client: Minio, bucket: str, key: str, offset: int = 0, length: int = 0) -> bytes:
     """get_bytes retried with the S3_READ policy (transient errors retried with a bounded backoff)."""
     return retrying(S3_READ, s3_transient, log)(get_bytes, client, bucket, key, offset, length)
+
+
+def stream_sha256(client: Minio, bucket: str, key: str, chunk: int = 8 * 2**20) -> str:
+    """The sha256 of one object read as a stream of `chunk`-byte parts (constant memory, one GET,
+    its connection released); S3Error as MinIO answers it (not retried)."""
+    digest = hashlib.sha256()
+    response = client.get_object(bucket, key)
+    try:
+        for part in response.stream(chunk):
+            digest.update(part)
+    finally:
+        response.close()
+        response.release_conn()
+    return digest.hexdigest()
+
+
+def read_sha256(client: Minio, bucket: str, key: str) -> str:
+    """stream_sha256 retried with the S3_READ policy (as read_object)."""
+    return retrying(S3_READ, s3_transient, log)(stream_sha256, client, bucket, key)
 
 
 class DeletesRefused(Exception):

@@ -19,7 +19,6 @@ Only counts, versions and at most MAX_EXAMPLES failure examples reach the driver
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -48,9 +47,8 @@ from orchard.core.lake import (
     parse_key,
     s3a_uri,
 )
-from orchard.core.objects import read_object
+from orchard.core.objects import read_object, read_sha256
 from orchard.core.ranged import RangedObject
-from orchard.core.retry import S3_READ, retrying, s3_transient
 from orchard.core.settings import Settings
 from orchard.core.table_log import TableSnapshot
 from orchard.core.table_write import image_header, image_row, referenced_row
@@ -271,7 +269,7 @@ def fetch_batches(s: Settings, ingested_at: datetime, batches: Iterator[pd.DataF
         yield pd.DataFrame(rows, columns=[*COLUMN_NAMES, ERROR])
 
 
-def fetch_row(client, s: Settings, key: str, ingested_at: datetime, size: int = 0) -> dict:
+def fetch_row(client, s: Settings, key: str, ingested_at: datetime, size: int) -> dict:
     """The table row of one object (orchard.core.table_write.image_row), or a row with `error` set
     when the key is not in the layout or the object cannot be read. An object larger than the
     inline limit (`size`, as listed) is never whole in memory: hashed as a stream, its header read
@@ -293,21 +291,8 @@ def fetch_row(client, s: Settings, key: str, ingested_at: datetime, size: int = 
 def referenced_object_row(client, s: Settings, key: str, ingested_at: datetime) -> dict:
     """The row of a large object the table references by key: sha256 of its stream, header by ranges."""
     source = RangedObject(client, s.images_bucket, key)
-    digest = retrying(S3_READ, s3_transient, log)(stream_sha256, client, s.images_bucket, key)
+    digest = read_sha256(client, s.images_bucket, key)
     return referenced_row(key, digest, source.size, image_header(cast(BinaryIO, source)), "", ingested_at)
-
-
-def stream_sha256(client, bucket: str, key: str, chunk: int = 8 * 2**20) -> str:
-    """The sha256 of an object read as a stream of `chunk`-byte parts (one attempt)."""
-    digest = hashlib.sha256()
-    response = client.get_object(bucket, key)
-    try:
-        for part in response.stream(chunk):
-            digest.update(part)
-    finally:
-        response.close()
-        response.release_conn()
-    return digest.hexdigest()
 
 
 def known_rows(spark: SparkSession, s: Settings, dataset: str | None) -> DataFrame:
