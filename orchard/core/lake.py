@@ -313,6 +313,30 @@ DATA_SCHEMA: Final = ", ".join(
 )
 
 
+# --- the predictions table ----------------------------------------------------------------------------
+# Every prediction `orchard infer` writes into a document, also kept in the lake: one row per (image,
+# model version), every version kept, so the index can be rebuilt and "which model said what, when"
+# is one query. The prediction's fields have the names they have in the document (Prediction).
+PREDICTION_COLUMNS: Final = (
+    (Column.ID, "STRING NOT NULL"),
+    (Column.DATASET, "STRING NOT NULL"),
+    (Column.KEY, "STRING"),
+    (Prediction.MODEL_VERSION, "STRING NOT NULL"),
+    (Prediction.MODEL_FAMILY, "STRING"),
+    (Prediction.LABEL, "STRING"),
+    (Prediction.CONFIDENCE, "DOUBLE"),
+    (Prediction.TOP5, f"ARRAY<STRUCT<{Prediction.LABEL}: STRING, {Prediction.CONFIDENCE}: DOUBLE>>"),
+    (Prediction.ERROR, "STRING"),
+    (Prediction.PREDICTED_AT, "STRING"),  # as in the document, so a rebuilt index has the same text
+    (Prediction.TABLE_VERSION, "BIGINT"),  # the images table version the prediction read
+)
+PREDICTION_SCHEMA: Final = ", ".join(f"{name} {kind}" for name, kind in PREDICTION_COLUMNS)
+PREDICTION_KEY: Final = (Column.ID, Prediction.MODEL_VERSION)  # a row per image and model version
+# A new prediction is the same as the stored one (the document and the row left as they are, its
+# first `predicted_at` kept) when these fields are equal.
+SAME_PREDICTION: Final = (Prediction.MODEL_VERSION, Prediction.LABEL, Prediction.ERROR)
+
+
 # --- stored times -----------------------------------------------------------------------------------
 
 

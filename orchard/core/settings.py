@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # The Delta table of frozen bases' embeddings (computed once per image and base): default
     # s3a://<lake_bucket>/embeddings.
     embeddings_uri: str | None = None
+    # The Delta table of every model version's predictions (orchard infer writes it beside the
+    # index): default s3a://<lake_bucket>/predictions.
+    predictions_uri: str | None = None
     # Images larger than this are referenced by key in the table (content null), not copied:
     # large rasters stay single objects, the table stays a table of thumbnails-to-photos.
     lake_inline_max_bytes: int = 16 * 2**20
@@ -131,6 +134,11 @@ class Settings(BaseSettings):
     def embeddings_table_uri(self) -> str:
         """Where the Delta table of pretrained bases' embeddings lives (s3a URI)."""
         return self.embeddings_uri or f"s3a://{self.lake_bucket}/embeddings"
+
+    @property
+    def predictions_table_uri(self) -> str:
+        """Where the Delta table of every model version's predictions lives (s3a URI)."""
+        return self.predictions_uri or f"s3a://{self.lake_bucket}/predictions"
 
     @property
     def es_urls(self) -> list[str]:

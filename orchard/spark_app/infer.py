@@ -23,9 +23,10 @@ import numpy as np
 from orchard.core.clients import es_client
 from orchard.core.errors import ItemsFailed
 from orchard.core.iterables import batched
-from orchard.core.lake import Field, Prediction, path, utc_timestamp
+from orchard.core.lake import SAME_PREDICTION, Field, Prediction, path, utc_timestamp
 from orchard.core.rasters import DEFAULT_CONVERSION, Conversion, conversion_from_card
 from orchard.core.settings import Settings
+from orchard.spark_app import prediction_table
 from orchard.spark_app.context import es_of
 from orchard.spark_app.images import ImageRef, decode_rows
 from orchard.spark_app.preprocess import as_probabilities, cross_entropy_terms, prepare, preprocessor, top_k
@@ -58,9 +59,6 @@ PREDICTION_FIELDS = (
     Prediction.TABLE_VERSION,
     Prediction.ERROR,
 )
-SAME_WHEN_EQUAL = (Prediction.MODEL_VERSION, Prediction.LABEL, Prediction.ERROR)
-
-
 # Where a stage's images come from: (spark, settings, dataset, split, images per partition) ->
 # (RDD of (ImageRef, content), table version or None).
 ImageSource = Callable[..., tuple[Any, int | None]]
@@ -133,7 +131,7 @@ def same_prediction(stored: dict | None, new: dict) -> bool:
     """True if the stored prediction already says what `new` says (same model, label and error)."""
     if not stored:
         return False
-    return all(stored.get(f) == new.get(f) for f in SAME_WHEN_EQUAL)
+    return all(stored.get(f) == new.get(f) for f in SAME_PREDICTION)
 
 
 def model_inputs(spec: PredictSpec, rows: Iterable) -> Iterator[tuple[tuple[ImageRef, str | None], np.ndarray | None]]:
@@ -197,7 +195,7 @@ def skip_unchanged(force: bool, es, chunk: list[tuple[dict, str, bool]]) -> tupl
     """Chunk selector: drop documents whose stored prediction is the same (counted as noop) and
     documents that do not exist (counted as failed); with `force`, only the missing ones."""
     ids = [action["_id"] for action, _, _ in chunk]
-    fields = [path(Field.PREDICTION, name) for name in SAME_WHEN_EQUAL]
+    fields = [path(Field.PREDICTION, name) for name in SAME_PREDICTION]
     found = es.mget(index=chunk[0][0]["_index"], ids=ids, source_includes=fields)["docs"]
     stored = {d["_id"]: d for d in found}
     keep, tally = [], Tally()
@@ -217,54 +215,83 @@ def skip_unchanged(force: bool, es, chunk: list[tuple[dict, str, bool]]) -> tupl
     return keep, tally
 
 
-TALLY = "tally"  # write_partition's tag of its tally (its other items are tile counts)
+TALLY, ROW = "tally", "row"  # write_partition's tags of its tally and its table rows (other items: tile counts)
 
 
 def write_partition(s: Settings, force: bool, chunk_size: int, tiles, pairs: Iterable) -> Iterator[tuple]:
     """mapPartitions body: bulk-update the partition's predictions; yields (TALLY, its tally), then
-    ((raster id, label), tile count) per raster and class of the tiles it predicted (`tiles`, an
-    accumulator, adds up the tiles)."""
+    (ROW, predictions table row) per prediction, then ((raster id, label), tile count) per raster and
+    class of the tiles it predicted (`tiles`, an accumulator, adds up the tiles)."""
     counts: dict[tuple[str, str], TileCount] = {}
+    rows: list[tuple] = []  # the partition's rows (a few hundred bytes each), for the lake
     items = (
         (update_action(s.images_index, ref, pred), ref.key, pred[Prediction.ERROR] is not None)
-        for ref, pred in count_tiles(pairs, counts)
+        for ref, pred in kept_rows(count_tiles(pairs, counts), rows)
     )
     # With --force nothing is compared, so nothing is read first: a document that does not exist
     # fails its update (document_missing_exception, counted with its reason by the sink).
     select = None if force else partial(skip_unchanged, force)
     for tally in tally_partition(lambda: es_of(s), items, chunk_size, select):
         yield TALLY, tally
+    yield from ((ROW, row) for row in rows)
     tiles.add(sum(count[0] for count in counts.values()))
     yield from counts.items()
+
+
+def kept_rows(predictions: Iterable[tuple[ImageRef, dict]], rows: list[tuple]) -> Iterator[tuple[ImageRef, dict]]:
+    """`predictions`, each also appended to `rows` as its predictions table row."""
+    for ref, pred in predictions:
+        rows.append(prediction_table.row_of(ref, pred))
+        yield ref, pred
 
 
 def is_tally(item: tuple) -> bool:
     return item[0] == TALLY
 
 
+def is_row(item: tuple) -> bool:
+    return item[0] == ROW
+
+
 def is_tile_count(item: tuple) -> bool:
-    return item[0] != TALLY
+    return isinstance(item[0], tuple)
 
 
 @dataclass(frozen=True)
 class Written:
-    """What write_predictions did: the documents' tally, tiles predicted, rasters summarised."""
+    """What write_predictions did: the documents' tally, tiles predicted, rasters summarised, and
+    the predictions table's counts ({inserted, updated})."""
 
     tally: Tally
     tiles: int = 0
     rasters: Tally = field(default_factory=Tally)
+    lake: dict = field(default_factory=dict)
 
 
-def write_predictions(pairs_rdd, s: Settings, version: str, force: bool = False, chunk_size: int = 500) -> Written:
-    """Send every prediction from the executors, then each tiled raster's summary of its tiles;
-    returns the merged counts (the only things collected)."""
+def write_predictions(
+    pairs_rdd, s: Settings, version: str, dataset: str, force: bool = False, chunk_size: int = 500
+) -> Written:
+    """Send every prediction from the executors, MERGE them into the predictions table, then send
+    each tiled raster's summary of its tiles; returns the merged counts (the only things collected).
+
+    The index is written first and the lake after, from the same persisted predictions: a run
+    killed in between leaves documents the lake lacks, and a re-run (the documents unchanged)
+    still merges every row."""
+    from pyspark import StorageLevel
+    from pyspark.sql import SparkSession
+
     tiles = pairs_rdd.context.accumulator(0)
-    out = pairs_rdd.mapPartitions(partial(write_partition, s, force, chunk_size, tiles)).persist()
+    # Kept (spilled to disk beyond memory) so that the lake's rows do not predict the images again.
+    out = pairs_rdd.mapPartitions(partial(write_partition, s, force, chunk_size, tiles))
+    out = out.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         tally = out.filter(is_tally).map(second).fold(Tally(), merge_tallies)
+        spark = SparkSession.builder.getOrCreate()
+        lake = prediction_table.merge_rows(spark, s, out.filter(is_row).map(second), dataset)
         if not tiles.value:  # no tile: no second job
-            return Written(tally)
-        return Written(tally, tiles.value, write_summaries(out.filter(is_tile_count), s, version, chunk_size))
+            return Written(tally, lake=lake)
+        rasters = write_summaries(out.filter(is_tile_count), s, version, chunk_size)
+        return Written(tally, tiles.value, rasters, lake)
     finally:
         out.unpersist()
 
@@ -422,7 +449,7 @@ def run_inference(
         version,
         run.images.getNumPartitions(),
     )
-    written = write_predictions(predict(run.images, run.spec, run.spark_model, loads), s, version, force)
+    written = write_predictions(predict(run.images, run.spec, run.spark_model, loads), s, version, dataset, force)
     tally = written.tally
     log.info("%d predictions written (%d unchanged)", tally.updated, tally.noop)
     seconds = run.finish(tally)
@@ -430,6 +457,7 @@ def run_inference(
     summary["table_version"] = run.spec.table_version
     summary["tiles"] = written.tiles  # of summary["images"]: tiles of large rasters
     summary["tiled_rasters"] = written.rasters.written
+    summary["lake"] = {"predictions_table": s.predictions_table_uri, **written.lake}
     if written.rasters.failed:
         summary["failed"] += written.rasters.failed
         summary["failure_examples"] += [list(e) for e in written.rasters.examples]

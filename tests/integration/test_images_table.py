@@ -234,6 +234,39 @@ def test_new_uploads_are_predicted_by_the_next_infer_and_as_of_trains_on_the_old
     assert len(table_rows(spark, stack, lake_dataset, old_table)) == total - 10
 
 
+PREDICTION_FIELDS = ("label", "confidence", "error", "predicted_at")
+
+
+def as_compared(prediction, top5) -> tuple:
+    """A prediction's compared fields, its top-5 as (label, confidence) pairs last."""
+    return (*(prediction[f] for f in PREDICTION_FIELDS), [tuple(t) for t in top5])
+
+
+def test_the_predictions_table_holds_what_the_documents_hold_and_a_rerun_adds_no_row(
+    stack: Settings, spark, lake_dataset: str, trained: dict
+):
+    version = trained["version"]
+    rerun = last_json(ok(orchard("infer", "--dataset", lake_dataset, "--model", version, "--json")))
+    assert rerun["unchanged"] == rerun["images"] and rerun["failed"] == 0
+    assert (rerun["lake"]["inserted"], rerun["lake"]["updated"]) == (0, 0)  # the earlier runs' rows stand
+    table = spark.read.format("delta").load(stack.predictions_table_uri)
+    mine = table.where((table.dataset == lake_dataset) & (table.model_version == version)).collect()
+    rows = {r["id"]: as_compared(r, r["top5"]) for r in mine}
+    by_version = {
+        "bool": {"filter": [{"term": {"dataset": lake_dataset}}, {"term": {"prediction.model_version": version}}]}
+    }
+    hits = es_client(stack).search(
+        index=stack.images_index, query=by_version, size=1000, source_includes=["prediction"]
+    )["hits"]["hits"]
+    docs = {
+        h["_id"]: as_compared(p, [(t["label"], t["confidence"]) for t in p["top5"]])
+        for h in hits
+        for p in [h["_source"]["prediction"]]
+    }
+    assert len(mine) == len(rows) == rerun["images"]  # one row per image and version, no duplicate
+    assert rows == docs  # field by field: the lake can rebuild the index
+
+
 def upload_report(proc: subprocess.CompletedProcess) -> dict:
     """The JSON report an `orchard upload` wrote (its path is on the last line of stdout)."""
     import json
