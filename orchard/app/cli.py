@@ -25,7 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "setup": ("orchard.app.stack_cli:setup", "create buckets, index templates and indices (re-runnable)"),
     "dataset": ("orchard.app.upload_cli:dataset", "generate datasets (synth: a Fruits-360-like tree)"),
     "upload": ("orchard.app.upload_cli:upload", "upload a dataset into MinIO and index it in Elasticsearch"),
-    "lake": ("orchard.app.lake_cli:lake", "the Delta table of images: sync, optimize, vacuum, history"),
+    "lake": ("orchard.app.lake_cli:lake", "the lake's Delta tables: sync, optimize, vacuum, history, export"),
     "train": ("orchard.app.spark_cli:train", "train the CNN with Elephas on the Spark cluster"),
     "infer": ("orchard.app.spark_cli:infer", "predict every image and write predictions to Elasticsearch"),
     "features": ("orchard.app.spark_cli:features", "embeddings + PCA to Parquet and Elasticsearch"),

@@ -1,4 +1,4 @@
-"""`orchard lake sync | optimize | vacuum | history`: the Delta table of images (orchard.spark_app.table)."""
+"""`orchard lake sync | optimize | vacuum | history | export`: the lake's Delta tables (orchard.spark_app.table)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from orchard.core import table_log
 from orchard.core.errors import ExitStatus, ItemsFailed
 from orchard.core.settings import Settings
 from orchard.core.tables import format_table
-from orchard.spark_app import table
+from orchard.spark_app import export, table
 from orchard.spark_app.session import spark_session
 
 
@@ -92,4 +92,26 @@ def history(ctx, limit, as_json) -> int:
     else:
         header = ["version", "timestamp", "operation", "rows_added", "files_added"]
         click.echo(format_table(header, [[str(r[h]) for h in header] for r in rows]))
+    return ExitStatus.OK
+
+
+@lake.command("export")
+@click.option("--dataset", required=True, help="The dataset to export.")
+@click.option("--format", "fmt", type=click.Choice(export.FORMATS), default="parquet", show_default=True)
+@click.option("--model", "version", default=None, help="Whose predictions and PCA (default: the serving model).")
+@click.option(
+    "--output",
+    default=None,
+    help="Where to write: an s3a:// URI, or a directory every Spark worker shares "
+    "(default s3a://<features bucket>/<dataset>/<version>/export_<format>/, overwritten).",
+)
+@conf_option
+@json_option
+@click.pass_context
+def export_(ctx, dataset, fmt, version, output, conf, as_json) -> int:
+    """Labels, predictions and PCA coordinates of a dataset, one row per image (id, key, split,
+    label, model_version, predicted_label, confidence, prediction_error, predicted_at, pca_x, pca_y)."""
+    app = f"orchard-lake-export-{dataset}"
+    result = on_table(ctx, app, conf, lambda spark, s: export.export_dataset(spark, s, dataset, fmt, version, output))
+    echo_summary(result, as_json, ["dataset", "model_version", "rows", "predicted", "with_pca", "output"])
     return ExitStatus.OK

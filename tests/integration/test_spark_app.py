@@ -425,6 +425,45 @@ def test_pca_has_the_expected_shape_and_explained_variance(dataset: Dataset, tra
     )
 
 
+def read_csv(s: Settings, uri: str) -> list[dict]:
+    """The rows of a CSV directory (with headers) on s3a, downloaded with the MinIO client."""
+    import csv
+
+    bucket, _, prefix = uri.removeprefix("s3a://").partition("/")
+    client = s3_client(s)
+    rows: list[dict] = []
+    for obj in client.list_objects(bucket, prefix=prefix, recursive=True):
+        if obj.object_name.endswith(".csv"):
+            rows += csv.DictReader(io.StringIO(client.get_object(bucket, obj.object_name).read().decode()))
+    return rows
+
+
+def test_lake_export_gives_every_image_its_label_prediction_and_pca_coordinates(
+    dataset: Dataset, trained: dict, first_inference: dict, features: dict
+):
+    version = trained["summary"]["version"]
+    args = ("lake", "export", "--dataset", dataset.name, "--model", version, "--format", "csv", "--json")
+    summary = last_json(ok(orchard(*args)))
+    assert (summary["rows"], summary["predicted"], summary["with_pca"]) == (IMAGES, IMAGES, True)
+    rows = {r["id"]: r for r in read_csv(dataset.settings, summary["output"])}
+    docs = {h["_id"]: h["_source"] for h in docs_of(dataset)}
+    assert set(rows) == set(docs) and len(rows) == IMAGES
+    for doc_id, doc in docs.items():
+        row = rows[doc_id]
+        assert (row["key"], row["split"], row["label"], row["model_version"]) == (
+            doc["key"],
+            doc["split"],
+            doc["label"],
+            version,
+        )
+        if "pca" in doc:  # every decodable image; the undecodable one has an error and no coordinates
+            assert float(row["pca_x"]) == pytest.approx(doc["pca"]["x"], rel=1e-5, abs=1e-6)
+        else:
+            assert row["prediction_error"] and not row.get("pca_x")
+        if doc.get("prediction", {}).get("model_version") == version:  # a later test may predict again
+            assert row["predicted_label"] == (doc["prediction"]["label"] or "")
+
+
 def search_json(*args: str) -> list[dict]:
     return last_json(ok(orchard("search", *args, "--json")))
 
