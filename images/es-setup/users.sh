@@ -63,13 +63,17 @@ wait_for_cluster() {
   return 1
 }
 
+# The images index is an alias of numbered indices: `orchard reindex` creates the next one, moves
+# the alias (manage on both names) and may delete the old one.
 role_body() {
   cat <<JSON
 {
   "cluster": ["monitor", "manage_index_templates"],
   "indices": [
-    {"names": [$(json_string "$IMAGES_INDEX"), $(json_string "$MODELS_INDEX")],
-     "privileges": ["create_index", "read", "write", "view_index_metadata", "maintenance"]}
+    {"names": [$(json_string "$MODELS_INDEX")],
+     "privileges": ["create_index", "read", "write", "view_index_metadata", "maintenance"]},
+    {"names": [$(json_string "$IMAGES_INDEX"), $(json_string "$IMAGES_INDEX-*")],
+     "privileges": ["manage", "read", "write"]}
   ]
 }
 JSON

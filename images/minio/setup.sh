@@ -111,9 +111,11 @@ spark_policy() {
 EOF
 }
 
-# serve (the REST API): read only. Model files and the serving alias in the models bucket, image
-# bytes in the images bucket. s3:ListBucket because without it MinIO answers a missing object with
-# AccessDenied, not NoSuchKey (no serving alias before the first `orchard models promote`).
+# serve (the REST API): read only, but for the predictions table. Model files and the serving
+# alias in the models bucket, image bytes in the images bucket. s3:ListBucket because without it
+# MinIO answers a missing object with AccessDenied, not NoSuchKey (no serving alias before the first
+# `orchard models promote`). Auto-enrichment keeps its predictions in the lake's predictions table
+# (delta-rs writes its log and data files; it deletes nothing): that table's prefix only.
 serve_policy() {
   cat <<EOF
 {
@@ -121,10 +123,13 @@ serve_policy() {
   "Statement": [
     {"Effect": "Allow",
      "Action": ["s3:GetBucketLocation", "s3:ListBucket"],
-     "Resource": [$(bucket_arn "$IMAGES"), $(bucket_arn "$MODELS")]},
+     "Resource": [$(bucket_arn "$IMAGES"), $(bucket_arn "$MODELS"), $(bucket_arn "$LAKE")]},
     {"Effect": "Allow",
      "Action": ["s3:GetObject"],
-     "Resource": [$(objects_arn "$IMAGES"), $(objects_arn "$MODELS")]}
+     "Resource": [$(objects_arn "$IMAGES"), $(objects_arn "$MODELS")]},
+    {"Effect": "Allow",
+     "Action": ["s3:GetObject", "s3:PutObject"],
+     "Resource": [$(objects_arn "$LAKE/predictions")]}
   ]
 }
 EOF

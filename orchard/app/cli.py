@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("orchard.app.spark_cli:train", "train the CNN with Elephas on the Spark cluster"),
     "infer": ("orchard.app.spark_cli:infer", "predict every image and write predictions to Elasticsearch"),
     "features": ("orchard.app.spark_cli:features", "embeddings + PCA to Parquet and Elasticsearch"),
+    "reindex": ("orchard.app.lake_cli:reindex", "rebuild the images index from the lake, swap it in atomically"),
     "models": ("orchard.app.models_cli:models", "registered model versions: list, promote (the serving model)"),
     "predict": ("orchard.app.predict_cli:predict", "top labels of local image files with a model version (no Spark)"),
     "serve": ("orchard.app.serve_cli:serve", "the REST API: predictions for posted photos, the lake's images"),

@@ -1,4 +1,5 @@
-"""`orchard lake sync | optimize | vacuum | history | export`: the lake's Delta tables (orchard.spark_app.table)."""
+"""`orchard lake sync | optimize | vacuum | history | export`: the lake's Delta tables
+(orchard.spark_app.table); and `orchard reindex`, the images index rebuilt from them."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from orchard.core.errors import ExitStatus, ItemsFailed
 from orchard.core.settings import Settings
 from orchard.core.tables import format_table
 from orchard.spark_app import export, table
+from orchard.spark_app import reindex as rebuild
 from orchard.spark_app.session import spark_session
 
 
@@ -114,4 +116,21 @@ def export_(ctx, dataset, fmt, version, output, conf, as_json) -> int:
     app = f"orchard-lake-export-{dataset}"
     result = on_table(ctx, app, conf, lambda spark, s: export.export_dataset(spark, s, dataset, fmt, version, output))
     echo_summary(result, as_json, ["dataset", "model_version", "rows", "predicted", "with_pca", "output"])
+    return ExitStatus.OK
+
+
+@click.command()
+@click.option("--dataset", default=None, help="Rebuild only this dataset's documents (the others are copied).")
+@click.option("--model", "version", default=None, help="Predictions of this version (default: each image's newest).")
+@click.option("--drop-old", is_flag=True, help="Delete the index the alias pointed at (default: kept).")
+@conf_option
+@json_option
+@click.pass_context
+def reindex(ctx, dataset, version, drop_old, conf, as_json) -> int:
+    """Rebuild the images index from the lake (images, predictions and features tables) into a new
+    numbered index, check its count, and move the alias to it atomically (docs/lake.md)."""
+    app = f"orchard-reindex-{dataset or 'all'}"
+    result = on_table(ctx, app, conf, lambda spark, s: rebuild.reindex(spark, s, dataset, version, drop_old))
+    keys = ["index", "previous", "documents", "rebuilt", "copied", "with_prediction", "with_embedding"]
+    echo_summary(result, as_json, [*keys, "documents_per_second"])
     return ExitStatus.OK

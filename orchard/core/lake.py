@@ -337,6 +337,29 @@ PREDICTION_KEY: Final = (Column.ID, Prediction.MODEL_VERSION)  # a row per image
 SAME_PREDICTION: Final = (Prediction.MODEL_VERSION, Prediction.LABEL, Prediction.ERROR)
 
 
+# --- the features table ------------------------------------------------------------------------------
+# Every `orchard features` run's embeddings and 2-D PCA, also kept in the lake: one row per (image,
+# model version) of a dataset, a run replacing its own (dataset, version) slice, every version kept.
+# `orchard reindex` rebuilds a document's `embedding`/`pca` (or `pretrained`) from the newest run.
+FEATURE_VERSION: Final = "model_version"
+FEATURE_EMBEDDING: Final = "embedding"
+FEATURE_PCA_X: Final = "pca_x"
+FEATURE_PCA_Y: Final = "pca_y"
+FEATURE_COMPUTED_AT: Final = "computed_at"
+FEATURE_COLUMNS: Final = (
+    (Column.ID, "STRING NOT NULL"),
+    (Column.DATASET, "STRING NOT NULL"),
+    (FEATURE_VERSION, "STRING NOT NULL"),
+    (Column.KEY, "STRING"),
+    (FEATURE_EMBEDDING, "ARRAY<FLOAT>"),
+    (FEATURE_PCA_X, "DOUBLE"),
+    (FEATURE_PCA_Y, "DOUBLE"),
+    (FEATURE_COMPUTED_AT, "STRING"),  # utc_timestamp of the run: the newest run per dataset is rebuilt
+)
+FEATURE_SCHEMA: Final = ", ".join(f"{name} {kind}" for name, kind in FEATURE_COLUMNS)
+FEATURE_PARTITIONS: Final = (Column.DATASET, FEATURE_VERSION)
+
+
 # --- stored times -----------------------------------------------------------------------------------
 
 

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # The Delta table of every model version's predictions (orchard infer writes it beside the
     # index): default s3a://<lake_bucket>/predictions.
     predictions_uri: str | None = None
+    # The Delta table of every `orchard features` run's embeddings and PCA: default
+    # s3a://<lake_bucket>/features.
+    features_table: str | None = None
     # Images larger than this are referenced by key in the table (content null), not copied:
     # large rasters stay single objects, the table stays a table of thumbnails-to-photos.
     lake_inline_max_bytes: int = 16 * 2**20
@@ -139,6 +142,11 @@ class Settings(BaseSettings):
     def predictions_table_uri(self) -> str:
         """Where the Delta table of every model version's predictions lives (s3a URI)."""
         return self.predictions_uri or f"s3a://{self.lake_bucket}/predictions"
+
+    @property
+    def features_table_uri(self) -> str:
+        """Where the Delta table of the features runs' embeddings and PCA lives (s3a URI)."""
+        return self.features_table or f"s3a://{self.lake_bucket}/features"
 
     @property
     def es_urls(self) -> list[str]:

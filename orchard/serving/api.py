@@ -26,6 +26,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 
+from orchard.core.lake import in_layout, parse_key
+from orchard.core.prediction_rows import prediction_record
 from orchard.core.settings import Settings
 from orchard.serving.batcher import MicroBatcher
 from orchard.serving.catalog import MAX_WINDOW, Catalog, ImageNotFound, Page
@@ -40,6 +42,7 @@ from orchard.serving.enrichment import (
     write_prediction,
 )
 from orchard.serving.limits import BodyLimit, BodyTooLarge
+from orchard.serving.prediction_log import PredictionLog
 from orchard.serving.predictor import ModelHolder, RejectedImage, Scored, ServingModel, content_id
 from orchard.spark_app.infer import PredictSpec
 from orchard.spark_app.registry import list_versions
@@ -65,6 +68,7 @@ class Service:
     batcher: MicroBatcher[ServingModel, Scored]
     catalog: Catalog
     key_required: bool
+    lake: PredictionLog  # the rows of the predictions enrichment writes, kept in the lake
     # Neighbour searches of concurrent requests share one Elasticsearch multi-search: no waiting,
     # the queries that arrive while one round trip runs form the next.
     neighbours: MicroBatcher[str, list[dict]] = field(init=False)
@@ -89,17 +93,20 @@ def create_app(s: Settings, holder: ModelHolder | None = None, catalog: Catalog 
         MicroBatcher(lambda model, items: model.score(items), s.serve_max_batch, s.serve_max_wait_ms / 1000),
         catalog or Catalog(s),
         key_required=not is_loopback(s.serve_bind_host),
+        lake=PredictionLog(s),
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         service.batcher.start()
         service.neighbours.start()
+        service.lake.start()
         watcher = asyncio.create_task(service.holder.watch(s.serve_reload_seconds), name="serving-alias")
         yield
         watcher.cancel()
         await service.batcher.stop()
         await service.neighbours.stop()
+        await service.lake.stop()
 
     app = FastAPI(title="Orchard", summary="Predictions and search over the image lake", lifespan=lifespan)
     app.state.service = service
@@ -261,7 +268,7 @@ async def enrich(service: Service, events: list[ObjectEvent]) -> EnrichTally:
         if content is None:
             tally.skipped[event.key] = reason
             continue
-        written, error = await predict_into_document(service, content)
+        written, error = await predict_into_document(service, content, event.key)
         if not written:
             tally.skipped[event.key] = ALREADY_PREDICTED
             continue
@@ -271,10 +278,10 @@ async def enrich(service: Service, events: list[ObjectEvent]) -> EnrichTally:
     return tally
 
 
-async def predict_into_document(service: Service, content: bytes) -> tuple[bool, str | None]:
-    """Predict one image with the serving model and write its document's prediction (its error if it
-    cannot be predicted) unless it has one by now; returns (written, that error or None). NotReady if
-    no model serves yet."""
+async def predict_into_document(service: Service, content: bytes, key: str) -> tuple[bool, str | None]:
+    """Predict one image (object `key`) with the serving model and write its document's prediction
+    (its error if it cannot be predicted) unless it has one by now, then hold its predictions table
+    row; returns (written, that error or None). NotReady if no model serves yet."""
     model = service.holder.current
     if model is None:
         raise NotReady(service.holder.problem or "no model is loaded yet")
@@ -287,7 +294,10 @@ async def predict_into_document(service: Service, content: bytes) -> tuple[bool,
         error = str(exc)
     spec = PredictSpec.from_card(service.s, model.card, batch_size=1)
     prediction = prediction_of(model, spec, scored, error)
-    written = await asyncio.to_thread(write_prediction, service.catalog, content_id(content), prediction)
+    image_id = content_id(content)
+    written = await asyncio.to_thread(write_prediction, service.catalog, image_id, prediction)
+    if written and in_layout(key):  # a document's key is in the layout (the uploader's)
+        service.lake.add(prediction_record(image_id, parse_key(key)[0], key, prediction))
     return written, error
 
 

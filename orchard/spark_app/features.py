@@ -27,7 +27,21 @@ import numpy as np
 
 from orchard.core.clients import es_client
 from orchard.core.errors import ConfigError
-from orchard.core.lake import Field, Pca, Pretrained, features_uri
+from orchard.core.lake import (
+    FEATURE_COMPUTED_AT,
+    FEATURE_EMBEDDING,
+    FEATURE_PARTITIONS,
+    FEATURE_PCA_X,
+    FEATURE_PCA_Y,
+    FEATURE_SCHEMA,
+    FEATURE_VERSION,
+    Column,
+    Field,
+    Pca,
+    Pretrained,
+    features_uri,
+    utc_timestamp,
+)
 from orchard.core.settings import Settings
 from orchard.spark_app.context import es_of
 from orchard.spark_app.embedding_cache import base_embeddings
@@ -143,6 +157,40 @@ def write_features(projected_df, s: Settings, version: str, chunk_size: int = 20
     return projected_df.rdd.mapPartitions(partial(write_partition, s, version, chunk_size)).fold(Tally(), merge_tallies)
 
 
+def ensure_features_table(spark, s: Settings) -> None:
+    """Create the features table (orchard.core.lake.FEATURE_COLUMNS) unless one is there."""
+    spark.sql(
+        f"CREATE TABLE IF NOT EXISTS delta.`{s.features_table_uri}` ({FEATURE_SCHEMA}) "
+        f"USING delta PARTITIONED BY ({', '.join(FEATURE_PARTITIONS)})"
+    )
+
+
+def keep_in_lake(spark, projected_df, s: Settings, dataset: str, version: str) -> None:
+    """Replace the (dataset, version) slice of the features table by this run's embeddings and 2-D
+    PCA (one atomic Delta commit: a re-run or a retried job leaves one row per image)."""
+    from pyspark.sql import functions as F
+
+    ensure_features_table(spark, s)
+    rows = projected_df.select(
+        Column.ID,
+        F.lit(dataset).alias(Column.DATASET),
+        F.lit(version).alias(FEATURE_VERSION),
+        Column.KEY,
+        FEATURE_EMBEDDING,
+        F.col("x").alias(FEATURE_PCA_X),
+        F.col("y").alias(FEATURE_PCA_Y),
+        F.lit(utc_timestamp()).alias(FEATURE_COMPUTED_AT),
+    )
+    slice_ = f"{Column.DATASET} = {spark_string(dataset)} AND {FEATURE_VERSION} = {spark_string(version)}"
+    rows.write.format("delta").mode("overwrite").option("replaceWhere", slice_).save(s.features_table_uri)
+    log.info("features of %s by %s kept in %s", dataset, version, s.features_table_uri)
+
+
+def spark_string(value: str) -> str:
+    """`value` as a Spark SQL string literal (backslash escapes)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def write_csv(projected_df, k: int, out: str) -> None:
     """The PCA coordinates as CSV files with a header (id, key, split, label, x, y, pc1..pck) at `out`."""
     from pyspark.sql import functions as F
@@ -191,6 +239,7 @@ def run_features(
     projected.drop("embedding").write.mode("overwrite").parquet(pca_uri)
     write_csv(projected, k, csv_uri)
     tally = write_features(projected, s, version)  # the same deterministic transform, read again
+    keep_in_lake(spark, projected, s, dataset, version)
     settle(s, tally)
     seconds = time.monotonic() - began
     summary = features_summary(version, dims, k, explained, threshold, skipped, tally, emb_uri, pca_uri, seconds)

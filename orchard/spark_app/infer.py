@@ -23,7 +23,7 @@ import numpy as np
 from orchard.core.clients import es_client
 from orchard.core.errors import ItemsFailed
 from orchard.core.iterables import batched
-from orchard.core.lake import SAME_PREDICTION, Field, Prediction, path, utc_timestamp
+from orchard.core.lake import SAME_PREDICTION, Field, Prediction, utc_timestamp
 from orchard.core.rasters import DEFAULT_CONVERSION, Conversion, conversion_from_card
 from orchard.core.settings import Settings
 from orchard.spark_app import prediction_table
@@ -191,58 +191,63 @@ def update_action(index: str, ref: ImageRef, prediction: dict) -> dict:
     return action
 
 
-def skip_unchanged(force: bool, es, chunk: list[tuple[dict, str, bool]]) -> tuple[list, Tally]:
-    """Chunk selector: drop documents whose stored prediction is the same (counted as noop) and
-    documents that do not exist (counted as failed); with `force`, only the missing ones."""
+def skip_unchanged(force: bool, kept: dict[str, dict], es, chunk: list[tuple[dict, str, bool]]) -> tuple[list, Tally]:
+    """Chunk selector: drop documents whose stored prediction is the same (counted as noop; their
+    stored `prediction` put in `kept` by id) and documents that do not exist (counted as failed);
+    with `force`, only the missing ones."""
     ids = [action["_id"] for action, _, _ in chunk]
-    fields = [path(Field.PREDICTION, name) for name in SAME_PREDICTION]
-    found = es.mget(index=chunk[0][0]["_index"], ids=ids, source_includes=fields)["docs"]
+    found = es.mget(index=chunk[0][0]["_index"], ids=ids, source_includes=[Field.PREDICTION])["docs"]
     stored = {d["_id"]: d for d in found}
     keep, tally = [], Tally()
     for item in chunk:
         action, key, _ = item
         doc = stored.get(action["_id"], {})
+        previous = (doc.get("_source") or {}).get(Field.PREDICTION)
         if not doc.get("found") and action.get("doc_as_upsert"):
             keep.append(item)  # a tile predicted for the first time: its document is created
         elif not doc.get("found"):
             tally.fail(key, "no document with this id in the index (not uploaded?)")
-        elif not force and same_prediction(
-            (doc.get("_source") or {}).get(Field.PREDICTION), action["doc"][Field.PREDICTION]
-        ):
+        elif not force and previous and same_prediction(previous, action["doc"][Field.PREDICTION]):
             tally.noop += 1
+            kept[action["_id"]] = previous
         else:
             keep.append(item)
     return keep, tally
 
 
+INDEX_WRITTEN = "predictions written to the index"  # logged between the index and lake writes
 TALLY, ROW = "tally", "row"  # write_partition's tags of its tally and its table rows (other items: tile counts)
 
 
 def write_partition(s: Settings, force: bool, chunk_size: int, tiles, pairs: Iterable) -> Iterator[tuple]:
     """mapPartitions body: bulk-update the partition's predictions; yields (TALLY, its tally), then
     (ROW, predictions table row) per prediction, then ((raster id, label), tile count) per raster and
-    class of the tiles it predicted (`tiles`, an accumulator, adds up the tiles)."""
+    class of the tiles it predicted (`tiles`, an accumulator, adds up the tiles).
+
+    A document left as it was (the same prediction stored) gives the row of its stored prediction,
+    first `predicted_at` included: the table row and the document always say the same."""
     counts: dict[tuple[str, str], TileCount] = {}
-    rows: list[tuple] = []  # the partition's rows (a few hundred bytes each), for the lake
+    predicted: list[tuple[ImageRef, dict]] = []  # the partition's predictions (a few hundred bytes each)
+    kept: dict[str, dict] = {}  # id -> the stored prediction of a document left as it was
     items = (
         (update_action(s.images_index, ref, pred), ref.key, pred[Prediction.ERROR] is not None)
-        for ref, pred in kept_rows(count_tiles(pairs, counts), rows)
+        for ref, pred in kept_predictions(count_tiles(pairs, counts), predicted)
     )
     # With --force nothing is compared, so nothing is read first: a document that does not exist
     # fails its update (document_missing_exception, counted with its reason by the sink).
-    select = None if force else partial(skip_unchanged, force)
+    select = None if force else partial(skip_unchanged, force, kept)
     for tally in tally_partition(lambda: es_of(s), items, chunk_size, select):
         yield TALLY, tally
-    yield from ((ROW, row) for row in rows)
+    yield from ((ROW, prediction_table.row_of(ref, kept.get(ref.id, pred))) for ref, pred in predicted)
     tiles.add(sum(count[0] for count in counts.values()))
     yield from counts.items()
 
 
-def kept_rows(predictions: Iterable[tuple[ImageRef, dict]], rows: list[tuple]) -> Iterator[tuple[ImageRef, dict]]:
-    """`predictions`, each also appended to `rows` as its predictions table row."""
-    for ref, pred in predictions:
-        rows.append(prediction_table.row_of(ref, pred))
-        yield ref, pred
+def kept_predictions(predictions: Iterable[tuple[ImageRef, dict]], kept: list) -> Iterator[tuple[ImageRef, dict]]:
+    """`predictions`, each also appended to `kept`."""
+    for pair in predictions:
+        kept.append(pair)
+        yield pair
 
 
 def is_tally(item: tuple) -> bool:
@@ -286,8 +291,11 @@ def write_predictions(
     out = out.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         tally = out.filter(is_tally).map(second).fold(Tally(), merge_tallies)
+        log.info(INDEX_WRITTEN + ": %d updated, %d unchanged; keeping them in the lake", tally.updated, tally.noop)
         spark = SparkSession.builder.getOrCreate()
+        began = time.monotonic()
         lake = prediction_table.merge_rows(spark, s, out.filter(is_row).map(second), dataset)
+        lake["seconds"] = round(time.monotonic() - began, 1)  # the lake's share of the run
         if not tiles.value:  # no tile: no second job
             return Written(tally, lake=lake)
         rasters = write_summaries(out.filter(is_tile_count), s, version, chunk_size)

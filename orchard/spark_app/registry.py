@@ -1,5 +1,6 @@
 """Model versions: files in the models bucket (`<version>/model.keras|labels.json|metrics.json`) and
-one document per version in the models index.
+one document per version in the models index, its copy kept beside the files (`registry.json`:
+`orchard reindex` restores the documents the index lost).
 
 `labels.json` is the model card executors and the driver read: classes in output order,
 preprocessing name, input size, architecture. It is written before the index document, so a
@@ -28,6 +29,9 @@ from orchard.core.settings import Settings
 log = logging.getLogger(__name__)
 
 MODEL_FILE, LABELS_FILE, METRICS_FILE = "model.keras", "labels.json", "metrics.json"
+# A copy of the version's registry document, so the models index can be rebuilt from the bucket
+# (`orchard reindex`, after the index was lost).
+REGISTRY_FILE = "registry.json"
 
 # The models bucket's transfers: throttling, 5xx, dropped connections, timeouts (orchard.core.retry).
 _retrying = retried(REGISTRY, s3_transient, log)
@@ -182,6 +186,7 @@ def register(s: Settings, version: str, card: dict, metrics: dict | None, regist
     if metrics is not None:
         put_json(s, f"{version}/{METRICS_FILE}", metrics)
         doc["metrics_uri"] = uri(s, version, METRICS_FILE)
+    put_json(s, f"{version}/{REGISTRY_FILE}", doc)
     index_document(s, version, doc)
     log.info("registered model %s in %s and %s/%s/", version, s.models_index, s.models_bucket, version)
     return doc
@@ -194,12 +199,38 @@ def index_document(s: Settings, version: str, doc: dict) -> None:
     es.index(index=s.models_index, id=version, document=doc, refresh="wait_for")
 
 
-@_es_retrying
 def update_document(s: Settings, version: str, fields: dict) -> None:
-    """Set fields of a version's registry document, visible to searches on return; NotFoundError if
-    it has none."""
+    """Set fields of a version's registry document (and of its copy in the bucket), visible to
+    searches on return; NotFoundError if it has none."""
+    update_indexed(s, version, fields)
+    try:
+        kept = get_json(s, version, REGISTRY_FILE)
+    except ConfigError:  # registered before the copy existed: the index alone holds it
+        return
+    put_json(s, f"{version}/{REGISTRY_FILE}", {**kept, **fields})
+
+
+@_es_retrying
+def update_indexed(s: Settings, version: str, fields: dict) -> None:
+    """Set fields of a version's document in the models index; NotFoundError if it has none."""
     es = without_transport_retries(es_client(s))
     es.update(index=s.models_index, id=version, doc=fields, refresh="wait_for")
+
+
+def restore_documents(s: Settings) -> list[str]:
+    """Index the registry document of every version in the bucket whose document the models index
+    lacks (from its `registry.json`); returns those versions."""
+    es = es_client(s)
+    restored = []
+    for obj in s3_client(s).list_objects(s.models_bucket, recursive=True):
+        version, _, name = obj.object_name.rpartition("/")
+        if name != REGISTRY_FILE or not version or es.exists(index=s.models_index, id=version):
+            continue
+        index_document(s, version, get_json(s, version, REGISTRY_FILE))
+        restored.append(version)
+    if restored:
+        log.info("restored %d model versions' documents in %s", len(restored), s.models_index)
+    return restored
 
 
 def publish(s: Settings, version: str, model_path: Path, card: dict, metrics: dict | None, registry_doc: dict) -> dict:

@@ -14,6 +14,7 @@ from elasticsearch import Elasticsearch
 from minio import Minio
 from minio.notificationconfig import NotificationConfig, QueueConfig
 
+from orchard.core import index_alias
 from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ServiceUnavailable
 from orchard.core.retry import ES_SETUP, S3_SETUP, es_transient, retried, s3_transient, without_transport_retries
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 MAPPINGS_DIR = REPO_ROOT / "es_mappings"
 # mapping file -> the settings field naming the index it templates
 TEMPLATES = {"images.json": "images_index", "models.json": "models_index"}
+ALIASED = "images_index"  # behind an alias of numbered indices (orchard.core.index_alias)
 OBJECT_CREATED = "s3:ObjectCreated:*"  # puts, copies and completed multipart uploads
 GREEN_WAIT_SECONDS = 60  # Elasticsearch waits this long for a green cluster; the client a bit longer
 
@@ -43,7 +45,7 @@ def template_bodies(s: Settings, mappings_dir: Path = MAPPINGS_DIR) -> dict[str,
     for filename, field in TEMPLATES.items():
         index = getattr(s, field)
         bodies[index] = {
-            "index_patterns": [index],
+            "index_patterns": [index, f"{index}-*"] if field == ALIASED else [index],
             "priority": 500,
             "template": load_mapping(mappings_dir / filename),
             "_meta": {"managed_by": "orchard", "source": f"es_mappings/{filename}"},
@@ -70,19 +72,19 @@ def ensure_buckets(s: Settings) -> None:
 
 def apply_templates(s: Settings) -> None:
     """Put every index template from es_mappings/ and create the indices (idempotent)."""
-    put_templates(es_client(s), template_bodies(s))
+    put_templates(es_client(s), template_bodies(s), aliased=s.images_index)
 
 
 @retried(ES_SETUP, es_transient, log)  # Elasticsearch may still be starting (orchard.core.retry)
-def put_templates(es: Elasticsearch, bodies: dict[str, dict[str, Any]]) -> None:
+def put_templates(es: Elasticsearch, bodies: dict[str, dict[str, Any]], aliased: str | None = None) -> None:
     """Put the index templates, create the indices they template (or add new fields to existing
-    ones), wait for green (redone as a whole)."""
+    ones), wait for green (redone as a whole). `aliased`: the index name that is an alias of
+    numbered indices (its first one, `<name>-1`, created with it)."""
     es = without_transport_retries(es)
     for name, body in bodies.items():
         es.indices.put_index_template(name=name, **body)
-        if not es.indices.exists(index=name):
-            es.indices.create(index=name)
-            log.info("created index %s", name)
+        if not es.indices.exists(index=name):  # true for an alias too
+            create_index(es, name, name == aliased)
         else:  # an index made by an older release gets the fields added since
             add_new_fields(es, name, body["template"]["mappings"])
     es.options(request_timeout=GREEN_WAIT_SECONDS + 15).cluster.health(
@@ -90,14 +92,25 @@ def put_templates(es: Elasticsearch, bodies: dict[str, dict[str, Any]]) -> None:
     )
 
 
+def create_index(es: Elasticsearch, name: str, aliased: bool) -> None:
+    """Create index `name`, or `<name>-1` with the alias `name` when `aliased` (the template applies)."""
+    if aliased:
+        first = index_alias.numbered(name, 1)
+        es.indices.create(index=first, aliases={name: {"is_write_index": True}})
+        log.info("created index %s behind the alias %s", first, name)
+    else:
+        es.indices.create(index=name)
+        log.info("created index %s", name)
+
+
 def add_new_fields(es: Elasticsearch, index: str, mappings: dict[str, Any]) -> None:
-    """Put the fields of `mappings` that `index` does not have yet (existing fields are left as they
-    are: e.g. the embedding's dims, fixed by the first document)."""
-    current = es.indices.get_mapping(index=index)[index]["mappings"].get("properties", {})
-    new = missing_properties(mappings.get("properties", {}), current)
-    if new:
-        es.indices.put_mapping(index=index, properties=new)
-        log.info("added fields %s to index %s", ", ".join(sorted(new)), index)
+    """Put the fields of `mappings` that `index` (an index, or every index of an alias) does not have
+    yet (existing fields are left as they are: e.g. the embedding's dims, fixed by the first document)."""
+    for concrete, body in es.indices.get_mapping(index=index).items():
+        new = missing_properties(mappings.get("properties", {}), body["mappings"].get("properties", {}))
+        if new:
+            es.indices.put_mapping(index=concrete, properties=new)
+            log.info("added fields %s to index %s", ", ".join(sorted(new)), concrete)
 
 
 def missing_properties(wanted: dict[str, Any], existing: dict[str, Any]) -> dict[str, Any]:

@@ -591,3 +591,55 @@ def test_imagenet_features_need_no_training_and_feed_knn_search(dataset: Dataset
     assert rows[0]["key"] == key and rows[0]["score"] == pytest.approx(1.0, abs=1e-4)
     own_label = rows[0]["label"]
     assert sum(r["label"] == own_label for r in rows[1:]) >= 3  # ImageNet features group the classes
+
+
+# The fields a rebuilt document takes from the lake (orchard.spark_app.reindex); the others
+# (quality, color_mode, source_path, label_text) were measured or seen by the uploader only.
+LAKE_FIELDS = ("key", "split", "label", "width", "height", "channels", "bytes", "prediction", "embedding_model")
+
+
+def all_documents(s: Settings, dataset: str) -> dict[str, dict]:
+    """id -> the whole _source of every document of a dataset (through the alias)."""
+    query = {"term": {"dataset": dataset}}
+    hits = es_client(s).search(index=s.images_index, query=query, size=1000)["hits"]["hits"]
+    return {h["_id"]: h["_source"] for h in hits}
+
+
+def assert_rebuilt(before: dict[str, dict], after: dict[str, dict]) -> None:
+    """Every document is back, with the prediction, embedding and PCA it had (field by field)."""
+    assert set(after) == set(before)
+    for doc_id, old in before.items():
+        new = after[doc_id]
+        assert {f: new.get(f) for f in LAKE_FIELDS} == {f: old.get(f) for f in LAKE_FIELDS}, doc_id
+        for vector in ("embedding",):
+            assert new.get(vector) == pytest.approx(old.get(vector), rel=1e-6), doc_id
+        assert new.get("pca") == pytest.approx(old.get("pca"), rel=1e-9), doc_id
+        for name in ("model", "pca", "embedding"):
+            got, had = (new.get("pretrained") or {}).get(name), (old.get("pretrained") or {}).get(name)
+            assert got == pytest.approx(had, rel=1e-6) if isinstance(had, list) else got == had, doc_id
+
+
+def test_reindex_rebuilds_the_documents_from_the_lake_behind_the_alias(
+    dataset: Dataset, first_inference: dict, features: dict, imagenet_features: dict
+):
+    s = dataset.settings
+    es = es_client(s)
+    before, total = all_documents(s, dataset.name), es.count(index=s.images_index)["count"]
+    assert len(before) == IMAGES and all("prediction" in d for d in before.values())
+    old = set(es.indices.get_alias(name=s.images_index))
+    summary = last_json(ok(orchard("reindex", "--dataset", dataset.name, "--json")))
+    try:
+        assert set(es.indices.get_alias(name=s.images_index)) == {summary["index"]} and summary["index"] not in old
+        assert (summary["rebuilt"], summary["with_prediction"]) == (IMAGES, IMAGES)
+        assert summary["documents"] == total == es.count(index=s.images_index)["count"]  # the others copied
+        assert es.indices.exists(index=",".join(old))  # kept until --drop-old
+        assert_rebuilt(before, all_documents(s, dataset.name))
+        # again, dropping the index it replaces: the first rebuild is deleted, the documents stay
+        again = last_json(ok(orchard("reindex", "--dataset", dataset.name, "--drop-old", "--json")))
+        assert again["previous"] == [summary["index"]] and again["dropped_old"]
+        assert not es.indices.exists(index=summary["index"])
+        assert_rebuilt(before, all_documents(s, dataset.name))
+    finally:  # the index this test moved the alias away from (never the one the alias points at)
+        left = old - set(es.indices.get_alias(name=s.images_index))
+        if left:
+            es.options(ignore_status=404).indices.delete(index=",".join(left))

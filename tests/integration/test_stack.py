@@ -11,6 +11,7 @@ import pytest
 
 from orchard.core.clients import es_client, s3_client
 from orchard.core.health import get_json
+from orchard.core.index_alias import number_of
 from orchard.core.settings import Settings
 from orchard.core.toolchain import Toolchain
 from orchard.stack import launcher, process
@@ -57,6 +58,9 @@ def test_elasticsearch_green_with_three_nodes_and_templates(stack: Settings):
         got = es.indices.get_index_template(name=name)["index_templates"][0]["index_template"]
         assert got["index_patterns"] == body["index_patterns"]
         assert got["template"]["mappings"]["dynamic"] == "strict"
+    # the images index is an alias of numbered indices (what `orchard reindex` swaps)
+    behind = es.indices.get_alias(name=stack.images_index)
+    assert behind and all(number_of(stack.images_index, name) for name in behind)
 
 
 def test_spark_master_lists_two_alive_workers(stack: Settings):

@@ -213,15 +213,17 @@ def test_minio_nodes_send_image_events_to_serve(compose_config, env_values):
     assert "chown minio:minio /data /events" in (IMAGES_DIR / "minio" / "Dockerfile").read_text()
 
 
-def test_serve_s3_key_is_read_only_on_images_and_models():
-    """The serve policy of images/minio/setup.sh grants reads only, on the images and models buckets
-    (checked for real against MinIO in test_minio_setup.py)."""
+def test_serve_s3_key_reads_images_and_models_and_writes_only_the_predictions_table():
+    """The serve policy of images/minio/setup.sh grants reads on the images and models buckets and
+    writes (no delete) under the lake's predictions table only (checked for real against MinIO in
+    test_minio_setup.py)."""
     script = (IMAGES_DIR / "minio" / "setup.sh").read_text()
     body = re.search(r"^serve_policy\(\) \{\n(.*?)^\}$", script, re.M | re.S)
     assert body, "setup.sh has no serve_policy"
     actions = set(re.findall(r'"(s3:[A-Za-z]+)"', body.group(1)))
-    assert actions == {"s3:GetBucketLocation", "s3:ListBucket", "s3:GetObject"}
-    assert set(re.findall(r'_arn "\$([A-Z]+)"', body.group(1))) == {"IMAGES", "MODELS"}
+    assert actions == {"s3:GetBucketLocation", "s3:ListBucket", "s3:GetObject", "s3:PutObject"}
+    assert set(re.findall(r'objects_arn "\$([A-Z]+)"', body.group(1))) == {"IMAGES", "MODELS"}
+    assert re.findall(r'objects_arn "\$LAKE([^"]*)"', body.group(1)) == ["/predictions"]
     assert 'grant orchard-serve serve_policy "$SERVE_S3_ACCESS_KEY" "$SERVE_S3_SECRET_KEY"' in script
 
 

@@ -270,9 +270,10 @@ def test_spark_writes_the_delta_table(setup_runs, minio_port):
     assert_may_write_the_delta_table(client(minio_port, SPARK), minio_port)
 
 
-def test_serve_may_only_read_images_and_models(setup_runs, minio_port):
-    """The REST API's key: GET of images and model files, nothing written, no other bucket; a
-    missing object is NoSuchKey (not AccessDenied), as the serving alias is before any promote."""
+def test_serve_may_only_read_images_and_models_and_write_the_predictions_table(setup_runs, minio_port):
+    """The REST API's key: GET of images and model files, nothing else written but the predictions
+    table (auto-enrichment keeps its predictions there), no other bucket; a missing object is
+    NoSuchKey (not AccessDenied), as the serving alias is before any promote."""
     root, serve = client(minio_port, ROOT), client(minio_port, SERVE)
     root.put_object("images", "v/1.jpg", io.BytesIO(b"img"), 3)
     root.put_object("models", "v1/labels.json", io.BytesIO(b"{}"), 2)
@@ -284,10 +285,13 @@ def test_serve_may_only_read_images_and_models(setup_runs, minio_port):
     assert missing.value.code == "NoSuchKey"
     for bucket in ("images", "models", "features", "lake"):
         assert not allowed(put(serve, bucket, "v/new"))
+    assert allowed(put(serve, "lake", "predictions/_delta_log/00000000000000000000.json"))
+    assert serve.get_object("lake", "predictions/_delta_log/00000000000000000000.json").read()
+    assert not allowed(put(serve, "lake", "images/_delta_log/00000000000000000000.json"))
+    assert not allowed(lambda: serve.remove_object("lake", "predictions/_delta_log/00000000000000000000.json"))
     assert not allowed(lambda: serve.remove_object("images", "v/1.jpg"))
     assert not allowed(lambda: serve.remove_object("models", "v1/labels.json"))
     assert not allowed(lambda: serve.get_object("features", "v/part-0").read())
-    assert not allowed(lambda: list(serve.list_objects("lake")))
     assert not allowed(lambda: serve.make_bucket("serve-made"))
 
 

@@ -139,7 +139,10 @@ def test_role_body_is_json_with_any_index_names():
     names = ('orchard-"images"', "models\\x")
     result = sourced(USERS_SH, "IMAGES_INDEX=$1 MODELS_INDEX=$2 role_body", *names)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["indices"][0]["names"] == list(names)
+    models, images = json.loads(result.stdout)["indices"]
+    assert models["names"] == [names[1]]
+    # the alias and its numbered indices (orchard reindex moves the alias: `manage` on both)
+    assert images["names"] == [names[0], names[0] + "-*"] and "manage" in images["privileges"]
 
 
 @pytest.mark.parametrize("password", [*HOSTILE, CONTROL])
@@ -172,10 +175,8 @@ def test_users_sh_sets_the_exact_passwords(fake_server, tmp_path):
     bodies = {(r.method, r.path): json.loads(r.body) for r in requests if r.body}
     assert bodies[("POST", "/_security/user/kibana_system/_password")] == {"password": kibana}
     assert bodies[("PUT", "/_security/user/orchard_app")]["password"] == orchard
-    assert bodies[("PUT", "/_security/role/orchard_app")]["indices"][0]["names"] == [
-        "orchard-images",
-        "orchard-models",
-    ]
+    indices = bodies[("PUT", "/_security/role/orchard_app")]["indices"]
+    assert [entry["names"] for entry in indices] == [["orchard-models"], ["orchard-images", "orchard-images-*"]]
 
 
 def test_import_sh_logs_in_with_the_exact_password(fake_server, tmp_path):

@@ -143,7 +143,9 @@ def test_templates_target_the_configured_indices(env):
     s, _, _ = env
     bodies = template_bodies(s.model_copy(update={"images_index": "fruit-images"}))
     assert set(bodies) == {"fruit-images", "orchard-models"}
-    assert bodies["fruit-images"]["index_patterns"] == ["fruit-images"]
+    # the images index is an alias of numbered indices (orchard reindex), which the template covers
+    assert bodies["fruit-images"]["index_patterns"] == ["fruit-images", "fruit-images-*"]
+    assert bodies["orchard-models"]["index_patterns"] == ["orchard-models"]
     assert all(not k.startswith("_") for b in bodies.values() for k in b["template"])
     assert bodies["fruit-images"]["template"]["mappings"]["dynamic"] == "strict"
 

@@ -137,7 +137,7 @@ def test_a_missing_tile_document_is_written_a_missing_image_document_fails() -> 
     pred = prediction_doc(SPEC, [("water", 0.8)])
     tile = tile_ref(PARENT, Window(0, 0, 0, 0, 256, 256), None)
     chunk = [(update_action("ix", tile, pred), tile.key, False), (update_action("ix", PARENT, pred), PARENT.key, False)]
-    keep, tally = skip_unchanged(False, FakeEs(), chunk)
+    keep, tally = skip_unchanged(False, {}, FakeEs(), chunk)
     assert [action["_id"] for action, _, _ in keep] == [tile.id] and tally.failed == 1
 
 

@@ -28,6 +28,7 @@ from orchard.core.clients import (
     es_client,
     s3_http_client,
 )
+from orchard.core.errors import ConfigError
 from orchard.core.settings import Settings
 from orchard.core.toolchain import REPO_ROOT
 from orchard.uploader import index, transfer
@@ -434,11 +435,22 @@ def test_the_uploader_refreshes_the_index_with_es_read_and_a_failed_refresh_lose
 def test_registry_documents_are_written_with_es_write_one_request_per_attempt(clock, monkeypatch) -> None:
     from orchard.spark_app import registry
 
+    bucket: dict[str, dict] = {"cnn-1/registry.json": {"family": "cnn"}}  # the models bucket's copies
+
+    def get_json(s, version, name):
+        if f"{version}/{name}" not in bucket:
+            raise ConfigError("no such file")
+        return bucket[f"{version}/{name}"]
+
+    monkeypatch.setattr(registry, "put_json", lambda s, key, body: bucket.__setitem__(key, body))
+    monkeypatch.setattr(registry, "get_json", get_json)
     cluster = FakeCluster(refuse=[429, 429, 503])
     monkeypatch.setattr(registry, "es_client", lambda s: cluster.client())
     summary = {"images_per_second": 10.0, "images": 20, "seconds": 2.0, "predicted_at": "t", "table_version": 1}
     registry.record_inference(Settings(es_hosts="http://es:9200"), "cnn-1", summary)
     assert len(cluster.requests) == 4 and clock.sleeps == retry.ES_WRITE.waits()[:3]
+    # the bucket's copy of the document follows (orchard reindex restores documents from it)
+    assert bucket["cnn-1/registry.json"]["inference"]["images_per_second"] == 10.0
 
     cluster = FakeCluster(refuse=[429] * 100)
     with pytest.raises(ApiError):

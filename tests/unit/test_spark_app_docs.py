@@ -72,15 +72,18 @@ class FakeEs:
 
 def test_skip_unchanged_keeps_new_and_changed_drops_same_and_missing():
     same = prediction_doc(SPEC, [("a", 0.9)])
+    earlier = {**same, "predicted_at": "2020-01-01T00:00:00Z", "confidence": 0.8999}
     chunk = [
         (update_action("ix", ImageRef(i, f"k{i}", "ds", "test", "a"), same), f"k{i}", False)
         for i in ("same", "changed", "fresh", "missing")
     ]
-    es = FakeEs({"same": {"prediction": same}, "changed": {"prediction": {**same, "label": "b"}}, "fresh": {}})
-    keep, tally = skip_unchanged(False, es, chunk)
+    es = FakeEs({"same": {"prediction": earlier}, "changed": {"prediction": {**same, "label": "b"}}, "fresh": {}})
+    kept: dict = {}
+    keep, tally = skip_unchanged(False, kept, es, chunk)
     assert [action["_id"] for action, _, _ in keep] == ["changed", "fresh"]
     assert (tally.noop, tally.failed) == (1, 1) and "no document" in tally.examples[0][1]
-    keep, tally = skip_unchanged(True, es, chunk)
+    assert kept == {"same": earlier}  # the stored prediction, first predicted_at included, for the lake's row
+    keep, tally = skip_unchanged(True, {}, es, chunk)
     assert [action["_id"] for action, _, _ in keep] == ["same", "changed", "fresh"]
 
 
