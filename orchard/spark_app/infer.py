@@ -289,10 +289,12 @@ def write_predictions(
     # Kept (spilled to disk beyond memory) so that the lake's rows do not predict the images again.
     out = pairs_rdd.mapPartitions(partial(write_partition, s, force, chunk_size, tiles))
     out = out.persist(StorageLevel.MEMORY_AND_DISK)
+    spark = SparkSession.builder.getOrCreate()
+    warm = prediction_table.warm_up(spark, s, dataset)  # overlaps the prediction job
     try:
         tally = out.filter(is_tally).map(second).fold(Tally(), merge_tallies)
+        warm.join()
         log.info(INDEX_WRITTEN + ": %d updated, %d unchanged; keeping them in the lake", tally.updated, tally.noop)
-        spark = SparkSession.builder.getOrCreate()
         began = time.monotonic()
         lake = prediction_table.merge_rows(spark, s, out.filter(is_row).map(second), dataset)
         lake["seconds"] = round(time.monotonic() - began, 1)  # the lake's share of the run
