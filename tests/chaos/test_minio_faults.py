@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from minio.error import S3Error
 
 from conftest import (
     READ_ERRORS,
@@ -34,6 +35,7 @@ from conftest import (
     upload_args,
     wait_for,
 )
+from orchard.core.retry import S3_TRANSIENT_CODES
 
 pytestmark = pytest.mark.chaos
 log = logging.getLogger("chaos.minio")
@@ -207,10 +209,27 @@ def test_restarted_nodes_heal_and_nothing_is_lost(minio_stack: ChaosStack, ledge
 
 
 def put_probe(chaos: ChaosStack) -> tuple[str, str]:
-    """Write a small object outside the dataset; returns (key, sha256 of its bytes)."""
+    """Write a small object outside the dataset; returns (key, sha256 of its bytes).
+
+    `mc admin info` answers with one node's view: the node nginx sends the PUT to may still count
+    the restarted drive out of its erasure set until its next reconnect cycle (every 15 s,
+    cmd/erasure-sets.go connectDisks) and refuse writes meanwhile (503 SlowDownWrite, seen once in
+    CI right after fully_connected). The probe is written once that node has its quorum back, as
+    any client retrying a 503 would."""
     body = f"probe {time.time_ns()}".encode()
     key = f"{State.dataset}-probe/probe.txt"
-    chaos.s3().put_object(chaos.settings.images_bucket, key, io.BytesIO(body), len(body))
+
+    def written() -> bool:
+        try:
+            chaos.s3().put_object(chaos.settings.images_bucket, key, io.BytesIO(body), len(body))
+        except S3Error as exc:
+            if exc.code not in S3_TRANSIENT_CODES:
+                raise
+            log.info("the probe write is refused for now: %s", exc.code)
+            return False
+        return True
+
+    wait_for(written, timeout=120, interval=2, what="a write through the load balancer (write quorum on every node)")
     return key, hashlib.sha256(body).hexdigest()
 
 
