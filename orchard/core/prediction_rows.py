@@ -21,6 +21,7 @@ from orchard.core import table_log
 from orchard.core.errors import ServiceUnavailable
 from orchard.core.lake import PREDICTION_COLUMNS, PREDICTION_KEY, SAME_PREDICTION, Column, Prediction, object_store_uri
 from orchard.core.settings import Settings
+from orchard.core.table_write import sql_string
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,15 @@ def arrow_schema() -> Any:
     return pa.schema([pa.field(n, arrow_type(k), nullable="NOT NULL" not in k) for n, k in PREDICTION_COLUMNS])
 
 
+def same_key() -> str:
+    """Target row t and source row s are the same image and model version."""
+    return " AND ".join(f"t.{name} = s.{name}" for name in PREDICTION_KEY)
+
+
 def merge_condition(dataset: str) -> str:
-    """Rows match on (id, model version) within the dataset's partition (the literal prunes the others)."""
-    same_key = " AND ".join(f"t.{name} = s.{name}" for name in PREDICTION_KEY)
-    return f"{same_key} AND t.{Column.DATASET} = {sql_string(dataset)}"
+    """delta-rs's MERGE condition: the same key, within the dataset's partition (the literal prunes
+    the others)."""
+    return f"{same_key()} AND t.{Column.DATASET} = {sql_string(dataset)}"
 
 
 def changed_predicate() -> str:
@@ -55,11 +61,6 @@ def changed_predicate() -> str:
     (SAME_PREDICTION) or the same one written again later (its document got a new `predicted_at`)."""
     compared = (*SAME_PREDICTION, Prediction.PREDICTED_AT)
     return " OR ".join(f"(t.{name} IS DISTINCT FROM s.{name})" for name in compared)
-
-
-def sql_string(value: str) -> str:
-    """`value` as a SQL string literal (a quote is doubled)."""
-    return "'" + value.replace("'", "''") + "'"
 
 
 def open_or_create(s: Settings) -> Any:

@@ -49,7 +49,7 @@ from orchard.spark_app.infer import ImageSource, ModelRun, PredictSpec, inputs, 
 from orchard.spark_app.preprocess import choose_k
 from orchard.spark_app.registry import is_pretrained
 from orchard.spark_app.sink import Tally, merge_tallies, write_actions
-from orchard.spark_app.table import stage_images
+from orchard.spark_app.table import quoted, stage_images
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +181,9 @@ def keep_in_lake(spark, projected_df, s: Settings, dataset: str, version: str) -
         F.col("y").alias(FEATURE_PCA_Y),
         F.lit(utc_timestamp()).alias(FEATURE_COMPUTED_AT),
     )
-    slice_ = f"{Column.DATASET} = {spark_string(dataset)} AND {FEATURE_VERSION} = {spark_string(version)}"
+    slice_ = f"{Column.DATASET} = '{quoted(dataset)}' AND {FEATURE_VERSION} = '{quoted(version)}'"
     rows.write.format("delta").mode("overwrite").option("replaceWhere", slice_).save(s.features_table_uri)
     log.info("features of %s by %s kept in %s", dataset, version, s.features_table_uri)
-
-
-def spark_string(value: str) -> str:
-    """`value` as a Spark SQL string literal (backslash escapes)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def write_csv(projected_df, k: int, out: str) -> None:

@@ -16,7 +16,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from orchard.core.lake import PREDICTION_COLUMNS, PREDICTION_KEY, PREDICTION_SCHEMA, Column, Prediction
-from orchard.core.prediction_rows import changed_predicate, merge_condition, prediction_record
+from orchard.core.prediction_rows import changed_predicate, prediction_record, same_key
 from orchard.core.settings import Settings
 from orchard.spark_app.images import ImageRef
 
@@ -74,11 +74,13 @@ def merge_rows(spark: SparkSession, s: Settings, rows: RDD, dataset: str) -> dic
     Delta's counts {inserted, updated}. Nothing reaches the driver but those counts; the merge reads
     only the dataset's partition of the table."""
     from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
 
     ensure_table(spark, s)
     new = spark.createDataFrame(rows, PREDICTION_SCHEMA).dropDuplicates(list(PREDICTION_KEY))
     table = DeltaTable.forPath(spark, s.predictions_table_uri).alias("t")
-    on = merge_condition(dataset)  # target t, source s: the same MERGE the service runs (delta-rs)
+    # The service's MERGE (delta-rs) with the dataset literal made by Spark (its quoting differs).
+    on = F.expr(same_key()) & (F.col(f"t.{Column.DATASET}") == F.lit(dataset))
     merge = table.merge(new.alias("s"), on).whenMatchedUpdateAll(changed_predicate()).whenNotMatchedInsertAll()
     metrics = merge.execute().collect()[0]  # one row of metrics
     return {"inserted": int(metrics["num_inserted_rows"]), "updated": int(metrics["num_updated_rows"])}

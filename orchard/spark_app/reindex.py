@@ -11,10 +11,10 @@ and `pca`, or `pretrained` for a pretrained base). The job:
    in es_mappings/, with refresh off while it fills;
 3. writes one document per distinct image from the executors (bulk `index` actions, retried like
    every other write; the driver receives only counts); with `--dataset`, the other datasets'
-   documents (and the dataset's tile documents, which the lake does not describe) are copied from
-   the current index by Elasticsearch itself (`_reindex`);
+   documents, and tile documents (which the lake does not describe), are copied from the current
+   index (a scroll and bulk writes: the native distribution has no `_reindex` module);
 4. refreshes it and checks its count: the distinct images of the rebuilt datasets plus the copied
-   documents. A shortfall deletes the new index and leaves the alias where it was;
+   documents. Any failure up to here deletes the new index and leaves the alias where it was;
 5. moves the alias in one `_aliases` call; the old index stays (readers of it by name keep
    working) unless `--drop-old`.
 
@@ -24,7 +24,8 @@ lacks (each version keeps a copy of its document, orchard.spark_app.registry).
 Documents come back with what the lake knows. Not in the lake, hence not in a rebuilt document:
 `quality`, `color_mode` and `source_path` (measured or seen by the uploader, on its machine);
 `label_text` is the label; `uploaded_at` is when the image's row was ingested (seconds after its
-upload). Tile documents are rebuilt by `orchard infer` (or copied, with `--dataset`).
+upload). Tile documents are copied from the current index; after a lost cluster `orchard infer`
+rebuilds them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from orchard.core import index_alias, table_log
 from orchard.core.clients import es_client, s3_client
 from orchard.core.errors import ItemsFailed, TableNotFound
 from orchard.core.lake import (
+    COLUMN_NAMES,
     FEATURE_COMPUTED_AT,
     FEATURE_EMBEDDING,
     FEATURE_PCA_X,
@@ -71,19 +73,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_FIELDS = (
-    Column.KEY,
-    Column.DATASET,
-    Column.SPLIT,
-    Column.LABEL,
-    Column.FORMAT,
-    Column.WIDTH,
-    Column.HEIGHT,
-    Column.CHANNELS,
-    Column.BYTES,
-    Column.ETAG,
-    Column.INGESTED_AT,
-)
+# What a document takes from an image's row: every column but the id (the grouping key) and the bytes.
+IMAGE_FIELDS = tuple(name for name in COLUMN_NAMES if name not in (Column.ID, Column.CONTENT))
+# The names inside a document's `prediction`: the predictions table's columns but the image's.
+PREDICTION_NAMES = tuple(name for name, _ in PREDICTION_COLUMNS if name not in (Column.ID, Column.DATASET, Column.KEY))
 P, F_, G = "p_", "f_", "g_"  # column prefixes: the prediction, the trained model's features, the base's
 CHUNK = 500  # documents per bulk request
 
@@ -134,8 +127,7 @@ def newest_predictions(spark: SparkSession, s: Settings, dataset: str | None, ve
         rows = rows.where(F.col(Prediction.MODEL_VERSION) == version)
     newest = Window.partitionBy(Column.ID).orderBy(F.col(Prediction.PREDICTED_AT).desc_nulls_last())
     rows = rows.withColumn("n", F.row_number().over(newest)).where("n = 1")
-    names = [name for name, _ in PREDICTION_COLUMNS if name not in (Column.DATASET, Column.KEY)]
-    return rows.select(*(F.col(name).alias(P + name) if name != Column.ID else F.col(name) for name in names))
+    return rows.select(Column.ID, *(F.col(name).alias(P + name) for name in PREDICTION_NAMES))
 
 
 def newest_features(spark: SparkSession, s: Settings, dataset: str | None, pretrained: bool, prefix: str) -> DataFrame:
@@ -174,8 +166,7 @@ def prediction_of(row: dict) -> dict | None:
     if row.get(P + Prediction.MODEL_VERSION) is None:
         return None
     top5 = row.get(P + Prediction.TOP5)
-    names = [name for name, _ in PREDICTION_COLUMNS if name not in (Column.ID, Column.DATASET, Column.KEY)]
-    prediction = {name: row.get(P + name) for name in names}
+    prediction = {name: row.get(P + name) for name in PREDICTION_NAMES}
     prediction[Prediction.TOP5] = None if top5 is None else [dict(entry) for entry in top5]
     return prediction
 
@@ -278,9 +269,9 @@ def copy_documents(es: Elasticsearch, source: str, target: str, query: dict | No
 
 def copy_others(es: Elasticsearch, state: IndexState, new: str, dataset: str | None) -> int:
     """Copy the documents the lake does not rebuild (tile documents; with `dataset`, the other
-    datasets' documents) from the current index into `new`, inside Elasticsearch; returns how many
-    (0 when there is no current index: a lost cluster)."""
-    if not state.current and not state.legacy:
+    datasets' documents) from the current index into `new` (copy_documents); returns how many (0
+    when there is no current index: a lost cluster)."""
+    if not state.current:
         return 0
     should: list[dict] = [{"exists": {"field": Field.TILE}}]
     if dataset:
@@ -307,7 +298,7 @@ def finish(es: Elasticsearch, state: IndexState, new: str, expected: int, drop_o
 
 def migrate(es: Elasticsearch, state: IndexState, began: float) -> dict:
     """Put an index made before the alias existed behind it: its documents copied as they are into
-    `<alias>-1` (inside Elasticsearch: predictions made before the lake kept them are not lost),
+    `<alias>-1` (copy_documents: predictions made before the lake kept them are not lost),
     counted, then the alias replaces it in one call; returns the summary."""
     new = create_next(es, state)
     expected = int(es.count(index=state.alias)["count"])

@@ -136,10 +136,10 @@ def scan(spark: SparkSession, snapshot: TableSnapshot, dataset: str, split: str 
         df = data.withColumn(Column.DATASET, F.lit(dataset)).select(*COLUMN_NAMES)
     else:
         df = spark.createDataFrame([], READ_SCHEMA)
-    return df.where(f"{Column.SPLIT} = '{_quoted(split)}'") if split else df
+    return df.where(f"{Column.SPLIT} = '{quoted(split)}'") if split else df
 
 
-def _quoted(value: str) -> str:
+def quoted(value: str) -> str:
     """`value` safe inside a single-quoted Spark SQL string literal."""
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
@@ -373,7 +373,7 @@ def synced_marks(snapshot: TableSnapshot) -> dict[str, str]:
 def mark_synced(spark: SparkSession, s: Settings, dataset: str, newest: datetime) -> int:
     """Record that the table holds a dataset's objects up to `newest` (a metadata-only commit);
     returns the table version after it."""
-    key, value = _quoted(SYNC_MARK + dataset), _quoted(newest.isoformat())
+    key, value = quoted(SYNC_MARK + dataset), quoted(newest.isoformat())
     spark.sql(f"ALTER TABLE delta.`{s.images_table_uri}` SET TBLPROPERTIES ('{key}' = '{value}')")
     return table_log.latest_version(s)
 
@@ -392,7 +392,7 @@ def count_image_objects(client, bucket: str, prefix: str) -> tuple[int, datetime
 
 def _dataset_is(dataset: str) -> str:
     """The SQL condition selecting one dataset's partition."""
-    return f"{Column.DATASET} = '{_quoted(dataset)}'"
+    return f"{Column.DATASET} = '{quoted(dataset)}'"
 
 
 def sync(spark: SparkSession, s: Settings, dataset: str | None = None, keys_per_task: int = 256) -> SyncResult:
@@ -492,7 +492,7 @@ def _removal_rows(gone: DataFrame, like: DataFrame) -> DataFrame:
 def optimize(spark: SparkSession, s: Settings, dataset: str | None = None) -> dict:
     """Compact small files (to Settings.lake_target_file_mb); Delta's metrics of the operation."""
     spark.conf.set("spark.databricks.delta.optimize.maxFileSize", str(s.lake_target_file_mb * 2**20))
-    where = f" WHERE {Column.DATASET} = '{_quoted(dataset)}'" if dataset else ""
+    where = f" WHERE {Column.DATASET} = '{quoted(dataset)}'" if dataset else ""
     row = spark.sql(f"OPTIMIZE delta.`{s.images_table_uri}`{where}").first()
     metrics = row["metrics"].asDict(recursive=True) if row else {}
     return {
