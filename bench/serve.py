@@ -10,9 +10,15 @@ One run, one dataset (`bench-serve-<seed>`: --classes x --per-class train + --te
   serve       `python -m orchard serve --port <free port>` as a child process; waits (bounded,
               --ready-timeout) until /healthz is ready with VERSION
   clients_N   for N in --levels (1 8 32): N clients, each posting ONE test image as multipart
-              (--k similar images, 5) at a time, until --requests requests or --seconds seconds:
-              p50/p99 latency (ms), requests/s, the server's own median ms per part (Server-Timing:
-              read, decode, model = queue + call, similar); /healthz's largest_batch after it
+              (--k similar images, 5) as soon as its previous answer came, for --seconds after
+              --warmup untimed seconds: p50/p99 latency (ms), requests/s, the server's own median
+              ms per part (Server-Timing: read, decode, model = queue + call, similar);
+              /healthz's largest_batch after it. The clients are vegeta (Go, pinned in
+              deps/versions.env, built on first use): Python clients on the same 2 cores took half
+              a core at 480 requests/s, and one httpx pool shared by 32 requests caps near 380.
+  clients_N_predict_only   the largest level again with k=0: predictions alone, what
+              micro-batching makes of the model's images/s (the neighbours are an Elasticsearch
+              kNN search per image, ~1 ms of its CPU each)
   model_only  VERSION loaded in this process (load_predictor), predict_on_batch on 32 preprocessed
               test images (the card's preprocessing, as orchard/serving/predictor.py builds inputs)
               repeated for --model-seconds after a warm-up: images/s
@@ -22,8 +28,9 @@ One run, one dataset (`bench-serve-<seed>`: --classes x --per-class train + --te
               document's uploaded_at to the moment a reader of the index first sees its prediction
               (polled every 0.25 s; includes Elasticsearch's 1 s refresh): p50/p99 seconds
 
-Prints one JSON line per step and, last, one JSON object with p50_ms_N, p99_ms_N, rps_N per level,
-model_only_ips, rps_32_over_model_only, largest_batch (after the 32-client level), enrich_p50_s and
+Prints one JSON line per step and, last, one JSON object with p50_ms_N, p99_ms_N, rps_N per level
+(and p50_ms_32_predict_only, ...), model_only_ips, rps_32_over_model_only,
+rps_32_predict_only_over_model_only, largest_batch (after the last level), enrich_p50_s and
 enrich_p99_s.
 
   PYTHONPATH=. ~/.cache/orchard/venv/bin/python bench/serve.py [--classes 5 --per-class 40 --test-per-class 10]
@@ -35,10 +42,11 @@ dataset's objects, rows and the version in place, and the version promoted.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import base64
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -61,8 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-per-class", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="concurrent clients per level")
-    parser.add_argument("--requests", type=int, default=200, help="requests per level at most")
-    parser.add_argument("--seconds", type=float, default=30.0, help="seconds per level at most")
+    parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per level")
+    parser.add_argument("--warmup", type=float, default=3.0, help="untimed seconds before each level")
     parser.add_argument("--model-seconds", type=float, default=10.0, help="model-only timing")
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /healthz ready")
     parser.add_argument("--enrich-per-class", type=int, default=20, help="new images per class for the enrich step")
@@ -145,57 +153,93 @@ def tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
-async def load_level(
-    base: str, images: list[tuple[str, bytes]], clients: int, requests: int, seconds: float, k: int = 5
-) -> dict:
-    """`clients` concurrent clients posting one image each per request until `requests` requests
-    were started or `seconds` passed: latency percentiles (ms) and requests/s of the successful ones."""
-    import httpx
+def vegeta() -> Path:
+    """The pinned vegeta binary (deps/versions.env), built with `go install` on first use."""
+    from orchard.core.toolchain import read_versions
 
-    latencies: list[float] = []
+    versions = read_versions()
+    module, version = versions["VEGETA_MODULE"], versions["VEGETA_VERSION"]
+    home = Path(os.environ.get("ORCHARD_CACHE", Path.home() / ".cache" / "orchard"))
+    binary = home / "bin" / f"vegeta-{version}" / "vegeta"
+    if binary.exists():
+        return binary
+    if shutil.which("go") is None:
+        raise SystemExit("bench/serve.py needs Go to build its load generator (vegeta): install Go")
+    log.info("building vegeta %s with go install (once, ~15 s)", version)
+    staging = binary.parent.with_suffix(".tmp")
+    subprocess.run(["go", "install", f"{module}@{version}"], env={**os.environ, "GOBIN": str(staging)}, check=True)
+    staging.replace(binary.parent)
+    return binary
+
+
+def write_targets(path: Path, base: str, images: list[tuple[str, bytes]], k: int) -> Path:
+    """vegeta's JSON targets: one multipart POST /v1/predict per image (as a browser sends a photo)."""
+    with path.open("w") as out:
+        for i, (name, content) in enumerate(images):
+            boundary = f"orchard-bench-{i:05d}"
+            head = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                "Content-Type: image/jpeg\r\n\r\n"
+            )
+            body = head.encode() + content + f"\r\n--{boundary}--\r\n".encode()
+            target = {
+                "method": "POST",
+                "url": f"{base}/v1/predict?k={k}",
+                "body": base64.b64encode(body).decode(),
+                "header": {"Content-Type": [f"multipart/form-data; boundary={boundary}"]},
+            }
+            out.write(json.dumps(target) + "\n")
+    return path
+
+
+def attack(binary: Path, targets: Path, clients: int, seconds: float) -> list[dict]:
+    """`clients` vegeta workers, each posting its next target as soon as its previous answer came
+    (closed loop, one keep-alive connection each), for `seconds`: one dict per request (code,
+    latency ns, timestamp, headers; bodies not kept)."""
+    workers = [f"-workers={clients}", f"-max-workers={clients}", f"-connections={clients}"]
+    command = [str(binary), "attack", f"-targets={targets}", "-format=json", "-rate=0", *workers]
+    command += [f"-duration={seconds}s", "-max-body=0", "-timeout=60s"]
+    results = subprocess.run(command, capture_output=True, check=True).stdout
+    encoded = subprocess.run([str(binary), "encode", "-to=json"], input=results, capture_output=True, check=True)
+    return [json.loads(line) for line in encoded.stdout.splitlines() if line.strip()]
+
+
+def load_level(binary: Path, targets: Path, clients: int, seconds: float, warmup: float) -> dict:
+    """`clients` concurrent clients for `seconds` after `warmup` untimed seconds (connections
+    opened, the model traced for the batch sizes of this level): latency percentiles (ms),
+    requests/s of the successful ones, the server's median ms per part (its Server-Timing)."""
+    if warmup > 0:
+        attack(binary, targets, clients, warmup)
+    results = attack(binary, targets, clients, seconds)
+    ok = [r for r in results if r["code"] == 200]
+    failures = [f"{r['code']}: {r['error']}" for r in results if r["code"] != 200]
     parts: dict[str, list[float]] = {}
-    failures: list[str] = []
-    started = 0
-    began = time.monotonic()
-
-    async def client(http: httpx.AsyncClient) -> None:
-        nonlocal started
-        while started < requests and time.monotonic() - began < seconds:
-            name, content = images[started % len(images)]
-            started += 1
-            sent = time.monotonic()
-            try:
-                response = await http.post(
-                    f"{base}/v1/predict", params={"k": k}, files={"file": (name, content, "image/jpeg")}
-                )
-            except httpx.HTTPError as exc:
-                failures.append(f"{type(exc).__name__}: {exc}")
-                continue
-            if response.status_code == 200:
-                latencies.append(time.monotonic() - sent)
-                add_server_timing(parts, response.headers.get("server-timing", ""))
-            else:
-                failures.append(f"{response.status_code}: {response.text[:200]}")
-
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-    wall = time.monotonic() - began
+    for r in ok:
+        add_server_timing(parts, ", ".join(r.get("headers", {}).get("Server-Timing", [])))
+    latencies = [r["latency"] / 1e9 for r in ok]
+    wall = span_seconds(results)
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     return {
-        "step": f"clients_{clients}",
         "clients": clients,
-        "requests": len(latencies),
+        "requests": len(ok),
         "failures": len(failures),
         "first_failure": failures[0] if failures else None,
         "seconds": round(wall, 2),
         "p50_ms": round(p50 * 1000, 1) if p50 is not None else None,
         "p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
-        "rps": round(len(latencies) / wall, 1) if wall > 0 else None,
+        "rps": round(len(ok) / wall, 1) if wall > 0 else None,
         # where the server spent a request (its Server-Timing header), median ms per part; the
-        # rest of p50_ms is HTTP, the event loop and the client
+        # rest of p50_ms is HTTP and the event loop
         "server_p50_ms": {name: round(percentile(values, 50) or 0, 1) for name, values in parts.items()},
     }
+
+
+def span_seconds(results: list[dict]) -> float:
+    """Seconds from the first request sent to the last answer received."""
+    if not results:
+        return 0.0
+    sent = [datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")).timestamp() for r in results]
+    return max(t + r["latency"] / 1e9 for t, r in zip(sent, results, strict=True)) - min(sent)
 
 
 def add_server_timing(parts: dict[str, list[float]], header: str) -> None:
@@ -204,6 +248,24 @@ def add_server_timing(parts: dict[str, list[float]], header: str) -> None:
         name, _, duration = item.partition(";dur=")
         if duration:
             parts.setdefault(name, []).append(float(duration))
+
+
+def run_levels(o: argparse.Namespace, base: str, images: list[tuple[str, bytes]], work: Path) -> list[dict]:
+    """Each --levels level with --k neighbours per request, then the largest level again with none
+    (predictions alone: what micro-batching makes of the model's images/s)."""
+    binary = vegeta()
+    plan = [(clients, o.k) for clients in o.levels]
+    if o.k:
+        plan.append((max(o.levels), 0))
+    levels = []
+    for clients, k in plan:
+        log.info("%d concurrent clients, %d similar images per request", clients, k)
+        targets = write_targets(work / f"targets-k{k}.json", base, images, k)
+        level = load_level(binary, targets, clients, o.seconds, o.warmup)
+        level = {"step": f"clients_{clients}" + ("" if k == o.k else "_predict_only"), "k": k, **level}
+        level["largest_batch_so_far"] = healthz(base).get("largest_batch")
+        levels.append(level)
+    return levels
 
 
 def healthz(base: str) -> dict:
@@ -278,6 +340,7 @@ def enrichment(o: argparse.Namespace, seed: int, work: Path, version: str) -> di
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per /healthz poll
     o = parse_args(argv)
     seed = o.seed if o.seed is not None else int(time.time()) % 1_000_000
     with tempfile.TemporaryDirectory(prefix="orchard-bench-serve-") as tmp:
@@ -300,14 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 "port": port,
                 "ready_seconds": round(wait_ready(base, version, proc, o.ready_timeout, log_path), 1),
             }
-            levels = []
-            largest_batch = None
-            for clients in o.levels:
-                log.info("%d concurrent clients", clients)
-                level = asyncio.run(load_level(base, images, clients, o.requests, o.seconds, o.k))
-                level["largest_batch_so_far"] = healthz(base).get("largest_batch")
-                largest_batch = level["largest_batch_so_far"]
-                levels.append(level)
+            levels = run_levels(o, base, images, work)
             health = healthz(base)
         finally:
             stop_server(proc)
@@ -318,12 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     by = report_steps([train, features, {"step": "promote", "version": version}, ready, *levels, alone, enrich])
     result: dict = {**split_facts(o, dataset), "version": version, "steps": by}
     for level in levels:
-        n = level["clients"]
-        result.update({f"p50_ms_{n}": level["p50_ms"], f"p99_ms_{n}": level["p99_ms"], f"rps_{n}": level["rps"]})
-    rps_32 = result.get("rps_32")
-    result["model_only_ips"] = alone["images_per_second"]
-    result["rps_32_over_model_only"] = round(rps_32 / alone["images_per_second"], 3) if rps_32 else None
-    result["largest_batch"] = largest_batch
+        n, suffix = level["clients"], "" if level["k"] == o.k else "_predict_only"
+        result.update({f"{name}_{n}{suffix}": level[name] for name in ("p50_ms", "p99_ms", "rps")})
+    model_ips = alone["images_per_second"]
+    result["model_only_ips"] = model_ips
+    for name in ("rps_32", "rps_32_predict_only"):
+        rps = result.get(name)
+        result[f"{name}_over_model_only"] = round(rps / model_ips, 3) if rps and model_ips else None
+    result["largest_batch"] = levels[-1]["largest_batch_so_far"] if levels else None
     result["model_calls"] = health.get("model_calls")
     result["images_predicted"] = health.get("images_predicted")
     result["enrich_p50_s"] = enrich["p50_s"]
