@@ -48,6 +48,7 @@ from orchard.spark_app.embedding_cache import base_embeddings
 from orchard.spark_app.infer import ImageSource, ModelRun, PredictSpec, inputs, settle
 from orchard.spark_app.preprocess import choose_k
 from orchard.spark_app.registry import is_pretrained
+from orchard.spark_app.session import warm_delta
 from orchard.spark_app.sink import Tally, merge_tallies, write_actions
 from orchard.spark_app.table import quoted, stage_images
 
@@ -224,6 +225,7 @@ def run_features(
     began = time.monotonic()
     emb_uri, pca_uri, csv_uri = (features_uri(s.features_bucket, dataset, version, p) for p in PARTS)
     options = (batch_size, layer, images_per_partition, source)
+    warm = warm_delta(spark, s.features_table_uri, lambda: ensure_features_table(spark, s))  # overlaps the embedding
     skipped, table_version, computed = embed_into(spark, s, dataset, version, split, options, emb_uri)
     embeddings = spark.read.parquet(emb_uri)
     pipeline, explained, dims = fit_pca(embeddings)
@@ -234,6 +236,7 @@ def run_features(
     projected.drop("embedding").write.mode("overwrite").parquet(pca_uri)
     write_csv(projected, k, csv_uri)
     tally = write_features(projected, s, version)  # the same deterministic transform, read again
+    warm.join()
     keep_in_lake(spark, projected, s, dataset, version)
     settle(s, tally)
     seconds = time.monotonic() - began

@@ -290,7 +290,7 @@ def write_predictions(
     out = pairs_rdd.mapPartitions(partial(write_partition, s, force, chunk_size, tiles))
     out = out.persist(StorageLevel.MEMORY_AND_DISK)
     spark = SparkSession.builder.getOrCreate()
-    warm = prediction_table.warm_up(spark, s, dataset)  # overlaps the prediction job
+    warm = prediction_table.warm_up(spark, s)  # overlaps the prediction job
     try:
         tally = out.filter(is_tally).map(second).fold(Tally(), merge_tallies)
         warm.join()

@@ -19,6 +19,7 @@ from orchard.core.lake import PREDICTION_COLUMNS, PREDICTION_KEY, PREDICTION_SCH
 from orchard.core.prediction_rows import changed_predicate, prediction_record, same_key
 from orchard.core.settings import Settings
 from orchard.spark_app.images import ImageRef
+from orchard.spark_app.session import warm_delta
 
 if TYPE_CHECKING:
     from pyspark import RDD
@@ -42,22 +43,9 @@ def ensure_table(spark: SparkSession, s: Settings) -> None:
     )
 
 
-def warm_up(spark: SparkSession, s: Settings, dataset: str) -> threading.Thread:
-    """Create the table if needed and read its log, in a driver thread started now: Delta's first
-    operation in a driver costs ~15 s (classes, log replay), which overlaps the prediction this way
-    instead of following it (measured: a cold MERGE of 200 rows 20 s, a warm one 6 s). Errors are
-    only logged: the MERGE reports them."""
-
-    def run() -> None:
-        try:
-            ensure_table(spark, s)
-            spark.read.format("delta").load(s.predictions_table_uri).where(f"{Column.DATASET} = ''").count()
-        except Exception as exc:  # the MERGE after it raises the error that matters
-            log.debug("predictions table warm-up failed: %s", exc)
-
-    thread = threading.Thread(target=run, name="predictions-table-warm-up", daemon=True)
-    thread.start()
-    return thread
+def warm_up(spark: SparkSession, s: Settings) -> threading.Thread:
+    """Create the table if needed and load it, in a driver thread started now (orchard.spark_app.session.warm_delta)."""
+    return warm_delta(spark, s.predictions_table_uri, lambda: ensure_table(spark, s))
 
 
 def row_of(ref: ImageRef, prediction: dict) -> tuple:
