@@ -56,6 +56,33 @@ def test_decode_resizes_to_height_width_and_keeps_colour():
     assert array[..., 0].mean() > 150 and array[..., 1].mean() < 80
 
 
+def photo_like(width: int, height: int) -> bytes:
+    """A smooth colour scene with sensor-like noise, as JPEG."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    scene = np.stack([np.sin(6 * x + 1), np.cos(5 * y), np.sin(4 * (x + y))], -1) * 90 + 128
+    scene += np.random.default_rng(0).normal(0, 6, scene.shape)
+    buf = io.BytesIO()
+    Image.fromarray(scene.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_into_the_same_pixels():
+    content = photo_like(1600, 1200)
+    full = Image.open(io.BytesIO(content)).convert("RGB").resize((100, 100), Image.Resampling.BILINEAR)
+    raster = images.open_raster(content)
+
+    pixels = raster.pixels(images.DEFAULT_CONVERSION, 3, (100, 100))
+
+    assert raster.picture.size == (200, 150)  # libjpeg's 1/8 scale: still >= 100 x 100
+    difference = np.abs(pixels.astype(int) - np.asarray(full, dtype=int))
+    assert pixels.shape == (100, 100, 3) and difference.mean() < 1 and difference.max() <= 4
+    # the quality measure reads an image whole first: it is not shrunk then
+    measured = images.open_raster(content)
+    measured.quality()
+    measured.pixels(images.DEFAULT_CONVERSION, 3, (100, 100))
+    assert measured.picture.size == (1600, 1200)
+
+
 def test_decode_png_and_grayscale():
     array = images.decode_image(jpeg_bytes(fmt="PNG"), (10, 10), channels=1)
     assert array.shape == (10, 10, 1)
