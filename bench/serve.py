@@ -155,12 +155,12 @@ def tail(path: Path, chars: int = 3000) -> str:
 
 def vegeta() -> Path:
     """The pinned vegeta binary (deps/versions.env), built with `go install` on first use."""
+    from orchard.core.settings import load_settings
     from orchard.core.toolchain import read_versions
 
     versions = read_versions()
     module, version = versions["VEGETA_MODULE"], versions["VEGETA_VERSION"]
-    home = Path(os.environ.get("ORCHARD_CACHE", Path.home() / ".cache" / "orchard"))
-    binary = home / "bin" / f"vegeta-{version}" / "vegeta"
+    binary = load_settings().cache_dir / "bin" / f"vegeta-{version}" / "vegeta"  # ORCHARD_CACHE_DIR
     if binary.exists():
         return binary
     if shutil.which("go") is None:
