@@ -191,11 +191,13 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> None:
     """Read the process's stderr until a line contains `text` (fails if it exits or times out first)."""
     deadline = time.monotonic() + timeout
     assert proc.stderr is not None
+    seen: list[str] = []  # what it said instead, for the failure message
     for line in proc.stderr:
         if text in line:
             return
-        assert time.monotonic() < deadline, f"no {text!r} within {timeout} s"
-    pytest.fail(f"the process ended (exit {proc.wait()}) before logging {text!r}")
+        seen = [*seen[-19:], line.rstrip()]
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout} s; its last lines:\n" + "\n".join(seen)
+    pytest.fail(f"the process ended (exit {proc.wait()}) before logging {text!r}; its last lines:\n" + "\n".join(seen))
 
 
 @pytest.fixture(scope="module")
