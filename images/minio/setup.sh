@@ -70,8 +70,11 @@ bucket_arn() { printf '"arn:aws:s3:::%s"' "$1"; }
 objects_arn() { printf '"arn:aws:s3:::%s/*"' "$1"; }
 
 # uploader: list and write objects of the images bucket (multipart included); HEAD of an object
-# (s3:GetObject) lets it skip images already uploaded, so a re-run uploads nothing twice. Nothing
-# in the lake bucket: the Delta table there is written by the Spark app only (docs/lake.md).
+# (s3:GetObject) lets it skip images already uploaded, so a re-run uploads nothing twice. In the
+# lake bucket, the images table's prefix only (the default ORCHARD_LAKE_URI, s3a://<lake>/images):
+# `orchard upload` MERGEs the rows of what it stored into the table with delta-rs, which reads the
+# log and writes new data and commit files (conditional writes) and deletes nothing
+# (orchard/uploader/table_feed.py). Nothing else of the lake, and no delete anywhere.
 uploader_policy() {
   cat <<EOF
 {
@@ -79,10 +82,10 @@ uploader_policy() {
   "Statement": [
     {"Effect": "Allow",
      "Action": ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"],
-     "Resource": [$(bucket_arn "$IMAGES")]},
+     "Resource": [$(bucket_arn "$IMAGES"), $(bucket_arn "$LAKE")]},
     {"Effect": "Allow",
      "Action": ["s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
-     "Resource": [$(objects_arn "$IMAGES")]}
+     "Resource": [$(objects_arn "$IMAGES"), $(objects_arn "$LAKE/images")]}
   ]
 }
 EOF

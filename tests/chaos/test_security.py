@@ -19,6 +19,7 @@ import secrets
 import stat
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -178,6 +179,7 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
         "ORCHARD_IMAGES_BUCKET": s.images_bucket,
         "ORCHARD_FEATURES_BUCKET": s.features_bucket,
         "ORCHARD_MODELS_BUCKET": s.models_bucket,
+        "ORCHARD_LAKE_BUCKET": s.lake_bucket,
     }
     setup = subprocess.run(
         ["bash", str(MINIO_SETUP)], env=env, capture_output=True, text=True, timeout=300, check=False
@@ -200,14 +202,22 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
             assert exc.code == "AccessDenied", exc
             return False
 
-    def put(who: str, bucket: str):
-        return lambda: client[who].put_object(bucket, "chaos-scope/probe.txt", io.BytesIO(b"x"), 1)
+    def put(who: str, bucket: str, key: str = "chaos-scope/probe.txt"):
+        return lambda: client[who].put_object(bucket, key, io.BytesIO(b"x"), 1)
+
+    table_probe = "images/chaos-scope/probe.txt"  # under the default images table (s3a://<lake>/images)
 
     matrix = {
         ("uploader", "write images"): (put("uploader", s.images_bucket), True),
         ("uploader", "write models"): (put("uploader", s.models_bucket), False),
         ("uploader", "write features"): (put("uploader", s.features_bucket), False),
         ("uploader", "write the lake"): (put("uploader", s.lake_bucket), False),
+        # `orchard upload` MERGEs its rows into the images table (delta-rs: writes, never deletes).
+        ("uploader", "write the images table"): (put("uploader", s.lake_bucket, table_probe), True),
+        ("uploader", "write the predictions table"): (
+            put("uploader", s.lake_bucket, "predictions/chaos-scope/probe.txt"),
+            False,
+        ),
         ("uploader", "delete images"): (
             lambda: client["uploader"].remove_object(s.images_bucket, "chaos-scope/probe.txt"),
             False,
@@ -220,6 +230,10 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
         ("serve", "write images"): (put("serve", s.images_bucket), False),
         ("serve", "write models"): (put("serve", s.models_bucket), False),
         ("spark", "write the lake"): (put("spark", s.lake_bucket), True),
+        ("uploader", "delete in the images table"): (
+            lambda: client["uploader"].remove_object(s.lake_bucket, table_probe),
+            False,
+        ),
         ("spark", "create buckets"): (lambda: client["spark"].make_bucket("chaos-not-allowed"), False),
     }
     expected = {case: want for case, (_, want) in matrix.items()}
@@ -233,11 +247,31 @@ def test_scoped_keys_can_do_only_their_job(chaos: ChaosStack, ledger: Ledger):
             break
         time.sleep(2)
     assert got == expected, {c: (got[c], expected[c]) for c in matrix if got[c] != expected[c]}
+    assert_uploader_merges_into_the_images_table(s, keys["uploader"])
     ledger.record(
         "security: compose's minio-setup run on the chaos MinIO; each scoped key tried",
-        f"{len(matrix)} permission checks (uploader: images only; spark: read images, write features/models/lake)",
+        f"{len(matrix)} permission checks and a delta-rs MERGE as the uploader "
+        "(uploader: images and the images table, no delete; spark: read images, write features/models/lake)",
         0,
     )
+
+
+def assert_uploader_merges_into_the_images_table(s, uploader_key: tuple[str, str]) -> None:
+    """What `orchard upload` does with compose's uploader key at the end of a run: a delta-rs MERGE
+    of its rows into the images table (the policy must allow every request delta-rs makes)."""
+    from pydantic import SecretStr
+
+    from orchard.core.table_write import delete_rows, image_row, merge_rows
+
+    dataset = f"chaos-scope-{secrets.token_hex(3)}"
+    row = image_row(f"{dataset}/train/probe/probe.jpg", secrets.token_bytes(64), "etag", datetime.now(UTC), 1 << 20)
+    as_uploader = s.model_copy(
+        update={"s3_access_key": SecretStr(uploader_key[0]), "s3_secret_key": SecretStr(uploader_key[1])}
+    )
+    try:
+        assert merge_rows(as_uploader, [row]).inserted == 1
+    finally:
+        delete_rows(s, dataset)  # the root key: the uploader's deletes nothing
 
 
 # --------------------------------------------------------------------------------------------

@@ -243,7 +243,7 @@ def assert_may_write_the_delta_table(c: Minio, port: int) -> None:
     client(port, ROOT).remove_object("lake", log_entry)
 
 
-def test_uploader_may_only_write_images(setup_runs, minio_port):
+def test_uploader_may_only_write_images_and_the_images_table(setup_runs, minio_port):
     up = client(minio_port, UPLOADER)
     assert allowed(put(up, "images", "u/1.jpg"))
     assert allowed(lambda: up.stat_object("images", "u/1.jpg"))  # skip-if-present on re-runs
@@ -251,7 +251,15 @@ def test_uploader_may_only_write_images(setup_runs, minio_port):
     assert not allowed(put(up, "features", "u/1.parquet"))
     assert not allowed(put(up, "models", "u/model.keras"))
     assert not allowed(lambda: up.remove_object("images", "u/1.jpg"))
-    assert not allowed(put(up, "lake", "images/_delta_log/00000000000000000000.json"))  # Spark's only
+    # The upload MERGEs its rows into the images table (delta-rs: reads the log, adds files, deletes none).
+    log_entry = "images/_delta_log/00000000000000000007.json"
+    assert allowed(put(up, "lake", log_entry))
+    assert allowed(lambda: up.get_object("lake", log_entry).read())
+    assert allowed(lambda: list(up.list_objects("lake", prefix="images/_delta_log/")))
+    assert not allowed(lambda: up.remove_object("lake", log_entry))
+    assert not allowed(put(up, "lake", "predictions/_delta_log/00000000000000000000.json"))
+    assert not allowed(put(up, "lake", "features/part-0.parquet"))
+    client(minio_port, ROOT).remove_object("lake", log_entry)
 
 
 def test_spark_reads_images_and_writes_features_and_models(setup_runs, minio_port):
