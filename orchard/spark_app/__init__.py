@@ -7,3 +7,8 @@ registry (model versions in the models bucket and index), train, transfer (a pre
 bovw + descriptors (the bag-of-visual-words family: OpenCV SIFT/ORB, Spark ML), infer, features, search.
 Nothing here imports TensorFlow, pyspark or OpenCV at import time except model.py and session.py.
 """
+
+from orchard.spark_app.zip_imports import install as _install_lazy_zip_invalidation
+
+# Executors' Python workers: each task otherwise re-reads every zip on sys.path (see zip_imports).
+_install_lazy_zip_invalidation()

@@ -94,10 +94,27 @@ def as_probabilities(outputs: np.ndarray) -> np.ndarray:
 
 def top_k(probs: np.ndarray, labels: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
     """Per row, the k most probable (label, probability) pairs, best first (ties: lower index first)."""
-    k = min(k, probs.shape[1])
-    # A stable sort on -p keeps the lower class index first among equal probabilities (deterministic).
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    order = top_indices(probs, min(k, probs.shape[1]))
     return [[(labels[i], float(row[i])) for i in idx] for row, idx in zip(probs, order, strict=True)]
+
+
+def top_indices(probs: np.ndarray, k: int) -> np.ndarray:
+    """(rows, k) column indices of each row's k largest values, largest first, equal values in
+    ascending index order: what a stable sort of -probs gives, without sorting whole rows (a
+    1000-class head made the stable sort 1.5 s of executor CPU per 16,000 images)."""
+    if k <= 0 or k >= probs.shape[1]:
+        return np.argsort(-probs, axis=1, kind="stable")[:, : max(k, 0)]
+    picked = np.argpartition(-probs, k - 1, axis=1)[:, :k]  # the k largest, unordered
+    values = np.take_along_axis(probs, picked, axis=1)
+    # Exact unless a value equal to a row's k-th largest is left out (a tie across the cut): then
+    # argpartition chose among equals arbitrarily, and those rows take the stable sort.
+    kth = values.min(axis=1, keepdims=True)
+    ambiguous = (probs >= kth).sum(axis=1) > k
+    within = np.lexsort((picked, -values), axis=1)  # by value descending, then index ascending
+    order = np.take_along_axis(picked, within, axis=1)
+    if ambiguous.any():
+        order[ambiguous] = np.argsort(-probs[ambiguous], axis=1, kind="stable")[:, :k]
+    return order
 
 
 def map_batches(

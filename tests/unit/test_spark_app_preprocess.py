@@ -44,6 +44,18 @@ def test_top_k_orders_by_probability_and_breaks_ties_by_index():
     assert out[0][0][1] == pytest.approx(0.6)
 
 
+def test_top_k_picks_what_a_stable_sort_picks_with_ties_across_the_cut():
+    rng = np.random.default_rng(7)
+    cases = [rng.random((50, 1000)), np.round(rng.random((40, 30)) * 4) / 4, np.full((5, 12), 1 / 12)]
+    cases.append(np.array([[0.5, 0.2, 0.2, 0.2, 0.2, 0.2, 0.1]]))  # the 2nd-5th places tie with a 6th
+    for probs in cases:
+        for k in (1, 3, 5, probs.shape[1] - 1, probs.shape[1]):
+            want = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            np.testing.assert_array_equal(pp.top_indices(probs, k), want)
+    out = pp.top_k(cases[3], list("abcdefg"), k=3)
+    assert [label for label, _ in out[0]] == ["a", "b", "c"]
+
+
 def test_as_probabilities_keeps_softmax_outputs_and_softmaxes_logits():
     probs = np.array([[0.2, 0.8]])
     np.testing.assert_allclose(pp.as_probabilities(probs), probs)
