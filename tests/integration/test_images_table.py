@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from lake_datasets import fresh_seed
 
 from orchard.core.clients import es_client, s3_client
 from orchard.core.lake import Column
@@ -33,13 +34,6 @@ ODD_NAMES = ("with space.jpg", "ünïcødé 名前.jpg")
 def synth(root: Path, seed: int, per_class: int = TRAIN_PER_CLASS, test_per_class: int = TEST_PER_CLASS) -> Path:
     """A small synthetic dataset tree of CLASSES classes."""
     return synth_tree(root, CLASSES, per_class, test_per_class, seed)
-
-
-def fresh_seed() -> int:
-    """A synth seed of this run's own, never the module dataset's (those are below 100,000). Fixed
-    seeds made the same bytes on every run, and the uploader skips bytes the lake already holds
-    under another dataset: the leftovers of one interrupted run made every later run upload nothing."""
-    return 100_000 + secrets.randbelow(900_000)
 
 
 def rename_some(root: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from elasticsearch.helpers import scan
-from lake_datasets import Dataset, clean_up
+from lake_datasets import Dataset, clean_up, fresh_seed
 from orchard_cli import last_json, ok, orchard
 
 from orchard.core.clients import es_client
@@ -32,10 +32,13 @@ pytestmark = pytest.mark.integration
 
 TILE = 128
 TILING_ENV = {"ORCHARD_TILE_MIN_PIXELS": "500000", "ORCHARD_TILE_SIZE": str(TILE), "ORCHARD_TILE_STRIDE": str(TILE)}
-PATCHES = rs.SceneSpec(640, 640, bands=4, tile=64, cell=64, seed=21)  # 100 training patches of one cell each
+# Scenes of this run's own (see fresh_seed: fixed seeds let an interrupted run's leftovers turn
+# every later upload into duplicates of them); the seed is printed by the fixture.
+SEED = fresh_seed()
+PATCHES = rs.SceneSpec(640, 640, bands=4, tile=64, cell=64, seed=SEED)  # 100 training patches of one cell each
 SCENES = {  # key below the dataset -> what it holds (above the 500,000-pixel threshold, both)
-    "test/forest/scene.tif": rs.SceneSpec(900, 1100, bands=4, tile=128, cell=128, seed=22),
-    "test/forest/scene.npy": rs.SceneSpec(700, 800, bands=4, tile=100, cell=128, seed=23),
+    "test/forest/scene.tif": rs.SceneSpec(900, 1100, bands=4, tile=128, cell=128, seed=SEED + 1),
+    "test/forest/scene.npy": rs.SceneSpec(700, 800, bands=4, tile=100, cell=128, seed=SEED + 2),
 }
 
 
@@ -57,6 +60,7 @@ def write_patches(root: Path) -> None:
 def tiled(stack: Settings, tmp_path_factory) -> Iterator[tuple[Dataset, Path, str, dict]]:
     """(dataset, local tree, model version, summary of the first `orchard infer`)."""
     token = os.urandom(3).hex()
+    print(f"scene seed {SEED}")  # shown with a failure: the scenes can be made again
     root = tmp_path_factory.mktemp("tiles") / "tree"
     write_patches(root)
     for key, spec in SCENES.items():
