@@ -4,7 +4,10 @@ descriptors in the executors, Spark ML KMeans / IDF / PCA / perceptron), then `o
 
 Data: 5 classes x 30 train + 10 test synthetic 100x100 JPEGs (a random synth seed per run) plus one
 flat image per split (a random size and grey level, so its id is this run's own): flat images have
-no keypoints. A second dataset with 4x the train images checks the driver's memory.
+no keypoints. Some seeds also make a synthetic image too smooth for SIFT at the BoVW input size, so
+the images without keypoints are found locally first, with the product's own decoding and
+descriptor on the files (`keypointless`), and the Spark stages must flag exactly those. A second
+dataset with 4x the train images checks the driver's memory.
 Accuracy threshold asserted: test accuracy >= 3 x chance (0.60 with 5 classes); SIFT with 256 words
 reached 0.88 on this data when written. The Keras form of the fitted pipeline (the registered
 version) must agree with Spark ML's own test accuracy to within one test image.
@@ -25,7 +28,10 @@ from orchard_cli import ORCHARD, last_json, ok, orchard, peak_rss
 from PIL import Image
 
 from orchard.core.clients import es_client, s3_client
+from orchard.core.errors import UnusableImage
 from orchard.core.settings import Settings
+from orchard.spark_app import bovw, descriptors
+from orchard.spark_app.images import decode_image
 
 pytestmark = pytest.mark.integration
 
@@ -49,13 +55,44 @@ def uploaded(stack: Settings, root: Path, name: str) -> Dataset:
     return Dataset(name, stack, corrupt_key="")
 
 
+FLATS = ("Training/Lime/flat.png", "Test/Lime/flat.png")  # below the dataset tree
+
+
+def keypointless(root: Path) -> dict[str, set[str]]:
+    """Per split folder of a dataset tree (Training, Test): the files in which SIFT finds no
+    keypoint as the BoVW stages see them (the product's decoding at the BoVW input size, then its
+    descriptor), computed locally."""
+    found: dict[str, set[str]] = {"Training": set(), "Test": set()}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            descriptors.model_input(decode_image(path.read_bytes(), bovw.IMAGE_SIZE), "sift", 50)
+        except UnusableImage:
+            relative = path.relative_to(root).as_posix()
+            found[relative.split("/")[0]].add(relative)
+    return found
+
+
 @pytest.fixture(scope="module")
-def dataset(stack: Settings, tmp_path_factory):
-    token = secrets.token_hex(3)
-    root = synth(tmp_path_factory.mktemp("bovw") / "fruits", CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, int(token, 16))
-    flat_image(root / "Training" / "Lime" / "flat.png")
-    flat_image(root / "Test" / "Lime" / "flat.png")
-    ds = uploaded(stack, root, f"it-bovw-{token}")
+def tree(tmp_path_factory) -> Path:
+    """The small dataset's local tree: synthetic images and one flat image per split."""
+    root = tmp_path_factory.mktemp("bovw") / "fruits"
+    synth(root, CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, secrets.randbits(24))
+    for flat in FLATS:
+        flat_image(root / flat)
+    return root
+
+
+@pytest.fixture(scope="module")
+def without_keypoints(tree: Path) -> dict[str, set[str]]:
+    found = keypointless(tree)
+    assert set(FLATS) <= found["Training"] | found["Test"], found  # the descriptor sees flat images as such
+    print(f"images without SIFT keypoints: {found}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def dataset(stack: Settings, tree: Path):
+    ds = uploaded(stack, tree, f"it-bovw-{secrets.token_hex(3)}")
     try:
         yield ds
     finally:
@@ -112,7 +149,9 @@ def trained(dataset: Dataset) -> dict:
     return {"summary": summary, "doc": doc, "log": log, "peak_mb": peak}
 
 
-def test_bovw_reaches_accuracy_well_above_chance_and_agrees_with_spark_ml(dataset: Dataset, trained: dict):
+def test_bovw_reaches_accuracy_well_above_chance_and_agrees_with_spark_ml(
+    dataset: Dataset, trained: dict, without_keypoints: dict[str, set[str]]
+):
     doc, facts = trained["doc"], trained["doc"]["bovw"]
     chance = 1 / CLASSES
     print(
@@ -126,10 +165,11 @@ def test_bovw_reaches_accuracy_well_above_chance_and_agrees_with_spark_ml(datase
     assert doc["family"] == "bovw" and doc["num_classes"] == CLASSES
     assert (facts["descriptor"], facts["words"], facts["keypoints"]) == ("sift", 256, 50)
     assert facts["descriptors_sampled"] >= facts["words"]
-    # the flat images have no keypoints: counted, not trained or evaluated on
-    assert facts["images_without_keypoints"] == 2
-    assert doc["train_images"] == CLASSES * TRAIN_PER_CLASS
-    assert doc["test_images"] == CLASSES * TEST_PER_CLASS
+    # images without keypoints (the flat ones, and any found locally): counted, not trained or evaluated on
+    synthetic = {split: len(found - set(FLATS)) for split, found in without_keypoints.items()}
+    assert facts["images_without_keypoints"] == len(without_keypoints["Training"] | without_keypoints["Test"])
+    assert doc["train_images"] == CLASSES * TRAIN_PER_CLASS - synthetic["Training"]
+    assert doc["test_images"] == CLASSES * TEST_PER_CLASS - synthetic["Test"]
     assert "learning 256 visual words" in trained["log"]
     # the version's files: Keras model, card, and the fitted Spark ML pipeline beside them
     version = trained["summary"]["version"]
@@ -138,17 +178,20 @@ def test_bovw_reaches_accuracy_well_above_chance_and_agrees_with_spark_ml(datase
     assert any(n.startswith(f"{version}/spark_pipeline/stages/") for n in names)
 
 
-def test_infer_with_a_bovw_version_predicts_and_flags_images_without_keypoints(dataset: Dataset, trained: dict):
+def test_infer_with_a_bovw_version_predicts_and_flags_images_without_keypoints(
+    dataset: Dataset, trained: dict, without_keypoints: dict[str, set[str]]
+):
     version = trained["summary"]["version"]
     first = last_json(ok(orchard("infer", "--dataset", dataset.name, "--model", version, "--json")))
-    total = CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + 2
-    assert (first["images"], first["failed"], first["errors"]) == (total, 0, 2)
+    total = CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + len(FLATS)
+    flagged = len(without_keypoints["Training"] | without_keypoints["Test"])
+    assert (first["images"], first["failed"], first["errors"]) == (total, 0, flagged)
     flats = docs_of(dataset, **{"prediction.model_version": version, "key": f"{dataset.name}/test/lime/flat.png"})
     assert len(flats) == 1
     prediction = flats[0]["_source"]["prediction"]
     assert prediction["label"] is None and "no sift keypoints" in prediction["error"]
     assert count(dataset, {"term": {"prediction.model_family": "bovw"}}) == total
-    assert count(dataset, {"exists": {"field": "prediction.label"}}) == total - 2
+    assert count(dataset, {"exists": {"field": "prediction.label"}}) == total - flagged
     # idempotent: a second run changes no document
     again = last_json(ok(orchard("infer", "--dataset", dataset.name, "--model", version, "--json")))
     assert (again["updated"], again["unchanged"], again["failed"]) == (0, total, 0)
@@ -158,10 +201,13 @@ def test_infer_with_a_bovw_version_predicts_and_flags_images_without_keypoints(d
     assert row["family"] == "bovw" and row["images_per_second"] > 0
 
 
-def test_features_with_a_bovw_version_feed_knn_search(dataset: Dataset, trained: dict):
+def test_features_with_a_bovw_version_feed_knn_search(
+    dataset: Dataset, trained: dict, without_keypoints: dict[str, set[str]]
+):
     version = trained["summary"]["version"]
     summary = last_json(ok(orchard("features", "--dataset", dataset.name, "--model", version, "--json")))
-    assert summary["dims"] == 128 and summary["images"] == CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS)
+    embedded = CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + len(FLATS) - sum(map(len, without_keypoints.values()))
+    assert summary["dims"] == 128 and summary["images"] == embedded
     key = docs_of(dataset, split="test", label="banana")[0]["_source"]["key"]
     hits = last_json(ok(orchard("search", "--dataset", dataset.name, "--similar", key, "--k", "5", "--json")))
     assert len(hits) == 5
