@@ -37,6 +37,7 @@ bench: deps ## benchmarks (print JSON)
 	$(VENV)/bin/python bench/transfer.py
 	$(VENV)/bin/python bench/bovw.py
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/python bench/serve.py
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/python bench/spark_start.py
 
 stack-up: deps ## start the native stack
 	$(ORCHARD) stack up

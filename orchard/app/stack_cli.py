@@ -10,6 +10,8 @@ import click
 from orchard.app.cli import settings_from
 from orchard.core import tables
 from orchard.core.errors import ExitStatus
+from orchard.core.settings import with_credentials_file
+from orchard.spark_app import class_archive
 from orchard.stack import launcher
 from orchard.stack.setup import setup_stack
 
@@ -48,6 +50,8 @@ def up(ctx: click.Context, **flags) -> int:
     """Start every stopped service and wait until the whole stack is healthy."""
     settings = settings_from(ctx, **flags)
     print_table(launcher.up(settings))
+    # Once per JDK and jar set (1-2 min): every later Spark application starts seconds faster.
+    class_archive.ensure(with_credentials_file(settings))  # the keys `up` may have just generated
     return ExitStatus.OK
 
 

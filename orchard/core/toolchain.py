@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -54,6 +55,28 @@ class Toolchain:
             jar_dir / f"delta-spark_2.13-{self.versions['DELTA_VERSION']}.jar",
             jar_dir / f"delta-storage-{self.versions['DELTA_VERSION']}.jar",
         ]
+
+    @property
+    def spark_classpath(self) -> str:
+        """The extra classpath of Orchard's Spark JVMs: the pinned jars, then Spark's own jars.
+
+        Spark's jars are on the classpath anyway (after its conf directory); listing them first too
+        lets the JVMs use a class-data sharing archive, which refuses a classpath where a non-empty
+        directory comes before a jar it loaded classes from (orchard.spark_app.class_archive)."""
+        jars = [str(j) for j in self.jars if j.exists()]
+        return ":".join([*jars, str(self.spark_home / "jars" / "*")])
+
+    def class_archives(self, classpath: str) -> tuple[Path, Path]:
+        """The (driver, executor) class-data sharing archives of Spark JVMs on `classpath`, under a
+        folder named after what an archive is only valid for: this JDK and these exact jars."""
+        release = self.java_home / "release"
+        key = hashlib.sha256(release.read_bytes() if release.exists() else str(self.java_home).encode())
+        for entry in classpath.split(":"):
+            path = Path(entry)
+            files = sorted(path.parent.glob("*.jar")) if path.name == "*" else [path]
+            key.update("".join(f"{f}:{f.stat().st_size}\n" for f in files if f.exists()).encode())
+        folder = self.cache_dir / "class-archives" / key.hexdigest()[:16]
+        return folder / "driver.jsa", folder / "executor.jsa"
 
     @property
     def python(self) -> Path:

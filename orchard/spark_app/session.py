@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from orchard.core.clients import s3a_conf
+from orchard.core.errors import DependencyMissing
 from orchard.core.files import parse_assignments
 from orchard.core.settings import Settings
 from orchard.core.toolchain import REPO_ROOT, Toolchain
@@ -84,12 +85,29 @@ def spark_conf(s: Settings, app_name: str, extra: dict[str, str] | None = None) 
         **DEFAULT_CONF,
         **{f"spark.executorEnv.{k}": v for k, v in EXECUTOR_ENV.items()},
     }
-    jars = [str(j) for j in tools.jars if j.exists()]
-    if jars:  # otherwise the cluster's own spark-defaults.conf provides hadoop-aws (compose, EMR)
-        conf["spark.driver.extraClassPath"] = ":".join(jars)
-        conf["spark.executor.extraClassPath"] = ":".join(jars)
+    if any(j.exists() for j in tools.jars):  # else the cluster's spark-defaults.conf has them (compose, EMR)
+        classpath = tools.spark_classpath
+        conf["spark.driver.extraClassPath"] = classpath
+        conf["spark.executor.extraClassPath"] = classpath
+        conf.update(class_archive_options(tools, classpath))
     conf.update(extra or {})
     return conf
+
+
+def class_archive_options(tools: Toolchain, classpath: str) -> dict[str, str]:
+    """The JVM options that map the recorded class-data sharing archives (orchard.spark_app.class_archive)
+    into the driver and the executors, when both are there; none otherwise. A JVM that cannot use its
+    archive (another JDK, changed jars) says so in one warning line and loads classes as usual."""
+    try:
+        driver, executor = tools.class_archives(classpath)
+    except DependencyMissing:  # no JDK found here: spark-submit will say so itself
+        return {}
+    if not (driver.exists() and executor.exists()):
+        return {}
+    return {
+        "spark.driver.extraJavaOptions": f"-XX:SharedArchiveFile={driver}",
+        "spark.executor.extraJavaOptions": f"-XX:SharedArchiveFile={executor}",
+    }
 
 
 def build_session(s: Settings, app_name: str, extra_conf: dict[str, str] | None = None):
