@@ -72,6 +72,11 @@ def keypointless(root: Path) -> dict[str, set[str]]:
     return found
 
 
+def count_of(found: dict[str, set[str]]) -> int:
+    """How many images `keypointless` found, both splits."""
+    return sum(map(len, found.values()))
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
     """The small dataset's local tree: synthetic images and one flat image per split."""
@@ -169,7 +174,7 @@ def test_bovw_reaches_accuracy_well_above_chance_and_agrees_with_spark_ml(
     assert facts["descriptors_sampled"] >= facts["words"]
     # images without keypoints (the flat ones, and any found locally): counted, not trained or evaluated on
     synthetic = {split: len(found - set(FLATS)) for split, found in without_keypoints.items()}
-    assert facts["images_without_keypoints"] == len(without_keypoints["Training"] | without_keypoints["Test"])
+    assert facts["images_without_keypoints"] == count_of(without_keypoints)
     assert doc["train_images"] == CLASSES * TRAIN_PER_CLASS - synthetic["Training"]
     assert doc["test_images"] == CLASSES * TEST_PER_CLASS - synthetic["Test"]
     assert "learning 256 visual words" in trained["log"]
@@ -186,7 +191,7 @@ def test_infer_with_a_bovw_version_predicts_and_flags_images_without_keypoints(
     version = trained["summary"]["version"]
     first = last_json(ok(orchard("infer", "--dataset", dataset.name, "--model", version, "--json")))
     total = CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + len(FLATS)
-    flagged = len(without_keypoints["Training"] | without_keypoints["Test"])
+    flagged = count_of(without_keypoints)
     assert (first["images"], first["failed"], first["errors"]) == (total, 0, flagged)
     flats = docs_of(dataset, **{"prediction.model_version": version, "key": f"{dataset.name}/test/lime/flat.png"})
     assert len(flats) == 1
@@ -208,7 +213,7 @@ def test_features_with_a_bovw_version_feed_knn_search(
 ):
     version = trained["summary"]["version"]
     summary = last_json(ok(orchard("features", "--dataset", dataset.name, "--model", version, "--json")))
-    embedded = CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + len(FLATS) - sum(map(len, without_keypoints.values()))
+    embedded = CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS) + len(FLATS) - count_of(without_keypoints)
     assert summary["dims"] == 128 and summary["images"] == embedded
     key = docs_of(dataset, split="test", label="banana")[0]["_source"]["key"]
     hits = last_json(ok(orchard("search", "--dataset", dataset.name, "--similar", key, "--k", "5", "--json")))

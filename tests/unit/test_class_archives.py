@@ -1,6 +1,6 @@
 """Class-data sharing archives of the Spark JVMs: which files an archive is valid for, when a session
-uses them, when a recorded file is complete. Recording and mapping them for real:
-tests/integration/test_class_archive.py."""
+uses them, what is kept of a class list a killed JVM left unfinished. Making and mapping them for
+real: tests/integration/test_class_archive.py."""
 
 from __future__ import annotations
 
