@@ -82,6 +82,7 @@ class SyncResult:
     examples: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     updated: int = 0  # rows replaced: their object was overwritten with other bytes
     removed: int = 0  # rows deleted: their object is gone from the bucket
+    checked: str = "keys"  # "keys": listed and compared key by key; "counts": check_synced only
 
     def as_dict(self) -> dict:
         """The summary `orchard lake sync` prints."""
@@ -93,6 +94,7 @@ class SyncResult:
             "skipped": self.listed - self.added - self.updated - self.failed,
             "failed": self.failed,
             "table_version": self.version,
+            "checked": self.checked,
             "failure_reasons": self.reasons,
             "failure_examples": [list(e) for e in self.examples],
         }
@@ -388,6 +390,55 @@ def count_image_objects(client, bucket: str, prefix: str) -> tuple[int, datetime
             if obj.last_modified is not None and (last is None or obj.last_modified > last):
                 last = obj.last_modified
     return count, last
+
+
+def check_synced(s: Settings, dataset: str | None = None) -> SyncResult | None:
+    """The result of a sync with nothing to do, if the check every stage makes (`is_synced`: image
+    objects counted in the bucket against the table log's statistics) says the table is up to date
+    with the dataset (or the whole bucket); no Spark application. None if it may not be, or the
+    check cannot tell: then only a sync's listing can."""
+    try:
+        snapshot = table_log.read_snapshot(s)
+    except TableNotFound:
+        return None
+    listed = synced_objects(s3_client(s), s.images_bucket, snapshot, dataset)
+    if listed is None:
+        return None
+    where = f"dataset {dataset}" if dataset else "the bucket"
+    log.info(
+        "images table version %d is up to date with the %d image objects of %s (counts and times; "
+        "`--full` compares key by key): nothing to sync",
+        snapshot.version,
+        listed,
+        where,
+    )
+    return SyncResult(listed, 0, 0, snapshot.version, checked="counts")
+
+
+def synced_objects(client, bucket: str, snapshot: TableSnapshot, dataset: str | None) -> int | None:
+    """How many image objects the dataset (or every dataset of the bucket and of the snapshot) has,
+    if `is_synced` holds for each; None if it does not for one, a file has no statistics, or there
+    are no objects at all (a sync says why)."""
+    marks = synced_marks(snapshot)
+    names = [dataset] if dataset else sorted(top_folders(client, bucket) | snapshot_datasets(snapshot))
+    listed = 0
+    for name in names:
+        stats = snapshot.stats_of(name)
+        objects, newest = count_image_objects(client, bucket, f"{name}/")
+        if stats is None or not is_synced(objects, newest, *stats, partial(marks.get, name)):
+            return None
+        listed += objects
+    return listed or None
+
+
+def top_folders(client, bucket: str) -> set[str]:
+    """The names of a bucket's first-level prefixes (in the key layout: the datasets)."""
+    return {o.object_name.rstrip("/") for o in client.list_objects(bucket) if o.is_dir}
+
+
+def snapshot_datasets(snapshot: TableSnapshot) -> set[str]:
+    """The datasets a snapshot has rows of."""
+    return {f.dataset for f in snapshot.files}
 
 
 def _dataset_is(dataset: str) -> str:

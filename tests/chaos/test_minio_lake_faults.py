@@ -46,7 +46,7 @@ def test_a_minio_node_killed_during_a_lake_sync_loses_nothing(lake_stack: ChaosS
     run = job.wait(timeout=900)
     assert run.returncode == 0, run.tail()
     result = read_json_line(run.stdout)
-    again = read_json_line(chaos.cli("lake", "sync", "--dataset", dataset, "--json").stdout)
+    again = read_json_line(chaos.cli("lake", "sync", "--dataset", dataset, "--full", "--json").stdout)
     missing = len(files) - result["added"]
     ledger.record(
         f"SIGKILL {VICTIM} (1 of 4 MinIO nodes) during `orchard lake sync`",

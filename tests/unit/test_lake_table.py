@@ -169,6 +169,7 @@ def test_the_mark_is_read_only_when_needed():
 class Listed:
     object_name: str
     last_modified: datetime | None = None
+    is_dir: bool = False
 
 
 class Listing:
@@ -177,9 +178,16 @@ class Listing:
     def __init__(self, *objects: Listed):
         self.objects = objects
 
-    def list_objects(self, bucket: str, prefix: str, recursive: bool):
-        assert recursive
-        return [o for o in self.objects if o.object_name.startswith(prefix)]
+    def list_objects(self, bucket: str, prefix: str = "", recursive: bool = False):
+        below = [o for o in self.objects if o.object_name.startswith(prefix)]
+        if recursive:
+            return below
+        # one level: the objects there, and a folder entry per deeper prefix (as S3 delimits)
+        folders = {prefix + o.object_name[len(prefix) :].split("/")[0] + "/" for o in below}
+        here = [o for o in below if "/" not in o.object_name[len(prefix) :]]
+        return here + [
+            Listed(f, is_dir=True) for f in sorted(folders) if f.rstrip("/") not in {o.object_name for o in here}
+        ]
 
 
 def test_counted_objects_are_the_image_keys_a_sync_can_make_rows_of():
@@ -207,3 +215,44 @@ def test_stages_read_each_id_once_keeping_the_first_row():
         ("id1", "ds/train/a/x.jpg", b"x"),
         ("id2", "ds/train/a/y.jpg", b"y"),
     ]
+
+
+def snapshot_of(*files: tuple[str, int | None, datetime | None], marks: dict[str, str] | None = None):
+    """A table snapshot whose data files are (dataset, rows, newest ingested_at)."""
+    data = tuple(table_log.DataFile(f"s3a://lake/images/{i}.parquet", *f) for i, f in enumerate(files))
+    properties = {table.SYNC_MARK + k: v for k, v in (marks or {}).items()}
+    return table_log.TableSnapshot("s3a://lake/images", 7, properties, data, plain=True)
+
+
+BUCKET = Listing(
+    Listed("ds/train/apple/a.jpg", at(1)),
+    Listed("ds/test/apple/b.jpg", at(2)),
+    Listed("other/train/pear/c.jpg", at(3)),
+    Listed("README.md", at(9)),  # not a dataset: no image in the layout below it
+)
+
+
+def test_a_sync_is_skipped_when_every_dataset_has_its_rows():
+    snapshot = snapshot_of(("ds", 2, at(2)), ("other", 1, at(5)))
+    assert table.synced_objects(BUCKET, "images", snapshot, "ds") == 2
+    assert table.synced_objects(BUCKET, "images", snapshot, "other") == 1
+    assert table.synced_objects(BUCKET, "images", snapshot, None) == 3  # the whole bucket
+
+
+def test_a_sync_runs_when_one_dataset_lags_or_cannot_be_told():
+    lagging = snapshot_of(("ds", 2, at(2)), ("other", 1, at(1)))  # other's object is newer than its row
+    assert table.synced_objects(BUCKET, "images", lagging, "ds") == 2
+    assert table.synced_objects(BUCKET, "images", lagging, None) is None
+    marked = snapshot_of(("ds", 2, at(2)), ("other", 1, at(1)), marks={"other": at(3).isoformat()})
+    assert table.synced_objects(BUCKET, "images", marked, None) == 3  # a sync already started from it
+    missing = snapshot_of(("ds", 2, at(2)))  # no rows of `other`
+    assert table.synced_objects(BUCKET, "images", missing, None) is None
+    gone = snapshot_of(("ds", 2, at(2)), ("other", 1, at(5)), ("deleted", 4, at(1)))  # rows, no objects
+    assert table.synced_objects(BUCKET, "images", gone, None) is None
+    no_stats = snapshot_of(("ds", 1, at(2)), ("ds", None, None), ("other", 1, at(5)))
+    assert table.synced_objects(BUCKET, "images", no_stats, "ds") is None
+
+
+def test_no_objects_and_no_rows_are_left_to_a_sync_to_explain():
+    assert table.synced_objects(BUCKET, "images", snapshot_of(), "nothing-here") is None
+    assert table.synced_objects(Listing(), "images", snapshot_of(), None) is None
