@@ -1,8 +1,9 @@
-"""The Spark JVMs' class-data sharing archives on the real native stack: recorded from a real
-application (orchard.spark_app.class_archive), then mapped by the driver and both executors of a
+"""The Spark JVMs' class-data sharing archives on the real native stack: the ones `orchard stack up`
+recorded from a real application (orchard.spark_app.class_archive; tests/run.sh starts the stack
+with it, and a fresh machine records them there) are mapped by the driver and both executors of a
 session built as every Orchard job builds one.
 
-Each step runs in a Python process of its own: JVM options apply only to a driver JVM the process
+The session runs in a Python process of its own: JVM options apply only to a driver JVM the process
 starts, and this pytest process may already have one (the unit tests' local sessions).
 """
 
@@ -17,16 +18,9 @@ import pytest
 
 from orchard.core.settings import Settings
 from orchard.core.toolchain import REPO_ROOT
+from orchard.spark_app.class_archive import archives_of
 
 pytestmark = pytest.mark.integration
-
-RECORD = """
-import sys
-from pathlib import Path
-from orchard.core.settings import load_settings
-from orchard.spark_app.class_archive import record_into
-record_into(load_settings(), Path(sys.argv[1]))
-"""
 
 # A session with the archives and a class-loading log per JVM; a job that runs on both executors.
 USE = """
@@ -70,12 +64,11 @@ def executor_logs(logs: Path, timeout: float = 30.0) -> list[Path]:
 
 
 def test_recorded_archives_are_mapped_by_the_driver_and_the_executors(stack: Settings, tmp_path: Path):
-    folder, logs = tmp_path / "archives", tmp_path / "logs"
+    logs = tmp_path / "logs"
     logs.mkdir()
-    run_python(RECORD, str(folder))
-    driver, executor = folder / "driver.jsa", folder / "executor.jsa"
-    assert driver.stat().st_size > 10_000_000 and executor.stat().st_size > 10_000_000
-    assert not list(folder.glob("*.part"))  # every dump finished
+    driver, executor = archives_of(stack)
+    assert driver.stat().st_size > 10_000_000 and executor.stat().st_size > 10_000_000, "`stack up` made none"
+    assert not list(driver.parent.glob("*.part"))  # every dump finished
 
     assert run_python(USE, str(driver), str(executor), str(logs)).strip() == str(sum(range(64)) * 2)
 
