@@ -67,7 +67,8 @@ def test_recorded_archives_are_mapped_by_the_driver_and_the_executors(stack: Set
     logs = tmp_path / "logs"
     logs.mkdir()
     driver, executor = archives_of(stack)
-    assert driver.stat().st_size > 10_000_000 and executor.stat().st_size > 10_000_000, "`stack up` made none"
+    assert driver.exists() and executor.exists(), f"`orchard stack up` made no archives in {driver.parent}"
+    assert driver.stat().st_size > 10_000_000 and executor.stat().st_size > 10_000_000
     assert not list(driver.parent.glob("*.part"))  # every dump finished
 
     assert run_python(USE, str(driver), str(executor), str(logs)).strip() == str(sum(range(64)) * 2)
