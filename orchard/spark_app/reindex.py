@@ -65,7 +65,6 @@ from orchard.spark_app.context import es_of
 from orchard.spark_app.features import ensure_features_table
 from orchard.spark_app.registry import PRETRAINED_PREFIX
 from orchard.spark_app.sink import Tally, merge_tallies, write_actions
-from orchard.spark_app.table import leaf_prefixes
 
 if TYPE_CHECKING:
     from elasticsearch import Elasticsearch
@@ -326,22 +325,17 @@ def bring_up_to_date(spark: SparkSession, s: Settings, dataset: str | None) -> l
     the table still has (its objects deleted) takes a whole-bucket sync, which removes its rows."""
     if dataset:
         return [] if table.synced_snapshot(spark, s, dataset)[1] is not None else [dataset]
-    in_bucket = bucket_datasets(s)
+    in_bucket = table.bucket_datasets(s3_client(s), s.images_bucket)
     if table_datasets(s) - set(in_bucket):
         table.sync(spark, s, None)
         return in_bucket
     return [name for name in in_bucket if table.synced_snapshot(spark, s, name)[1] is None]
 
 
-def bucket_datasets(s: Settings) -> list[str]:
-    """The datasets (first-level prefixes) of the images bucket."""
-    return [p.rstrip("/") for p in leaf_prefixes(s3_client(s), s.images_bucket, "", 1)]
-
-
 def table_datasets(s: Settings) -> set[str]:
     """The datasets the images table has rows of (from its log; none if there is no table)."""
     try:
-        return {f.dataset for f in table_log.read_snapshot(s).files}
+        return table.snapshot_datasets(table_log.read_snapshot(s))
     except TableNotFound:
         return set()
 

@@ -55,6 +55,12 @@ DEFAULT_CONF = {
     "spark.databricks.delta.snapshotPartitions": "4",
     # Timestamps (the table's ingested_at) read back as UTC whatever the machine's zone.
     "spark.sql.session.timeZone": "UTC",
+    # Let adaptive execution coalesce the shuffle partitions of a cached frame too: with Spark's
+    # default (false) a cached grouping or join keeps spark.sql.shuffle.partitions (200) partitions,
+    # 200 tasks for every pass over it however small the data (`lake sync`'s key lists, `reindex`'s
+    # documents); the price, an extra shuffle when a cached frame is joined on its grouping key, is
+    # never paid here.
+    "spark.sql.optimizer.canChangeCachedPlanOutputPartitioning": "true",
 }
 
 

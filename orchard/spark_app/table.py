@@ -316,6 +316,9 @@ def gone_keys(spark: SparkSession, s: Settings, listed: DataFrame, dataset: str 
     return known_rows(spark, s, dataset).select(Column.KEY).join(listed.select(Column.KEY), Column.KEY, "left_anti")
 
 
+Counted = tuple[int, datetime | None]  # how many (objects or rows), and when the newest was written
+
+
 def synced_snapshot(spark: SparkSession, s: Settings, dataset: str) -> tuple[TableSnapshot, int | None]:
     """(the table snapshot to read a dataset at, its rows there if known): the latest one if the
     table is up to date with the dataset's objects (`is_synced`; counted, not kept: the driver's
@@ -327,7 +330,7 @@ def synced_snapshot(spark: SparkSession, s: Settings, dataset: str) -> tuple[Tab
         log.info("no images table yet: syncing %s first", dataset)
     else:
         rows, last = dataset_stats(spark, snapshot, dataset)
-        if is_synced(objects, newest, rows, last, lambda: synced_marks(snapshot).get(dataset)):
+        if holds_objects(snapshot, dataset, (objects, newest), (rows, last)):
             return snapshot, rows
         log.info("dataset %s: %d image objects (newest %s), %d rows: syncing first", dataset, objects, newest, rows)
     result = sync(spark, s, dataset)
@@ -349,6 +352,13 @@ def dataset_stats(spark: SparkSession, snapshot: TableSnapshot, dataset: str) ->
         rows, last = query.collect()[0]  # one row
         stats = rows, last.replace(tzinfo=UTC) if last is not None else None
     return stats
+
+
+def holds_objects(snapshot: TableSnapshot, dataset: str, objects: Counted, stats: Counted | None) -> bool:
+    """True if a dataset's rows in `snapshot` (their count and newest ingested_at, `stats`; None if
+    unknown) stand for its image objects (their count and newest LastModified: count_image_objects):
+    `is_synced`, with the snapshot's sync mark of the dataset."""
+    return stats is not None and is_synced(*objects, *stats, lambda: synced_marks(snapshot).get(dataset))
 
 
 def is_synced(
@@ -419,21 +429,19 @@ def synced_objects(client, bucket: str, snapshot: TableSnapshot, dataset: str | 
     """How many image objects the dataset (or every dataset of the bucket and of the snapshot) has,
     if `is_synced` holds for each; None if it does not for one, a file has no statistics, or there
     are no objects at all (a sync says why)."""
-    marks = synced_marks(snapshot)
-    names = [dataset] if dataset else sorted(top_folders(client, bucket) | snapshot_datasets(snapshot))
+    names = [dataset] if dataset else sorted(set(bucket_datasets(client, bucket)) | snapshot_datasets(snapshot))
     listed = 0
     for name in names:
-        stats = snapshot.stats_of(name)
-        objects, newest = count_image_objects(client, bucket, f"{name}/")
-        if stats is None or not is_synced(objects, newest, *stats, partial(marks.get, name)):
+        objects = count_image_objects(client, bucket, f"{name}/")
+        if not holds_objects(snapshot, name, objects, snapshot.stats_of(name)):
             return None
-        listed += objects
+        listed += objects[0]
     return listed or None
 
 
-def top_folders(client, bucket: str) -> set[str]:
+def bucket_datasets(client, bucket: str) -> list[str]:
     """The names of a bucket's first-level prefixes (in the key layout: the datasets)."""
-    return {o.object_name.rstrip("/") for o in client.list_objects(bucket) if o.is_dir}
+    return [p.rstrip("/") for p in leaf_prefixes(client, bucket, "", 1)]
 
 
 def snapshot_datasets(snapshot: TableSnapshot) -> set[str]:

@@ -186,7 +186,11 @@ def test_tiny_write_queue_forces_429s_and_nothing_is_lost(
     with NoisyNeighbour(chaos):
         wait_for(lambda: write_rejections(chaos) > rejected_before, timeout=120, what="the first 429 rejection")
         up = chaos.cli(*upload_args(tree, dataset, "--batch-size", "8", "--report", str(tmp_path / "up.json")))
-        inferred = chaos.cli(*infer_args(dataset, model_version), timeout=900)
+        job = chaos.start(*infer_args(dataset, model_version))
+        # The noise is for the index writes: once every document holds a prediction, the rest of
+        # the run (the lake's MERGE) need not share the 2 cores with it.
+        wait_for(lambda: count_predicted(es, index, dataset) == 120 or not job.running(), 900, "the predictions")
+    inferred = job.wait(timeout=900)
     rejected = write_rejections(chaos) - rejected_before
     docs = dataset_docs(es, index, dataset)
     problems = prediction_problems(docs, model_version)

@@ -183,11 +183,10 @@ class Listing:
         if recursive:
             return below
         # one level: the objects there, and a folder entry per deeper prefix (as S3 delimits)
-        folders = {prefix + o.object_name[len(prefix) :].split("/")[0] + "/" for o in below}
-        here = [o for o in below if "/" not in o.object_name[len(prefix) :]]
-        return here + [
-            Listed(f, is_dir=True) for f in sorted(folders) if f.rstrip("/") not in {o.object_name for o in here}
-        ]
+        rests = [o.object_name[len(prefix) :] for o in below]
+        here = [o for o, rest in zip(below, rests, strict=True) if "/" not in rest]
+        folders = {prefix + rest.split("/")[0] + "/" for rest in rests if "/" in rest}
+        return here + [Listed(f, is_dir=True) for f in sorted(folders)]
 
 
 def test_counted_objects_are_the_image_keys_a_sync_can_make_rows_of():
