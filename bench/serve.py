@@ -13,12 +13,12 @@ One run, one dataset (`bench-serve-<seed>`: --classes x --per-class train + --te
               (--k similar images, 5) as soon as its previous answer came, for --seconds after
               --warmup untimed seconds: p50/p99 latency (ms), requests/s, the server's own median
               ms per part (Server-Timing: read, decode, model = queue + call, similar);
-              /healthz's largest_batch after it. The clients are vegeta (Go, pinned in
+              /healthz's largest_batch and where neighbours were searched (the service's
+              memory, or Elasticsearch: ORCHARD_SERVE_LOCAL_KNN_MAX) after it. The clients are vegeta (Go, pinned in
               deps/versions.env, built on first use): Python clients on the same 2 cores took half
               a core at 480 requests/s, and one httpx pool shared by 32 requests caps near 380.
   clients_N_predict_only   the largest level again with k=0: predictions alone, what
-              micro-batching makes of the model's images/s (the neighbours are an Elasticsearch
-              kNN search per image, ~1 ms of its CPU each)
+              micro-batching makes of the model's images/s
   model_only  VERSION loaded in this process (load_predictor), predict_on_batch on 32 preprocessed
               test images (the card's preprocessing, as orchard/serving/predictor.py builds inputs)
               repeated for --model-seconds after a warm-up: images/s
@@ -263,7 +263,9 @@ def run_levels(o: argparse.Namespace, base: str, images: list[tuple[str, bytes]]
         targets = write_targets(work / f"targets-k{k}.json", base, images, k)
         level = load_level(binary, targets, clients, o.seconds, o.warmup)
         level = {"step": f"clients_{clients}" + ("" if k == o.k else "_predict_only"), "k": k, **level}
-        level["largest_batch_so_far"] = healthz(base).get("largest_batch")
+        health = healthz(base)
+        level["largest_batch_so_far"] = health.get("largest_batch")
+        level["neighbours"] = health.get("neighbours")  # searched in memory or by Elasticsearch
         levels.append(level)
     return levels
 

@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     serve_max_wait_ms: float = 5.0  # how long a model call waits for more requests to join it
     serve_max_request_mb: float = 20.0  # a larger request body is refused (413)
     serve_max_pixels: int = 40_000_000  # a larger image is refused before decoding (decompression bombs)
+    # Up to this many embeddings by the serving model, neighbours are searched exactly in the
+    # service's memory (float32: 50,000 x 128 dimensions = 26 MB); above, Elasticsearch's kNN. 0: never.
+    serve_local_knn_max: int = 50_000
     serve_reload_seconds: float = 5.0  # how often the serving alias is re-read (`orchard models promote`)
 
     # --- native launcher -----------------------------------------------------------------

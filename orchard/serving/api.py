@@ -42,6 +42,7 @@ from orchard.serving.enrichment import (
     write_prediction,
 )
 from orchard.serving.limits import BodyLimit, BodyTooLarge
+from orchard.serving.neighbours import Neighbours
 from orchard.serving.prediction_log import PredictionLog
 from orchard.serving.predictor import ModelHolder, RejectedImage, Scored, ServingModel, content_id
 from orchard.spark_app.infer import PredictSpec
@@ -69,12 +70,14 @@ class Service:
     catalog: Catalog
     key_required: bool
     lake: PredictionLog  # the rows of the predictions enrichment writes, kept in the lake
-    # Neighbour searches of concurrent requests share one Elasticsearch multi-search: no waiting,
-    # the queries that arrive while one round trip runs form the next.
+    nearby: Neighbours = field(init=False)  # in memory or Elasticsearch (orchard.serving.neighbours)
+    # Neighbour searches of concurrent requests share one call (one matrix product or one
+    # Elasticsearch multi-search): no waiting, the queries that arrive while one runs form the next.
     neighbours: MicroBatcher[str, list[dict]] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.neighbours = MicroBatcher(self.catalog.nearest_many, self.s.serve_max_batch, 0, name="neighbour search")
+        self.nearby = Neighbours(self.catalog, self.s.serve_local_knn_max, self.s.serve_reload_seconds)
+        self.neighbours = MicroBatcher(self.nearby.nearest_many, self.s.serve_max_batch, 0, name="neighbour search")
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
             "model_calls": stats.calls,
             "images_predicted": stats.items,
             "largest_batch": stats.largest,
+            "neighbours": service.nearby.describe(),
         }
 
     @app.get("/v1/models")

@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from elasticsearch import NotFoundError
+from elasticsearch.helpers import scan
 from minio.error import S3Error
 
 from orchard.core import formats
@@ -97,6 +99,39 @@ class Catalog:
             raise SearchFailed(f"{len(failed)} of {len(queries)} neighbour searches failed: {failed[0]}")
         return [[result_row(hit) for hit in item["hits"]["hits"]] for item in response["responses"]]
 
+    def embedding_count(self, model: str) -> int:
+        """How many documents hold an embedding by `model`."""
+        return int(self.es.count(index=self.s.images_index, query=_embedded_by(model))["count"])
+
+    def embeddings(self, model: str) -> tuple[list[str], np.ndarray]:
+        """(ids, vectors): every document's embedding by `model`, one row per id (a scroll)."""
+        ids: list[str] = []
+        vectors: list[list[float]] = []
+        hits = scan(
+            self.es,
+            index=self.s.images_index,
+            query={"query": _embedded_by(model)},
+            _source=[Field.EMBEDDING],
+            size=2000,
+        )
+        for hit in hits:
+            ids.append(hit["_id"])
+            vectors.append(hit["_source"][Field.EMBEDDING])
+        return ids, np.array(vectors, dtype=np.float32)
+
+    def rows(self, scored_ids: Sequence[Sequence[tuple[str, float]]]) -> list[list[dict]]:
+        """The result rows of (id, score) lists, in their order, read in one multi-get; an id whose
+        document is gone is left out."""
+        wanted = list(dict.fromkeys(image_id for found in scored_ids for image_id, _ in found))
+        if not wanted:
+            return [[] for _ in scored_ids]
+        docs = self.es.mget(index=self.s.images_index, ids=wanted, source_excludes=VECTOR_FIELDS)["docs"]
+        sources = {doc["_id"]: doc["_source"] for doc in docs if doc.get("found")}
+        return [
+            [result_row({"_id": i, "_source": sources[i], "_score": score}) for i, score in found if i in sources]
+            for found in scored_ids
+        ]
+
     def _knn(self, vector: list[float], model: str, k: int) -> dict:
         """The kNN clause: k nearest by `model`'s embedding (rescored on full vectors if quantized)."""
         knn: dict = {
@@ -121,6 +156,11 @@ class Catalog:
                 raise ImageNotFound(image_id) from None
             raise
         return content_type(doc[Field.KEY]), _chunks(response)
+
+
+def _embedded_by(model: str) -> dict:
+    """The query for documents holding an embedding by `model`."""
+    return {"bool": {"filter": [{"term": {Field.EMBEDDING_MODEL: model}}, {"exists": {"field": Field.EMBEDDING}}]}}
 
 
 def content_type(key: str) -> str:

@@ -4,7 +4,8 @@ CNN version trained, featurized and promoted here (the fixtures are serving_fixt
 Data: 4 classes x 20 train + 5 test synthetic 100x100 JPEGs (a random synth seed per run). What is
 checked: a promotion is picked up by the running service without a restart; predictions for posted
 photos equal `orchard predict`'s for the same files (same decoding and preprocessing); a photo of
-the lake finds itself first among its neighbours; neighbours' URLs give their exact bytes;
+the lake finds itself first among its neighbours, and neighbours searched in the service's memory
+equal Elasticsearch's kNN search; neighbours' URLs give their exact bytes;
 concurrent requests share model calls; limits and errors are 4xx JSON naming the problem; bound
 beyond loopback, predictions require the API key; new uploads are predicted by the service from
 MinIO's notifications (an undecodable one gets an error), and uploads made while the service is
@@ -32,10 +33,11 @@ import httpx
 import pytest
 from lake_datasets import Dataset, clean_up, count, docs_of, synth
 from orchard_cli import ORCHARD, ok, orchard
-from serving_fixtures import CLASSES, TEST_PER_CLASS, posted, service_pid, wait_for_model
+from serving_fixtures import CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, posted, service_pid, wait_for_model
 
 from orchard.core.clients import es_client, s3_client
 from orchard.core.settings import Settings
+from orchard.serving.catalog import Catalog
 
 pytestmark = pytest.mark.integration
 
@@ -110,6 +112,41 @@ def test_concurrent_requests_share_model_calls(api, served):
     assert all(r["top5"] and len(r["similar"]) == 2 for r in results)
     assert max(r["batched_with"] for r in results) > 1  # requests joined another's model call
     assert api.get("/healthz").json()["largest_batch"] > 1
+
+
+def test_neighbours_searched_in_memory_equal_elasticsearch_knn(api, served, stack: Settings):
+    ds, version, photos = served
+    catalog = Catalog(stack)
+    embedded = catalog.embedding_count(version)
+    assert embedded == count(ds) == CLASSES * (TRAIN_PER_CLASS + TEST_PER_CLASS)
+    held = held_neighbours(api, photos[0], version)
+    assert held == {
+        "searched_in": "memory",
+        "model": version,
+        "vectors": embedded,
+        "max_vectors": stack.serve_local_knn_max,
+    }
+    chosen = photos[1::TEST_PER_CLASS][:CLASSES]
+    body = posted(api, chosen, k=6).json()
+    for prediction in body["predictions"]:
+        own = es_client(stack).get(index=stack.images_index, id=prediction["id"])["_source"]["embedding"]
+        [expected] = catalog.nearest_many(version, [(own, 6)])  # Elasticsearch's kNN search
+        assert [row["id"] for row in prediction["similar"]] == [row["id"] for row in expected]
+        for got, want in zip(prediction["similar"], expected, strict=True):
+            assert abs(got["score"] - want["score"]) < 1e-4 and got["label"] == want["label"]
+
+
+def held_neighbours(api: httpx.Client, photo: Path, version: str, seconds: float = 60) -> dict:
+    """/healthz's `neighbours` once the service holds `version`'s embeddings (a search starts the
+    load; AssertionError after `seconds`)."""
+    deadline, held = time.monotonic() + seconds, {}
+    while time.monotonic() < deadline:
+        assert posted(api, [photo], k=1).status_code == 200
+        held = api.get("/healthz").json()["neighbours"]
+        if held.get("model") == version:
+            return held
+        time.sleep(0.5)
+    raise AssertionError(f"the service did not hold the embeddings of {version} in {seconds:.0f}s: {held}")
 
 
 def test_images_listing_document_and_similar(api, served):

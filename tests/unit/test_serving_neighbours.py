@@ -1,0 +1,146 @@
+"""Neighbour search of the service (orchard/serving/neighbours.py): exact cosine top-k in memory,
+scored like Elasticsearch, and when the held copy is used, loaded, reloaded or given up. The index
+is a recording stand-in (the real one is exercised by tests/integration/test_serving.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from orchard.serving.neighbours import Embeddings, Neighbours, unit_rows
+
+
+def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """(row, (1 + cosine) / 2) of the k most similar rows, best first, one row at a time."""
+    scores = []
+    for i, row in enumerate(vectors):
+        cosine = float(row @ query / (np.linalg.norm(row) * np.linalg.norm(query)))
+        scores.append((i, (1 + cosine) / 2))
+    return sorted(scores, key=lambda pair: (-pair[1], pair[0]))[:k]
+
+
+def test_nearest_equals_brute_force_cosine_with_elasticsearch_scores():
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(300, 16)) * rng.uniform(0.1, 10, size=(300, 1))  # lengths must not matter
+    ids = [f"id{i}" for i in range(300)]
+    held = Embeddings.of("v1", ids, vectors)
+    queries = rng.normal(size=(4, 16))
+    found = held.nearest(queries, [1, 5, 10, 3])
+    for query, k, got in zip(queries, [1, 5, 10, 3], found, strict=True):
+        expected = brute_force(vectors, query, k)
+        assert [image_id for image_id, _ in got] == [ids[i] for i, _ in expected]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], rtol=1e-5)
+
+
+def test_a_stored_vector_finds_itself_first_and_ties_keep_row_order():
+    vectors = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    held = Embeddings.of("v1", ["a", "b", "c", "d"], vectors)
+    [found] = held.nearest(np.array([[3.0, 0.0]]), [4])
+    assert [i for i, _ in found] == ["a", "b", "c", "d"]  # a and b tie at cosine 1
+    assert [round(s, 6) for _, s in found] == [1.0, 1.0, 0.5, 0.0]
+
+
+def test_k_beyond_the_held_count_and_empty_copies():
+    held = Embeddings.of("v1", ["a", "b"], np.eye(2))
+    assert [len(f) for f in held.nearest(np.eye(2), [5, 0])] == [2, 0]
+    empty = Embeddings.of("v1", [], np.zeros((0, 2)))
+    assert empty.nearest(np.eye(2), [3, 3]) == [[], []]
+
+
+def test_unit_rows_leaves_zero_rows_zero():
+    rows = unit_rows(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    np.testing.assert_allclose(rows, [[0.6, 0.8], [0.0, 0.0]])
+
+
+class Index:
+    """Stands in for the catalog: `count` embeddings of 2 dimensions per model; records its calls."""
+
+    def __init__(self, count: int):
+        self.count, self.calls = count, []
+        self.fail = False
+
+    def embedding_count(self, model: str) -> int:
+        self.calls.append(("count", model))
+        if self.fail:
+            raise ConnectionError("Elasticsearch is down")
+        return self.count
+
+    def embeddings(self, model: str) -> tuple[list[str], np.ndarray]:
+        self.calls.append(("embeddings", model))
+        angles = np.linspace(0, np.pi / 2, self.count)
+        return [f"{model}-{i}" for i in range(self.count)], np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+    def rows(self, scored_ids: Sequence[Sequence[tuple[str, float]]]) -> list[list[dict]]:
+        self.calls.append(("rows", len(scored_ids)))
+        return [[{"id": i, "score": s} for i, s in found] for found in scored_ids]
+
+    def nearest_many(self, model: str, queries) -> list[list[dict]]:
+        self.calls.append(("knn", model))
+        return [[{"id": "from-elasticsearch"}] for _ in queries]
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.calls]
+
+
+def settle(nearby: Neighbours) -> None:
+    """Wait for a background (re)load to end."""
+    if nearby._loading is not None:
+        nearby._loading.join(timeout=10)
+        assert not nearby._loading.is_alive()
+
+
+def test_elasticsearch_answers_until_the_copy_is_loaded_then_memory_does():
+    index = Index(count=10)
+    nearby = Neighbours(index, max_vectors=100, recheck_seconds=3600)
+    assert nearby.nearest_many("v1", [([1.0, 0.0], 2)]) == [[{"id": "from-elasticsearch"}]]
+    settle(nearby)
+    assert nearby.describe() == {"searched_in": "memory", "model": "v1", "vectors": 10, "max_vectors": 100}
+    [rows] = nearby.nearest_many("v1", [([1.0, 0.0], 2)])
+    assert [row["id"] for row in rows] == ["v1-0", "v1-1"] and rows[0]["score"] == pytest.approx(1.0)
+    # (the load's thread may have counted before the first search asked Elasticsearch)
+    assert sorted(index.kinds()) == ["count", "embeddings", "knn", "rows"]  # no recheck within the period
+
+
+def test_a_changed_count_reloads_and_too_many_hands_back_to_elasticsearch():
+    index = Index(count=10)
+    nearby = Neighbours(index, max_vectors=20, recheck_seconds=0)
+    nearby.nearest_many("v1", [([1.0, 0.0], 1)])
+    settle(nearby)
+    nearby.nearest_many("v1", [([1.0, 0.0], 1)])  # same count: checked, not reloaded
+    settle(nearby)
+    assert index.kinds().count("embeddings") == 1
+    index.count = 15
+    nearby.nearest_many("v1", [([1.0, 0.0], 1)])
+    settle(nearby)
+    assert index.kinds().count("embeddings") == 2 and nearby.describe()["vectors"] == 15
+    index.count = 21
+    nearby.nearest_many("v1", [([1.0, 0.0], 1)])
+    settle(nearby)
+    assert nearby.held is None and nearby.describe()["searched_in"] == "elasticsearch"
+    assert nearby.nearest_many("v1", [([1.0, 0.0], 1)]) == [[{"id": "from-elasticsearch"}]]
+
+
+def test_another_model_is_never_answered_from_the_held_copy():
+    index = Index(count=5)
+    nearby = Neighbours(index, max_vectors=100, recheck_seconds=3600)
+    nearby.nearest_many("v1", [([1.0, 0.0], 1)])
+    settle(nearby)
+    assert nearby.nearest_many("v2", [([1.0, 0.0], 1)]) == [[{"id": "from-elasticsearch"}]]
+    settle(nearby)
+    assert nearby.held is not None and nearby.held.model == "v2"
+
+
+def test_a_failed_check_keeps_the_held_copy_and_zero_disables_memory():
+    index = Index(count=5)
+    nearby = Neighbours(index, max_vectors=100, recheck_seconds=0)
+    nearby.nearest_many("v1", [([1.0, 0.0], 1)])
+    settle(nearby)
+    index.fail = True
+    nearby.nearest_many("v1", [([1.0, 0.0], 1)])
+    settle(nearby)
+    assert nearby.held is not None and nearby.held.model == "v1"
+    never = Neighbours(Index(count=5), max_vectors=0, recheck_seconds=0)
+    never.nearest_many("v1", [([1.0, 0.0], 1)])
+    assert never._loading is None and never.describe()["searched_in"] == "elasticsearch"
