@@ -14,9 +14,10 @@ One run, one dataset (`bench-serve-<seed>`: --classes x --per-class train + --te
               --warmup untimed seconds: p50/p99 latency (ms), requests/s, the server's own median
               ms per part (Server-Timing: read, decode, model = queue + call, similar);
               /healthz's largest_batch and where neighbours were searched (the service's
-              memory, or Elasticsearch: ORCHARD_SERVE_LOCAL_KNN_MAX) after it. The clients are vegeta (Go, pinned in
-              deps/versions.env, built on first use): Python clients on the same 2 cores took half
-              a core at 480 requests/s, and one httpx pool shared by 32 requests caps near 380.
+              memory, or Elasticsearch: ORCHARD_SERVE_LOCAL_KNN_MAX) after it. The clients are
+              vegeta (Go, pinned in deps/versions.env, built on first use): Python clients on the
+              same 2 cores took half a core at 480 requests/s, and one httpx pool shared by 32
+              requests caps near 380.
   clients_N_predict_only   the largest level again with k=0: predictions alone, what
               micro-batching makes of the model's images/s
   model_only  VERSION loaded in this process (load_predictor), predict_on_batch on 32 preprocessed

@@ -139,7 +139,7 @@ class Catalog:
             "query_vector": vector,
             "k": k,
             "num_candidates": max(100, 10 * k),
-            "filter": {"term": {Field.EMBEDDING_MODEL: model}},
+            "filter": _embedded_by(model),
         }
         if self._quantized:
             knn["rescore_vector"] = {"oversample": 3.0}

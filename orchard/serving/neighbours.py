@@ -108,12 +108,14 @@ class Neighbours:
         return {"searched_in": "memory", "model": held.model, "vectors": len(held.ids), "max_vectors": self.max_vectors}
 
     def _current(self, model: str) -> Embeddings | None:
-        """The held copy if it is `model`'s; starts a (re)load when it is missing or stale."""
+        """The held copy if it is `model`'s; starts a check (and a load if needed) at most once per
+        `recheck_seconds` per model, whether or not a copy is held: a lake over the limit, or an
+        index that cannot answer, is asked again only that often, not at every search."""
         if self.max_vectors <= 0:
             return None
         held = self.held if self.held is not None and self.held.model == model else None
         now = time.monotonic()
-        if held is None or now - self._checked.get(model, 0.0) >= self._recheck:
+        if model not in self._checked or now - self._checked[model] >= self._recheck:
             self._checked[model] = now
             self._start_load(model, held)
         return held

@@ -122,6 +122,15 @@ def test_a_changed_count_reloads_and_too_many_hands_back_to_elasticsearch():
     assert nearby.nearest_many("v1", [([1.0, 0.0], 1)]) == [[{"id": "from-elasticsearch"}]]
 
 
+def test_a_lake_over_the_limit_is_counted_once_per_period_not_at_every_search():
+    index = Index(count=30)
+    nearby = Neighbours(index, max_vectors=20, recheck_seconds=3600)
+    for _ in range(5):
+        assert nearby.nearest_many("v1", [([1.0, 0.0], 1)]) == [[{"id": "from-elasticsearch"}]]
+        settle(nearby)
+    assert index.kinds().count("count") == 1 and "embeddings" not in index.kinds()
+
+
 def test_another_model_is_never_answered_from_the_held_copy():
     index = Index(count=5)
     nearby = Neighbours(index, max_vectors=100, recheck_seconds=3600)
