@@ -27,7 +27,8 @@ One run, one dataset (`bench-serve-<seed>`: --classes x --per-class train + --te
               uploaded with `orchard upload`; the stack's own `serve` service predicts each from
               MinIO's notification with VERSION (promoted above). Delay per image: from its
               document's uploaded_at to the moment a reader of the index first sees its prediction
-              (polled every 0.25 s; includes Elasticsearch's 1 s refresh): p50/p99 seconds
+              (polled every 0.25 s from the upload's start: a large upload's first images are
+              predicted before it ends; includes Elasticsearch's 1 s refresh): p50/p99/max seconds
 
 Prints one JSON line per step and, last, one JSON object with p50_ms_N, p99_ms_N, rps_N per level
 (and p50_ms_32_predict_only, ...), model_only_ips, rps_32_over_model_only,
@@ -109,7 +110,9 @@ def held_out_images(tree: Path) -> list[tuple[str, bytes]]:
 
 def start_server(port: int, log_path: Path) -> subprocess.Popen:
     """`python -m orchard serve --port PORT` in the background, its output to log_path."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Its own events inbox: the stack's service holds the home's (and it alone gets MinIO's events).
+    inbox = log_path.with_name("inbox.sqlite3")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ORCHARD_SERVE_INBOX": str(inbox)}
     with log_path.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "orchard", "serve", "--port", str(port)],
@@ -311,19 +314,29 @@ def model_only(version: str, images: list[tuple[str, bytes]], seconds: float) ->
 
 
 def enrichment(o: argparse.Namespace, seed: int, work: Path, version: str) -> dict:
-    """Upload new images and time how soon the stack's service has predicted each (see the docstring)."""
+    """Upload new images and time how soon the stack's service has predicted each (see the docstring).
+    The index is polled while the upload runs: a large upload's first images are predicted long
+    before its last ones are stored."""
     from orchard.core.clients import es_client
     from orchard.core.settings import load_settings
 
     s = load_settings()
     es = es_client(s)
-    counts = argparse.Namespace(classes=o.classes, per_class=o.enrich_per_class, test_per_class=1)
-    dataset = prepare(counts, seed + 1, work / "new", "bench-serve-new")
+    dataset, tree = f"bench-serve-new-{seed + 1}", work / "new" / "tree"
+    counts = ("--classes", str(o.classes), "--per-class", str(o.enrich_per_class), "--test-per-class", "1")
+    orchard("dataset", "synth", str(tree), *counts, "--seed", str(seed + 1))
     query = {"bool": {"filter": [{"term": {"dataset": dataset}}, {"term": {"prediction.model_version": version}}]}}
-    total = es.count(index=s.images_index, query={"term": {"dataset": dataset}})["count"]
     seen: dict[str, float] = {}
-    deadline = time.time() + o.enrich_timeout
-    while len(seen) < total and time.time() < deadline:
+    began, deadline = time.time(), time.time() + o.enrich_timeout
+    upload, errors = start_upload(tree, dataset, work / "new" / "upload.err")
+    total: int | None = None
+    upload_s: float | None = None
+    while time.time() < deadline and (total is None or len(seen) < total):
+        if total is None and upload.poll() is not None:  # stored and indexed: the count is final
+            if upload.returncode != 0:
+                raise SystemExit(f"orchard upload failed ({upload.returncode}): {errors.read_text()[-3000:]}")
+            upload_s = time.time() - began
+            total = es.count(index=s.images_index, query={"term": {"dataset": dataset}})["count"]
         now = time.time()
         hits = es.search(index=s.images_index, query=query, size=10_000, source_includes=["uploaded_at"])
         for hit in hits["hits"]["hits"]:
@@ -335,10 +348,20 @@ def enrichment(o: argparse.Namespace, seed: int, work: Path, version: str) -> di
         "step": "enrich",
         "dataset": dataset,
         "images": total,
+        "upload_seconds": round(upload_s, 1) if upload_s is not None else None,
         "predicted": len(seen),
         "p50_s": round(percentile(delays, 50) or 0, 2) if delays else None,
         "p99_s": round(percentile(delays, 99) or 0, 2) if delays else None,
+        "max_s": round(delays[-1], 2) if delays else None,
     }
+
+
+def start_upload(tree: Path, dataset: str, errors: Path) -> tuple[subprocess.Popen, Path]:
+    """`orchard upload TREE --dataset DATASET` started in the background, its stderr into `errors`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "orchard", "-q", "upload", str(tree), "--dataset", dataset]
+    with errors.open("w") as sink:  # the child keeps its own descriptor
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sink), errors
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,9 +33,10 @@ def serve(ctx, host, port) -> int:
         raise ConfigError(
             f"ORCHARD_SERVE_API_KEY is not set: it is required to serve beyond loopback ({s.serve_bind_host})"
         )
+    app = create_app(s)  # ConfigError if another service holds the events inbox
     log.info("serving on http://%s:%d (API docs at /docs)", s.serve_bind_host, s.serve_port)
     uvicorn.run(
-        create_app(s),
+        app,
         host=s.serve_bind_host,
         port=s.serve_port,
         log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),

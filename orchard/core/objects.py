@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 
 from minio import Minio
 from minio.deleteobjects import DeleteError, DeleteObject
@@ -17,6 +18,17 @@ from minio.deleteobjects import DeleteError, DeleteObject
 from orchard.core.retry import S3_READ, S3_TRANSIENT_CODES, S3_WRITE, retrying, s3_transient
 
 log = logging.getLogger(__name__)
+
+SHA_META = "sha256"  # the user metadata `orchard upload` stores with each object: its content's sha256
+
+
+def meta_sha256(metadata: Mapping[str, str] | None) -> str | None:
+    """The sha256 user metadata from a listing, a HEAD response or an event record (the name's
+    case and prefix vary: `X-Amz-Meta-Sha256`, `sha256`); None if absent."""
+    for name, value in (metadata or {}).items():
+        if name.lower() in ("x-amz-meta-sha256", SHA_META):
+            return value
+    return None
 
 
 def get_bytes(client: Minio, bucket: str, key: str, offset: int = 0, length: int = 0) -> bytes:

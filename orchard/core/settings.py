@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # service's memory (float32: 50,000 x 128 dimensions = 26 MB); above, Elasticsearch's kNN. 0: never.
     serve_local_knn_max: int = 50_000
     serve_reload_seconds: float = 5.0  # how often the serving alias is re-read (`orchard models promote`)
+    # The events of new uploads waiting for their prediction (SQLite, orchard.serving.events):
+    # default $ORCHARD_HOME/serve/inbox.sqlite3.
+    serve_inbox: Path | None = None
 
     # --- native launcher -----------------------------------------------------------------
     bind_host: str = "127.0.0.1"
@@ -130,6 +133,11 @@ class Settings(BaseSettings):
     def serve_url(self) -> str:
         """Where clients on this machine reach `orchard serve` of the native stack."""
         return f"http://{self.bind_host}:{self.serve_port}"
+
+    @property
+    def serve_inbox_path(self) -> Path:
+        """Where `orchard serve` keeps the events it has acknowledged and not yet handled."""
+        return self.serve_inbox or self.home / "serve" / "inbox.sqlite3"
 
     @property
     def images_table_uri(self) -> str:

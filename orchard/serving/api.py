@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -26,26 +27,15 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 
-from orchard.core.lake import in_layout, parse_key
-from orchard.core.prediction_rows import prediction_record
 from orchard.core.settings import Settings
 from orchard.serving.batcher import MicroBatcher
 from orchard.serving.catalog import MAX_WINDOW, Catalog, ImageNotFound, Page
-from orchard.serving.enrichment import (
-    ALREADY_PREDICTED,
-    EnrichTally,
-    NotReady,
-    ObjectEvent,
-    object_events,
-    prediction_of,
-    usable_content,
-    write_prediction,
-)
+from orchard.serving.enrichment import Enricher
+from orchard.serving.events import Inbox, object_events
 from orchard.serving.limits import BodyLimit, BodyTooLarge
 from orchard.serving.neighbours import Neighbours
 from orchard.serving.prediction_log import PredictionLog
 from orchard.serving.predictor import ModelHolder, RejectedImage, Scored, ServingModel, content_id
-from orchard.spark_app.infer import PredictSpec
 from orchard.spark_app.registry import list_versions
 
 log = logging.getLogger(__name__)
@@ -70,12 +60,15 @@ class Service:
     catalog: Catalog
     key_required: bool
     lake: PredictionLog  # the rows of the predictions enrichment writes, kept in the lake
+    inbox: Inbox  # the object-created events waiting for their prediction (orchard.serving.events)
+    enricher: Enricher = field(init=False)  # takes them in batches (orchard.serving.enrichment)
     nearby: Neighbours = field(init=False)  # in memory or Elasticsearch (orchard.serving.neighbours)
     # Neighbour searches of concurrent requests share one call (one matrix product or one
     # Elasticsearch multi-search): no waiting, the queries that arrive while one runs form the next.
     neighbours: MicroBatcher[str, list[dict]] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.enricher = Enricher(self.inbox, self.catalog, self.holder, self.batcher, self.lake)
         self.nearby = Neighbours(self.catalog, self.s.serve_local_knn_max, self.s.serve_reload_seconds)
         self.neighbours = MicroBatcher(self.nearby.nearest_many, self.s.serve_max_batch, 0, name="neighbour search")
 
@@ -97,6 +90,7 @@ def create_app(s: Settings, holder: ModelHolder | None = None, catalog: Catalog 
         catalog or Catalog(s),
         key_required=not is_loopback(s.serve_bind_host),
         lake=PredictionLog(s),
+        inbox=Inbox(s.serve_inbox_path),
     )
 
     @asynccontextmanager
@@ -104,9 +98,11 @@ def create_app(s: Settings, holder: ModelHolder | None = None, catalog: Catalog 
         service.batcher.start()
         service.neighbours.start()
         service.lake.start()
+        service.enricher.start()
         watcher = asyncio.create_task(service.holder.watch(s.serve_reload_seconds), name="serving-alias")
         yield
         watcher.cancel()
+        await service.enricher.stop()
         await service.batcher.stop()
         await service.neighbours.stop()
         await service.lake.stop()
@@ -154,6 +150,10 @@ def add_routes(app: FastAPI, service: Service) -> None:
             "images_predicted": stats.items,
             "largest_batch": stats.largest,
             "neighbours": service.nearby.describe(),
+            "enrichment": {
+                **service.enricher.tally.as_dict(),
+                "waiting": await asyncio.to_thread(service.inbox.waiting),
+            },
         }
 
     @app.get("/v1/models")
@@ -188,18 +188,20 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/events", include_in_schema=False)
     async def events(request: Request) -> JSONResponse:
-        """MinIO's object-created notifications (webhook target, the API key as its token): each
-        new image predicted and its document updated; 503 makes MinIO keep the event and retry."""
+        """MinIO's object-created notifications (webhook target, the API key as its token): the new
+        images' events kept in the service's inbox and predicted in batches (orchard.serving.enrichment);
+        503 if the inbox cannot keep them, and MinIO keeps them and sends them again."""
         require_key(request, service, always=True)
         try:
             body = await request.json()
         except ValueError:
             raise HTTPException(400, "the body is not a JSON event notification") from None
         try:
-            tally = await enrich(service, object_events(body))
-        except NotReady as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503)
-        return JSONResponse(tally.as_dict())
+            answer = await service.enricher.accept(object_events(body))
+        except (OSError, sqlite3.Error) as exc:
+            log.error("events not kept (MinIO sends them again): %s", exc)
+            return JSONResponse({"error": f"the service cannot keep events now: {exc}"}, status_code=503)
+        return JSONResponse(answer)
 
     @app.get("/v1/images")
     async def images(
@@ -256,53 +258,6 @@ async def predict_uploads(
         p["batched_with"] = batch
         p["similar"] = near
     return prepared
-
-
-async def enrich(service: Service, events: list[ObjectEvent]) -> EnrichTally:
-    """Predict each event's image with the serving model and write its document's prediction;
-    NotReady (nothing written for that event or later ones) when it cannot be done yet."""
-    tally = EnrichTally()
-    if service.holder.current is None and service.holder.nothing_to_serve:
-        # Nothing to predict with (no version trained yet): acknowledged, not kept for later (a
-        # backlog replayed at the first training would race that version's own `orchard infer`).
-        tally.skipped.update({event.key: f"no model serves: {service.holder.problem}" for event in events})
-        return tally
-    for event in events:
-        content, reason = await asyncio.to_thread(usable_content, service.catalog, event)
-        if content is None:
-            tally.skipped[event.key] = reason
-            continue
-        written, error = await predict_into_document(service, content, event.key)
-        if not written:
-            tally.skipped[event.key] = ALREADY_PREDICTED
-            continue
-        tally.predicted += error is None
-        tally.errors += error is not None
-        log.info("enriched %s: %s", event.key, error or "predicted")
-    return tally
-
-
-async def predict_into_document(service: Service, content: bytes, key: str) -> tuple[bool, str | None]:
-    """Predict one image (object `key`) with the serving model and write its document's prediction
-    (its error if it cannot be predicted) unless it has one by now, then hold its predictions table
-    row; returns (written, that error or None). NotReady if no model serves yet."""
-    model = service.holder.current
-    if model is None:
-        raise NotReady(service.holder.problem or "no model is loaded yet")
-    scored, error = None, None
-    try:
-        with service.batcher.announce(1) as ticket:
-            prepared = await asyncio.to_thread(model.input_of, content, service.s.serve_max_pixels)
-            [(scored, _)] = await service.batcher.submit(model, [prepared], ticket)
-    except RejectedImage as exc:
-        error = str(exc)
-    spec = PredictSpec.from_card(service.s, model.card, batch_size=1)
-    prediction = prediction_of(model, spec, scored, error)
-    image_id = content_id(content)
-    written = await asyncio.to_thread(write_prediction, service.catalog, image_id, prediction)
-    if written and in_layout(key):  # a document's key is in the layout (the uploader's)
-        service.lake.add(prediction_record(image_id, parse_key(key)[0], key, prediction))
-    return written, error
 
 
 @dataclass

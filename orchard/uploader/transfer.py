@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -22,12 +22,12 @@ from minio import Minio
 from minio.error import S3Error
 
 from orchard.core.lake import utc_timestamp
+from orchard.core.objects import SHA_META, meta_sha256
 from orchard.core.retry import S3_READ, S3_WRITE, retried, s3_transient
 from orchard.uploader.inspection import Inspected
 
 log = logging.getLogger(__name__)
 
-SHA_META = "sha256"
 PREFIXES_CACHED = 4  # items arrive sorted by key, so only the current label folder is hot
 
 
@@ -55,16 +55,6 @@ class Stored:
 
     etag: str
     uploaded_at: str
-
-
-def _meta_sha(metadata: Mapping[str, str] | None) -> str | None:
-    """The sha256 user metadata from a listing or HEAD response (header case varies)."""
-    if not metadata:
-        return None
-    for name, value in metadata.items():
-        if name.lower() in ("x-amz-meta-sha256", SHA_META):
-            return value
-    return None
 
 
 def _time(moment: datetime | None) -> str | None:
@@ -101,7 +91,7 @@ class RemoteIndex:
                 continue
             found[obj.object_name] = Remote(
                 obj.object_name,
-                _meta_sha(obj.metadata),
+                meta_sha256(obj.metadata),
                 (obj.etag or "").strip('"'),
                 obj.size or 0,
                 _time(obj.last_modified),
@@ -118,7 +108,11 @@ class RemoteIndex:
                 return None
             raise
         return Remote(
-            key, _meta_sha(stat.metadata) or "", (stat.etag or "").strip('"'), stat.size or 0, _time(stat.last_modified)
+            key,
+            meta_sha256(stat.metadata) or "",
+            (stat.etag or "").strip('"'),
+            stat.size or 0,
+            _time(stat.last_modified),
         )
 
 

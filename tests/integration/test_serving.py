@@ -8,8 +8,8 @@ the lake finds itself first among its neighbours, and neighbours searched in the
 equal Elasticsearch's kNN search; neighbours' URLs give their exact bytes;
 concurrent requests share model calls; limits and errors are 4xx JSON naming the problem; bound
 beyond loopback, predictions require the API key; new uploads are predicted by the service from
-MinIO's notifications (an undecodable one gets an error), and uploads made while the service is
-down are predicted once it is back.
+MinIO's notifications (an undecodable one gets an error), uploads made while the service is
+down are predicted once it is back, and events it acknowledged are not lost when it is killed.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from serving_fixtures import CLASSES, TEST_PER_CLASS, TRAIN_PER_CLASS, posted, s
 from orchard.core.clients import es_client, s3_client
 from orchard.core.settings import Settings
 from orchard.serving.catalog import Catalog
+from orchard.serving.enrichment import ALREADY_PREDICTED
 
 pytestmark = pytest.mark.integration
 
@@ -197,13 +198,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_beyond_loopback_predictions_require_the_api_key(stack: Settings, served, api):
+def test_beyond_loopback_predictions_require_the_api_key(stack: Settings, served, api, tmp_path):
     _, version, photos = served
     port = free_port()
     server = subprocess.Popen(
         [str(ORCHARD), "-q", "serve", "--host", "0.0.0.0", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env=os.environ | {"ORCHARD_SERVE_INBOX": str(tmp_path / "inbox.sqlite3")},  # not the stack service's
     )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
@@ -303,8 +305,10 @@ def assert_a_second_delivery_changes_nothing(stack: Settings, api: httpx.Client,
             }
         ]
     }
+    skipped_before = enrichment(api)["skipped"].get(ALREADY_PREDICTED, 0)
     answer = api.post("/v1/events", json=event, headers={"X-API-Key": stack.secret("serve_api_key")})
-    assert answer.status_code == 200 and answer.json()["skipped"] == {key: "already predicted"}, answer.text
+    assert answer.status_code == 200 and answer.json() == {"queued": 1, "skipped": {}}, answer.text
+    wait_until(lambda: enrichment(api)["skipped"].get(ALREADY_PREDICTED, 0) > skipped_before, 60, "the event handled")
     again = es_client(stack).get(index=stack.images_index, id=hit["_id"])
     assert (again["_seq_no"], again["_source"]["prediction"]) == (hit["_seq_no"], hit["_source"]["prediction"])
 
@@ -325,6 +329,57 @@ def test_uploads_made_while_the_service_is_down_are_predicted_when_it_is_back(st
         print(f"{2 * 4} images uploaded while the service was down predicted {seconds:.1f} s after it was back")
     finally:
         clean_up(ds)
+
+
+def test_events_acknowledged_and_not_yet_handled_survive_a_killed_service(stack: Settings, served, api, tmp_path):
+    """An image stored before its document: the service acknowledges MinIO's event and keeps it in
+    its inbox (no document to write yet); killed then, and the document indexed while it is down,
+    the restarted service still predicts it (MinIO will not send that event again)."""
+    _, version, _ = served
+    ds, root = new_dataset(stack, tmp_path, "inbox")
+    photo = sorted(root.rglob("*.jpg"))[0]
+    data = photo.read_bytes()
+    image_id, key = hashlib.sha256(data).hexdigest(), f"{ds.name}/train/lime/{photo.name}"
+    try:
+        retried_before = sum(enrichment(api)["retried"].values())
+        s3_client(stack).put_object(stack.images_bucket, key, io.BytesIO(data), len(data), content_type="image/jpeg")
+        wait_until(lambda: sum(enrichment(api)["retried"].values()) > retried_before, 60, "the event kept for later")
+        assert enrichment(api)["waiting"]["events"] >= 1
+        pid = service_pid(stack)
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+        document = {
+            "id": image_id,
+            "dataset": ds.name,
+            "split": "train",
+            "label": "lime",
+            "key": key,
+            "sha256": image_id,
+        }
+        es_client(stack).index(index=stack.images_index, id=image_id, document=document, refresh="wait_for")
+        ok(orchard("stack", "up"))  # restarts the service: its inbox still holds the event
+        wait_for_model(api, version)
+        seconds = wait_for_predictions(ds, version, expected=1, seconds=120)
+        print(f"an event held across a SIGKILL predicted {seconds:.1f} s after the service was back")
+        prediction = es_client(stack).get(index=stack.images_index, id=image_id)["_source"]["prediction"]
+        assert prediction["label"] and prediction["model_version"] == version
+    finally:
+        clean_up(ds)
+
+
+def enrichment(api: httpx.Client) -> dict:
+    """The service's enrichment counters (/healthz)."""
+    return api.get("/healthz").json()["enrichment"]
+
+
+def wait_until(check, seconds: float, what: str) -> None:
+    """Poll `check()` every 0.2 s until it is true (AssertionError naming `what` after `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {seconds:.0f} s")
 
 
 def wait_gone(pid: int, seconds: float = 30) -> None:

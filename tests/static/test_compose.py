@@ -193,6 +193,8 @@ def test_serve_is_the_rest_api_behind_its_key(compose_config, env_values):
     assert serve["depends_on"]["orchard-setup"]["condition"] == "service_completed_successfully"
     assert serve["depends_on"]["minio-lb"]["condition"] == "service_healthy"
     assert any(v["target"] == "/certs" and v.get("read_only") for v in serve["volumes"]), "ES is TLS: needs the CA"
+    [state] = [v for v in serve["volumes"] if v["target"] == "/home/orchard/state"]  # the image's ORCHARD_HOME
+    assert state["type"] == "volume" and not state.get("read_only"), "the events inbox must outlive the container"
     assert serve["mem_limit"] and serve["restart"] == "unless-stopped"
 
 

@@ -1,11 +1,11 @@
-"""MinIO event notifications as the service reads them (orchard.serving.enrichment): which objects
+"""MinIO event notifications as the service reads them (orchard.serving.events): which objects
 an event names, and which of them need a prediction."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from orchard.serving.enrichment import ObjectEvent, object_events, skip_reason
+from orchard.serving.events import ObjectEvent, object_events, skip_reason
 
 
 def record(key: str, name: str = "s3:ObjectCreated:Put", bucket: str = "images", when: str | None = None) -> dict:
@@ -43,3 +43,12 @@ def test_only_images_of_the_images_bucket_need_a_prediction():
     assert skip_reason(ObjectEvent("images", "ds/train/a/x.npy", now), "images") is None
     assert skip_reason(ObjectEvent("images", "ds/notes.txt", now), "images") == "not an image (suffix)"
     assert "not the images bucket" in str(skip_reason(ObjectEvent("models", "v/x.jpg", now), "images"))
+
+
+def test_the_sha256_declared_in_the_user_metadata_is_kept_when_it_is_one():
+    digest = "AB" * 32
+    body = {"Records": [record("a.jpg"), record("b.jpg"), record("c.jpg"), record("d.jpg")]}
+    body["Records"][0]["s3"]["object"]["userMetadata"] = {"X-Amz-Meta-Sha256": digest, "content-type": "image/jpeg"}
+    body["Records"][1]["s3"]["object"]["userMetadata"] = {"x-amz-meta-sha256": "not a digest"}
+    body["Records"][2]["s3"]["object"]["userMetadata"] = ["odd"]
+    assert [e.sha256 for e in object_events(body)] == [digest.lower(), "", "", ""]
