@@ -300,7 +300,7 @@ class Enricher:
 
     def settle(self, batch: list[Queued], out: Outcomes) -> None:
         """Forget the handled events, keep the others for later; counted and logged."""
-        self.inbox.later(out.later, soon=out.soon)
+        self.inbox.later({q: out.later[q.seq] for q in batch if q.seq in out.later}, soon=out.soon)
         self.inbox.done(out.done)
         now = datetime.now(UTC)
         for q in batch:

@@ -18,7 +18,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -149,20 +149,17 @@ class Inbox:
         with self._lock, self._db:
             self._db.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq in seqs])
 
-    def later(self, reasons: dict[int, str], now: float | None = None, soon: Set[int] = frozenset()) -> None:
-        """Keep these events (seq -> why not now) and take them again after their back-off (the
-        first one whatever the attempts for those in `soon`: a cheap check, e.g. a document the
-        uploader is about to index)."""
+    def later(self, reasons: Mapping[Queued, str], now: float | None = None, soon: Set[int] = frozenset()) -> None:
+        """Keep these taken events (-> why not now) and take them again after their back-off (the
+        first one whatever the attempts for those whose seq is in `soon`: a cheap check, e.g. a
+        document the uploader is about to index)."""
         now = time.time() if now is None else now
+        rows = [
+            (q.attempts + 1, now + retry_delay(1 if q.seq in soon else q.attempts + 1), reason[:500], q.seq)
+            for q, reason in reasons.items()
+        ]
         with self._lock, self._db:
-            for seq, reason in reasons.items():
-                found = self._db.execute("SELECT attempts + 1 FROM events WHERE seq = ?", (seq,)).fetchone()
-                attempts = found[0] if found else 1
-                delay = retry_delay(1 if seq in soon else attempts)
-                self._db.execute(
-                    "UPDATE events SET attempts = ?, due = ?, reason = ? WHERE seq = ?",
-                    (attempts, now + delay, reason[:500], seq),
-                )
+            self._db.executemany("UPDATE events SET attempts = ?, due = ?, reason = ? WHERE seq = ?", rows)
 
     def waiting(self) -> dict:
         """{"events": how many are held, "oldest_s": the age of the oldest event's upload (0 if none),

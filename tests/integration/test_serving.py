@@ -39,6 +39,7 @@ from orchard.core.clients import es_client, s3_client
 from orchard.core.settings import Settings
 from orchard.serving.catalog import Catalog
 from orchard.serving.enrichment import ALREADY_PREDICTED
+from orchard.stack.process import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -257,10 +258,17 @@ def put_broken_image(ds: Dataset) -> str:
     s = ds.settings
     data = b"\xff\xd8\xff\xe0 not really a JPEG " + os.urandom(32)
     image_id, key = hashlib.sha256(data).hexdigest(), f"{ds.name}/test/lime/broken.jpg"
-    document = {"id": image_id, "dataset": ds.name, "split": "test", "label": "lime", "key": key, "sha256": image_id}
+    document = uploader_document(ds, image_id, key)
     es_client(s).index(index=s.images_index, id=image_id, document=document, op_type="create", refresh="wait_for")
     s3_client(s).put_object(s.images_bucket, key, io.BytesIO(data), len(data), content_type="image/jpeg")
     return image_id
+
+
+def uploader_document(ds: Dataset, image_id: str, key: str) -> dict:
+    """The least of the document `orchard upload` writes for an object at `key` (split and label
+    from the key) with content id `image_id`."""
+    _, split, label, _ = key.split("/")
+    return {"id": image_id, "dataset": ds.name, "split": split, "label": label, "key": key, "sha256": image_id}
 
 
 def wait_for_predictions(ds: Dataset, version: str, expected: int, seconds: float) -> float:
@@ -308,7 +316,8 @@ def assert_a_second_delivery_changes_nothing(stack: Settings, api: httpx.Client,
     skipped_before = enrichment(api)["skipped"].get(ALREADY_PREDICTED, 0)
     answer = api.post("/v1/events", json=event, headers={"X-API-Key": stack.secret("serve_api_key")})
     assert answer.status_code == 200 and answer.json() == {"queued": 1, "skipped": {}}, answer.text
-    wait_until(lambda: enrichment(api)["skipped"].get(ALREADY_PREDICTED, 0) > skipped_before, 60, "the event handled")
+    handled = wait_until(lambda: enrichment(api)["skipped"].get(ALREADY_PREDICTED, 0) > skipped_before, 60, 0.2)
+    assert handled, "the second delivery was not handled within 60 s"
     again = es_client(stack).get(index=stack.images_index, id=hit["_id"])
     assert (again["_seq_no"], again["_source"]["prediction"]) == (hit["_seq_no"], hit["_source"]["prediction"])
 
@@ -343,19 +352,13 @@ def test_events_acknowledged_and_not_yet_handled_survive_a_killed_service(stack:
     try:
         retried_before = sum(enrichment(api)["retried"].values())
         s3_client(stack).put_object(stack.images_bucket, key, io.BytesIO(data), len(data), content_type="image/jpeg")
-        wait_until(lambda: sum(enrichment(api)["retried"].values()) > retried_before, 60, "the event kept for later")
+        kept = wait_until(lambda: sum(enrichment(api)["retried"].values()) > retried_before, 60, 0.2)
+        assert kept, "the event was not kept for later within 60 s"
         assert enrichment(api)["waiting"]["events"] >= 1
         pid = service_pid(stack)
         os.kill(pid, signal.SIGKILL)
         wait_gone(pid)
-        document = {
-            "id": image_id,
-            "dataset": ds.name,
-            "split": "train",
-            "label": "lime",
-            "key": key,
-            "sha256": image_id,
-        }
+        document = uploader_document(ds, image_id, key)
         es_client(stack).index(index=stack.images_index, id=image_id, document=document, refresh="wait_for")
         ok(orchard("stack", "up"))  # restarts the service: its inbox still holds the event
         wait_for_model(api, version)
@@ -370,16 +373,6 @@ def test_events_acknowledged_and_not_yet_handled_survive_a_killed_service(stack:
 def enrichment(api: httpx.Client) -> dict:
     """The service's enrichment counters (/healthz)."""
     return api.get("/healthz").json()["enrichment"]
-
-
-def wait_until(check, seconds: float, what: str) -> None:
-    """Poll `check()` every 0.2 s until it is true (AssertionError naming `what` after `seconds`)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {seconds:.0f} s")
 
 
 def wait_gone(pid: int, seconds: float = 30) -> None:

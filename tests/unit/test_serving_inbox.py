@@ -55,14 +55,14 @@ def test_one_service_per_inbox_until_it_closes(tmp_path):
 def test_an_event_kept_for_later_waits_a_growing_bounded_back_off(inbox):
     inbox.add([event("a.jpg"), event("b.jpg")])
     a, b = inbox.due(10)
-    inbox.later({a.seq: "no document yet"}, now=1000.0)
+    inbox.later({a: "no document yet"}, now=1000.0)
     assert [q.seq for q in inbox.due(10, now=1000.0)] == [b.seq]
     [again] = [q for q in inbox.due(10, now=1000.0 + RETRY_FIRST_S) if q.seq == a.seq]
     assert again.attempts == 1
-    inbox.later({a.seq: "no document yet"}, now=2000.0)
+    inbox.later({again: "no document yet"}, now=2000.0)
     assert a.seq not in [q.seq for q in inbox.due(10, now=2000.0 + RETRY_FIRST_S)]
-    assert a.seq in [q.seq for q in inbox.due(10, now=2000.0 + 2 * RETRY_FIRST_S)]
-    inbox.later({a.seq: "no document yet"}, now=3000.0, soon={a.seq})  # a cheap check: no back-off growth
+    [third] = [q for q in inbox.due(10, now=2000.0 + 2 * RETRY_FIRST_S) if q.seq == a.seq]
+    inbox.later({third: "no document yet"}, now=3000.0, soon={a.seq})  # a cheap check: no back-off growth
     assert a.seq in [q.seq for q in inbox.due(10, now=3000.0 + RETRY_FIRST_S)]
     assert [q.attempts for q in inbox.due(10, now=4000.0) if q.seq == a.seq] == [3]
     assert [retry_delay(n) for n in (1, 2, 3)] == [RETRY_FIRST_S, 2 * RETRY_FIRST_S, 4 * RETRY_FIRST_S]
