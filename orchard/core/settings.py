@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # Up to this many embeddings by the serving model, neighbours are searched exactly in the
     # service's memory (float32: 50,000 x 128 dimensions = 26 MB); above, Elasticsearch's kNN. 0: never.
     serve_local_knn_max: int = 50_000
+    # numpy's BLAS threads in the service (the in-memory neighbour search's matrix product): idle
+    # OpenBLAS threads spin after each product, taking the cores the model and the requests need.
+    serve_blas_threads: int = Field(default=1, ge=1)
     serve_reload_seconds: float = 5.0  # how often the serving alias is re-read (`orchard models promote`)
     # The events of new uploads waiting for their prediction (SQLite, orchard.serving.events):
     # default $ORCHARD_HOME/serve/inbox.sqlite3.

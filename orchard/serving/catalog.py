@@ -17,7 +17,7 @@ from orchard.core import formats
 from orchard.core.clients import es_client, s3_client
 from orchard.core.lake import Field
 from orchard.core.settings import Settings
-from orchard.spark_app.search import filters, quantized, result_row, similar
+from orchard.spark_app.search import ROW_FIELDS, filters, quantized, result_row, similar
 
 MAX_WINDOW = 10_000  # Elasticsearch's default max_result_window: pages beyond it are refused
 VECTOR_FIELDS = [Field.EMBEDDING, Field.PRETRAINED_EMBEDDING]  # large, and of no use to a client
@@ -119,18 +119,13 @@ class Catalog:
             vectors.append(hit["_source"][Field.EMBEDDING])
         return ids, np.array(vectors, dtype=np.float32)
 
-    def rows(self, scored_ids: Sequence[Sequence[tuple[str, float]]]) -> list[list[dict]]:
-        """The result rows of (id, score) lists, in their order, read in one multi-get; an id whose
-        document is gone is left out."""
-        wanted = list(dict.fromkeys(image_id for found in scored_ids for image_id, _ in found))
-        if not wanted:
-            return [[] for _ in scored_ids]
-        docs = self.es.mget(index=self.s.images_index, ids=wanted, source_excludes=VECTOR_FIELDS)["docs"]
-        sources = {doc["_id"]: doc["_source"] for doc in docs if doc.get("found")}
-        return [
-            [result_row({"_id": i, "_source": sources[i], "_score": score}) for i, score in found if i in sources]
-            for found in scored_ids
-        ]
+    def rows_by_id(self, ids: Sequence[str]) -> dict[str, dict]:
+        """The result rows (without a score) of the images `ids`, read in one multi-get of the fields
+        a row shows; an id whose document is gone is not in the answer."""
+        if not ids:
+            return {}
+        docs = self.es.mget(index=self.s.images_index, ids=list(ids), source_includes=ROW_FIELDS)["docs"]
+        return {doc["_id"]: result_row({**doc, "_score": None}) for doc in docs if doc.get("found")}
 
     def _knn(self, vector: list[float], model: str, k: int) -> dict:
         """The kNN clause: k nearest by `model`'s embedding (rescored on full vectors if quantized)."""

@@ -146,6 +146,10 @@ def matching(es, index: str, clauses: list[dict], limit: int = 20) -> list[dict]
     return [result_row(hit) for hit in response["hits"]["hits"]]
 
 
+# The document fields a result row (of the trained space) is made of: what a read for rows asks for.
+ROW_FIELDS = [Field.KEY, Field.LABEL, Field.PREDICTION, TRAINED.pca]
+
+
 def result_row(hit: dict, space: Space = TRAINED) -> dict:
     """One flat result row from a search hit (x, y: the 2-D PCA of `space`)."""
     src = hit["_source"]

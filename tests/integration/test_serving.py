@@ -50,6 +50,8 @@ def test_stack_status_lists_the_service_healthy(api):
     rows = {row["service"]: row for row in json.loads(ok(orchard("stack", "status", "--json")).stdout)}
     assert rows["serve"]["health"] == "healthy" and rows["serve"]["pid"]
     assert api.get("/openapi.json").json()["paths"].keys() >= {"/v1/predict", "/v1/images", "/healthz"}
+    # numpy's BLAS held to ORCHARD_SERVE_BLAS_THREADS (1) while the service runs (its threads spin)
+    assert api.get("/healthz").json()["blas_threads"] == 1
 
 
 def test_predictions_equal_local_predict_and_find_the_lake_copy_first(api, served):

@@ -1,15 +1,22 @@
-"""BodyLimit (orchard/serving/limits.py) driven as bare ASGI, and the API's access helpers
-(is_loopback, bearer_token in orchard/serving/api.py)."""
+"""BodyLimit (orchard/serving/limits.py) driven as bare ASGI, the API's access helpers
+(is_loopback, bearer_token in orchard/serving/api.py), and where a request's images are decoded
+(prepared_uploads: on the event loop only for small pictures)."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import math
+import threading
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from orchard.serving.api import bearer_token, is_loopback
+from orchard.serving.api import INLINE_DECODE_PIXELS, Upload, bearer_token, is_loopback, prepared_uploads
 from orchard.serving.limits import BodyLimit, BodyTooLarge, declared_length
+from orchard.serving.predictor import SMALL_PICTURE_BYTES, small_picture_pixels
 
 LIMIT = 100
 
@@ -161,3 +168,51 @@ def test_is_loopback(host, loopback):
 )
 def test_bearer_token(header, token):
     assert bearer_token(header) == token
+
+
+def encoded(width: int, height: int, fmt: str = "JPEG", noise: bool = False) -> bytes:
+    """A width x height picture encoded as `fmt` (random pixels compress badly: a large body)."""
+    rng = np.random.default_rng(7)
+    pixels = (
+        rng.integers(0, 256, (height, width, 3), dtype=np.uint8) if noise else np.zeros((height, width, 3), np.uint8)
+    )
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt)
+    return out.getvalue()
+
+
+def test_small_picture_pixels_reads_the_header_of_small_bodies_only():
+    assert small_picture_pixels(encoded(100, 80)) == 8000
+    assert small_picture_pixels(encoded(4000, 3000)) == 12_000_000  # a small file can declare many pixels
+    big = encoded(600, 600, "PNG", noise=True)
+    assert len(big) > SMALL_PICTURE_BYTES and small_picture_pixels(big) == math.inf
+    assert small_picture_pixels(b"not an image") == math.inf
+
+
+class ThreadNoting:
+    """A serving model stand-in that notes the thread each input is prepared in."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def input_of(self, content: bytes, max_pixels: int) -> np.ndarray:
+        self.threads.append(threading.current_thread().name)
+        return np.zeros(1)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "inline"),
+    [([(100, 100)], True), ([(100, 100)] * 26, True), ([(100, 100)] * 27, False), ([(2000, 1500)], False)],
+)
+def test_requests_of_small_pictures_are_decoded_on_the_event_loop_and_others_in_a_worker(sizes, inline):
+    assert 26 * 100 * 100 <= INLINE_DECODE_PIXELS < 27 * 100 * 100
+    model = ThreadNoting()
+    uploads = [Upload(f"{i}.jpg", encoded(w, h)) for i, (w, h) in enumerate(sizes)]
+
+    async def prepare() -> tuple[list[dict], str]:
+        return await prepared_uploads(model, uploads, 10**8), threading.current_thread().name  # type: ignore[arg-type]
+
+    prepared, loop_thread = asyncio.run(prepare())
+    assert [p["file"] for p in prepared] == [u.name for u in uploads] and all("input" in p for p in prepared)
+    assert (loop_thread in model.threads) is inline
+    assert len(set(model.threads)) == 1  # one call prepares the whole request

@@ -1,5 +1,6 @@
 """Neighbour search of the service (orchard/serving/neighbours.py): exact cosine top-k in memory,
-scored like Elasticsearch, and when the held copy is used, loaded, reloaded or given up. The index
+scored like Elasticsearch, and when the held copy is used, loaded, reloaded or given up; the
+neighbours' rows kept for a bounded time (RowCache). The index
 is a recording stand-in (the real one is exercised by tests/integration/test_serving.py)."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from orchard.serving.neighbours import Embeddings, Neighbours, unit_rows
+from orchard.serving.neighbours import Embeddings, Neighbours, RowCache, scored_rows, unit_rows
 
 
 def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> list[tuple[int, float]]:
@@ -72,9 +73,9 @@ class Index:
         angles = np.linspace(0, np.pi / 2, self.count)
         return [f"{model}-{i}" for i in range(self.count)], np.stack([np.cos(angles), np.sin(angles)], axis=1)
 
-    def rows(self, scored_ids: Sequence[Sequence[tuple[str, float]]]) -> list[list[dict]]:
-        self.calls.append(("rows", len(scored_ids)))
-        return [[{"id": i, "score": s} for i, s in found] for found in scored_ids]
+    def rows_by_id(self, ids: Sequence[str]) -> dict[str, dict]:
+        self.calls.append(("rows", len(ids)))
+        return {i: {"score": None, "id": i} for i in ids}
 
     def nearest_many(self, model: str, queries) -> list[list[dict]]:
         self.calls.append(("knn", model))
@@ -153,3 +154,59 @@ def test_a_failed_check_keeps_the_held_copy_and_zero_disables_memory():
     never = Neighbours(Index(count=5), max_vectors=0, recheck_seconds=0)
     never.nearest_many("v1", [([1.0, 0.0], 1)])
     assert never._loading is None and never.describe()["searched_in"] == "elasticsearch"
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Reads:
+    """Rows read from a stand-in index: the ids asked at each read; `gone` ids have no document."""
+
+    def __init__(self, gone: frozenset[str] = frozenset()):
+        self.asked: list[list[str]] = []
+        self.gone, self.version = gone, 1
+
+    def __call__(self, ids: list[str]) -> dict[str, dict]:
+        self.asked.append(ids)
+        return {i: {"id": i, "label": f"label-{self.version}"} for i in ids if i not in self.gone}
+
+
+def test_rows_are_read_once_then_held_until_they_are_ttl_seconds_old():
+    clock, reads = Clock(), Reads()
+    cache = RowCache(ttl=5, clock=clock)
+    assert cache.rows(["a", "b", "a"], reads) == {
+        "a": {"id": "a", "label": "label-1"},
+        "b": {"id": "b", "label": "label-1"},
+    }
+    reads.version = 2  # a new prediction written meanwhile
+    clock.now += 4.9
+    assert cache.rows(["b", "c"], reads)["b"]["label"] == "label-1"  # held: at most 5 s old
+    clock.now += 0.2
+    got = cache.rows(["a", "b", "c"], reads)
+    assert reads.asked == [["a", "b"], ["c"], ["a", "b"]]  # each read asks only what is not held, once
+    assert {i: row["label"] for i, row in got.items()} == {"a": "label-2", "b": "label-2", "c": "label-2"}
+
+
+def test_gone_documents_are_left_out_and_asked_again_and_the_least_recently_used_go_first():
+    clock, reads = Clock(), Reads(gone=frozenset({"x"}))
+    cache = RowCache(ttl=60, capacity=2, clock=clock)
+    assert cache.rows(["x", "a"], reads).keys() == {"a"}
+    assert cache.rows(["x"], reads) == {}
+    cache.rows(["b"], reads)
+    cache.rows(["a"], reads)  # held; now the most recently used
+    cache.rows(["c"], reads)  # over capacity: b goes, not a
+    cache.rows(["a", "b"], reads)
+    assert reads.asked == [["x", "a"], ["x"], ["b"], ["c"], ["b"]]
+
+
+def test_scored_rows_keep_each_querys_order_and_scores():
+    rows = {"a": {"score": None, "id": "a"}, "b": {"score": None, "id": "b"}}
+    found = [[("b", 0.9), ("gone", 0.8), ("a", 0.7)], []]
+    assert scored_rows(found, rows) == [[{"score": 0.9, "id": "b"}, {"score": 0.7, "id": "a"}], []]
