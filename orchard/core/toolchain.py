@@ -68,13 +68,16 @@ class Toolchain:
 
     def class_archives(self, classpath: str) -> tuple[Path, Path]:
         """The (driver, executor) class-data sharing archives of Spark JVMs on `classpath`, under a
-        folder named after what an archive is only valid for: this JDK and these exact jars."""
+        folder named after what an archive is only valid for: this JDK and these exact jars (the JVM
+        refuses an archive if a jar's size or modification time differs: a reinstalled venv has the
+        same jars with new times, and needs new archives)."""
         release = self.java_home / "release"
         key = hashlib.sha256(release.read_bytes() if release.exists() else str(self.java_home).encode())
         for entry in classpath.split(":"):
             path = Path(entry)
             files = sorted(path.parent.glob("*.jar")) if path.name == "*" else [path]
-            key.update("".join(f"{f}:{f.stat().st_size}\n" for f in files if f.exists()).encode())
+            stats = ((f, f.stat()) for f in files if f.exists())
+            key.update("".join(f"{f}:{st.st_size}:{st.st_mtime_ns}\n" for f, st in stats).encode())
         folder = self.cache_dir / "class-archives" / key.hexdigest()[:16]
         return folder / "driver.jsa", folder / "executor.jsa"
 

@@ -4,6 +4,7 @@ real: tests/integration/test_class_archive.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,14 @@ def test_an_archive_is_named_after_the_jdk_and_the_exact_jars(tools: Toolchain, 
     driver, executor = tools.class_archives(classpath)
     assert driver.parent == executor.parent and driver.parent.parent == tools.cache_dir / "class-archives"
     assert tools.class_archives(classpath) == (driver, executor)  # stable
-    (tmp_path / "jars" / "j1.jar").write_bytes(b"x" * 21)  # a jar of the wildcard replaced
+    replaced = tmp_path / "jars" / "j1.jar"
+    times = replaced.stat().st_atime_ns, replaced.stat().st_mtime_ns
+    replaced.write_bytes(b"x" * 21)  # a jar of the wildcard replaced
     assert tools.class_archives(classpath)[0] != driver
-    jars(tmp_path / "jars", 10, 20)
+    replaced.write_bytes(b"x" * 20)
+    os.utime(replaced, ns=(times[0], times[1] + 1_000_000_000))  # the same jar reinstalled (a new venv)
+    assert tools.class_archives(classpath)[0] != driver  # the JVM would refuse the archive
+    os.utime(replaced, ns=times)
     assert tools.class_archives(classpath)[0] == driver
     (tmp_path / "jdk" / "release").write_text('JAVA_VERSION="17.0.16"\n')  # another JDK
     assert tools.class_archives(classpath)[0] != driver
