@@ -117,7 +117,9 @@ def create_app(s: Settings, holder: ModelHolder | None = None, catalog: Catalog 
             service.neighbours.start()
             service.lake.start()
             service.enricher.start()
-            watcher = asyncio.create_task(service.holder.watch(s.serve_reload_seconds), name="serving-alias")
+            # A new model's neighbours are loaded as soon as it serves, not at its first search.
+            watching = service.holder.watch(s.serve_reload_seconds, lambda model: service.nearby.warm(model.version))
+            watcher = asyncio.create_task(watching, name="serving-alias")
             yield
             watcher.cancel()
             await service.enricher.stop()

@@ -92,7 +92,7 @@ class Catalog:
             self._quantized = quantized(self.es, self.s.images_index)
         searches: list[dict] = []
         for vector, k in queries:
-            searches += [{}, {"knn": self._knn(vector, model, k), "size": k, "_source": {"excludes": VECTOR_FIELDS}}]
+            searches += [{}, {"knn": self._knn(vector, model, k), "size": k, "_source": ROW_FIELDS}]
         response = self.es.msearch(index=self.s.images_index, searches=searches)
         failed = [item["error"] for item in response["responses"] if "error" in item]
         if failed:

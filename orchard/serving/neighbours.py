@@ -92,13 +92,15 @@ class RowCache:
         the others from one call of `read` (never asked for nothing)."""
         now = self._clock()
         found: dict[str, dict] = {}
+        missing: list[str] = []
         with self._lock:
             for image_id in dict.fromkeys(ids):
                 held = self._rows.get(image_id)
                 if held is not None and now - held[0] < self.ttl:
                     found[image_id] = held[1]
                     self._rows.move_to_end(image_id)
-        missing = [image_id for image_id in dict.fromkeys(ids) if image_id not in found]
+                else:
+                    missing.append(image_id)
         if missing:
             fresh = read(missing)
             self._keep(now, fresh)
@@ -145,6 +147,11 @@ class Neighbours:
         found = held.nearest(np.array([vector for vector, _ in queries]), [k for _, k in queries])
         ids = [image_id for pairs in found for image_id, _ in pairs]
         return scored_rows(found, self._rows.rows(ids, self._source.rows_by_id))
+
+    def warm(self, model: str) -> None:
+        """Start loading `model`'s embeddings now (a newly served model), so that its first
+        searches are already answered from memory rather than by Elasticsearch."""
+        self._current(model)
 
     def describe(self) -> dict:
         """What answers neighbour searches now (for /healthz)."""

@@ -182,11 +182,13 @@ class ModelHolder:
             log.warning("%s", problem)
         self.problem = problem
 
-    async def watch(self, every: float) -> None:
-        """Refresh now, then every `every` seconds, forever (cancelled at shutdown)."""
+    async def watch(self, every: float, loaded: Callable[[ServingModel], None] = lambda _: None) -> None:
+        """Refresh now, then every `every` seconds, forever (cancelled at shutdown); `loaded` is
+        called with each model that starts serving."""
         while True:
             try:
-                await asyncio.to_thread(self.refresh)
+                if await asyncio.to_thread(self.refresh) and self.current is not None:
+                    loaded(self.current)
             except Exception as exc:  # e.g. Elasticsearch down: keep serving, retry later
                 self.report(f"cannot read the serving alias: {type(exc).__name__}: {exc}"[:300])
             await asyncio.sleep(every)
