@@ -117,9 +117,7 @@ def create_app(s: Settings, holder: ModelHolder | None = None, catalog: Catalog 
             service.neighbours.start()
             service.lake.start()
             service.enricher.start()
-            # A new model's neighbours are loaded as soon as it serves, not at its first search.
-            watching = service.holder.watch(s.serve_reload_seconds, lambda model: service.nearby.warm(model.version))
-            watcher = asyncio.create_task(watching, name="serving-alias")
+            watcher = asyncio.create_task(service.holder.watch(s.serve_reload_seconds), name="serving-alias")
             yield
             watcher.cancel()
             await service.enricher.stop()

@@ -148,11 +148,6 @@ class Neighbours:
         ids = [image_id for pairs in found for image_id, _ in pairs]
         return scored_rows(found, self._rows.rows(ids, self._source.rows_by_id))
 
-    def warm(self, model: str) -> None:
-        """Start loading `model`'s embeddings now (a newly served model), so that its first
-        searches are already answered from memory rather than by Elasticsearch."""
-        self._current(model)
-
     def describe(self) -> dict:
         """What answers neighbour searches now (for /healthz)."""
         held = self.held

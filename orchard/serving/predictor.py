@@ -182,13 +182,11 @@ class ModelHolder:
             log.warning("%s", problem)
         self.problem = problem
 
-    async def watch(self, every: float, loaded: Callable[[ServingModel], None] = lambda _: None) -> None:
-        """Refresh now, then every `every` seconds, forever (cancelled at shutdown); `loaded` is
-        called with each model that starts serving."""
+    async def watch(self, every: float) -> None:
+        """Refresh now, then every `every` seconds, forever (cancelled at shutdown)."""
         while True:
             try:
-                if await asyncio.to_thread(self.refresh) and self.current is not None:
-                    loaded(self.current)
+                await asyncio.to_thread(self.refresh)
             except Exception as exc:  # e.g. Elasticsearch down: keep serving, retry later
                 self.report(f"cannot read the serving alias: {type(exc).__name__}: {exc}"[:300])
             await asyncio.sleep(every)

@@ -210,13 +210,3 @@ def test_scored_rows_keep_each_querys_order_and_scores():
     rows = {"a": {"score": None, "id": "a"}, "b": {"score": None, "id": "b"}}
     found = [[("b", 0.9), ("gone", 0.8), ("a", 0.7)], []]
     assert scored_rows(found, rows) == [[{"score": 0.9, "id": "b"}, {"score": 0.7, "id": "a"}], []]
-
-
-def test_warm_loads_a_newly_served_models_copy_before_any_search():
-    index = Index(count=10)
-    nearby = Neighbours(index, max_vectors=100, recheck_seconds=3600)
-    nearby.warm("v1")
-    settle(nearby)
-    assert nearby.describe()["searched_in"] == "memory" and index.kinds() == ["count", "embeddings"]
-    [rows] = nearby.nearest_many("v1", [([1.0, 0.0], 1)])
-    assert rows[0]["id"] == "v1-0" and "knn" not in index.kinds()  # Elasticsearch never asked
