@@ -18,11 +18,16 @@ One run, one dataset (`bench-serve-<seed>`: --classes x --per-class train + --te
               vegeta (Go, pinned in deps/versions.env, built on first use): Python clients on the
               same 2 cores took half a core at 480 requests/s, and one httpx pool shared by 32
               requests caps near 380.
-  clients_N_predict_only   the largest level again with k=0: predictions alone, what
-              micro-batching makes of the model's images/s
+              The largest level runs in --rounds rounds, each right after a model_only round
+              (below): the machine's speed drifts by tens of percent within minutes (other
+              tenants, steal), so the level and the model alone are timed side by side and their
+              ratio is of the sums over the rounds.
+  clients_N_predict_only   the largest level again with k=0 (in the same rounds): predictions
+              alone, what micro-batching makes of the model's images/s
   model_only  VERSION loaded in this process (load_predictor), predict_on_batch on 32 preprocessed
               test images (the card's preprocessing, as orchard/serving/predictor.py builds inputs)
-              repeated for --model-seconds after a warm-up: images/s
+              after a warm-up, --model-seconds in all (split over the rounds; the service is idle
+              meanwhile): images/s
   enrich      --enrich-per-class x --classes new images (a second dataset, `bench-serve-new-<seed>`)
               uploaded with `orchard upload`; the stack's own `serve` service predicts each from
               MinIO's notification with VERSION (promoted above). Delay per image: from its
@@ -32,8 +37,8 @@ One run, one dataset (`bench-serve-<seed>`: --classes x --per-class train + --te
 
 Prints one JSON line per step and, last, one JSON object with p50_ms_N, p99_ms_N, rps_N per level
 (and p50_ms_32_predict_only, ...), model_only_ips, rps_32_over_model_only,
-rps_32_predict_only_over_model_only, largest_batch (after the last level), enrich_p50_s and
-enrich_p99_s.
+rps_32_predict_only_over_model_only (and their values per round, *_rounds), largest_batch (after
+the last level), enrich_p50_s and enrich_p99_s.
 
   PYTHONPATH=. ~/.cache/orchard/venv/bin/python bench/serve.py [--classes 5 --per-class 40 --test-per-class 10]
 
@@ -71,9 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-per-class", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="concurrent clients per level")
-    parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per level")
-    parser.add_argument("--warmup", type=float, default=3.0, help="untimed seconds before each level")
-    parser.add_argument("--model-seconds", type=float, default=10.0, help="model-only timing")
+    parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per level (in all)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="untimed seconds before each level (each round)")
+    parser.add_argument("--model-seconds", type=float, default=12.0, help="model-only timing (in all)")
+    parser.add_argument("--rounds", type=int, default=3, help="model-only and largest-level rounds, alternated")
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /healthz ready")
     parser.add_argument("--enrich-per-class", type=int, default=20, help="new images per class for the enrich step")
     parser.add_argument("--enrich-timeout", type=float, default=300.0, help="seconds to wait for every prediction")
@@ -254,24 +260,60 @@ def add_server_timing(parts: dict[str, list[float]], header: str) -> None:
             parts.setdefault(name, []).append(float(duration))
 
 
-def run_levels(o: argparse.Namespace, base: str, images: list[tuple[str, bytes]], work: Path) -> list[dict]:
-    """Each --levels level with --k neighbours per request, then the largest level again with none
-    (predictions alone: what micro-batching makes of the model's images/s)."""
+def run_levels(
+    o: argparse.Namespace, base: str, images: list[tuple[str, bytes]], work: Path, model: ModelTimer
+) -> list[dict]:
+    """Each --levels level with --k neighbours per request; the largest in --rounds rounds, each
+    after a model-only round and followed by the same level with no neighbours (predictions alone:
+    what micro-batching makes of the model's images/s). Returns the levels and, last, model_only."""
     binary = vegeta()
-    plan = [(clients, o.k) for clients in o.levels]
-    if o.k:
-        plan.append((max(o.levels), 0))
+    largest = max(o.levels)
+    plan = [(largest, o.k)] + ([(largest, 0)] if o.k else [])
     levels = []
-    for clients, k in plan:
-        log.info("%d concurrent clients, %d similar images per request", clients, k)
-        targets = write_targets(work / f"targets-k{k}.json", base, images, k)
-        level = load_level(binary, targets, clients, o.seconds, o.warmup)
-        level = {"step": f"clients_{clients}" + ("" if k == o.k else "_predict_only"), "k": k, **level}
-        health = healthz(base)
-        level["largest_batch_so_far"] = health.get("largest_batch")
-        level["neighbours"] = health.get("neighbours")  # searched in memory or by Elasticsearch
-        levels.append(level)
-    return levels
+    for clients in (n for n in o.levels if n != largest):
+        log.info("%d concurrent clients, %d similar images per request", clients, o.k)
+        targets = targets_of(o, base, images, work, o.k)
+        levels.append(level_step(o, base, load_level(binary, targets, clients, o.seconds, o.warmup), o.k))
+    rounds: dict[int, list[dict]] = {k: [] for _, k in plan}
+    alone = []
+    for r in range(o.rounds):
+        alone.append(model.time(o.model_seconds / o.rounds))
+        for clients, k in plan:
+            log.info("round %d/%d: %d concurrent clients, %d similar images per request", r + 1, o.rounds, clients, k)
+            targets = targets_of(o, base, images, work, k)
+            rounds[k].append(load_level(binary, targets, clients, o.seconds / o.rounds, o.warmup))
+    levels += [level_step(o, base, merged_rounds(rounds[k]), k) for _, k in plan]
+    return [*levels, merged_model_rounds(alone)]
+
+
+def targets_of(o: argparse.Namespace, base: str, images: list[tuple[str, bytes]], work: Path, k: int) -> Path:
+    """The vegeta targets file of requests asking `k` neighbours."""
+    return write_targets(work / f"targets-k{k}.json", base, images, k)
+
+
+def level_step(o: argparse.Namespace, base: str, level: dict, k: int) -> dict:
+    """A level's step: its name, and the service's largest batch and neighbour search after it."""
+    name = f"clients_{level['clients']}" + ("" if k == o.k else "_predict_only")
+    health = healthz(base)
+    step = {"step": name, "k": k, **level, "largest_batch_so_far": health.get("largest_batch")}
+    step["neighbours"] = health.get("neighbours")  # searched in memory or by Elasticsearch
+    return step
+
+
+def merged_rounds(rounds: list[dict]) -> dict:
+    """One level of its rounds: requests/s of the sums, the worst p99, the median p50 (a summary
+    of each round kept under `rounds`)."""
+    requests, seconds = sum(r["requests"] for r in rounds), sum(r["seconds"] for r in rounds)
+    return {
+        **rounds[0],
+        "requests": requests,
+        "failures": sum(r["failures"] for r in rounds),
+        "seconds": round(seconds, 2),
+        "p50_ms": percentile([r["p50_ms"] for r in rounds if r["p50_ms"] is not None], 50),
+        "p99_ms": max((r["p99_ms"] for r in rounds if r["p99_ms"] is not None), default=None),
+        "rps": round(requests / seconds, 1) if seconds > 0 else None,
+        "rounds": [{name: r[name] for name in ("requests", "seconds", "rps", "p50_ms", "p99_ms")} for r in rounds],
+    }
 
 
 def healthz(base: str) -> dict:
@@ -281,35 +323,48 @@ def healthz(base: str) -> dict:
     return httpx.get(f"{base}/healthz", timeout=10).json()
 
 
-def model_only(version: str, images: list[tuple[str, bytes]], seconds: float) -> dict:
-    """images/s of the version's network alone on one batch of MODEL_BATCH preprocessed test images."""
-    import numpy as np
+class ModelTimer:
+    """VERSION's network loaded in this process (load_predictor) and one batch of MODEL_BATCH
+    preprocessed test images (the card's preprocessing, as orchard/serving/predictor.py builds inputs)."""
 
-    from orchard.core.settings import load_settings
-    from orchard.spark_app.images import decode_image
-    from orchard.spark_app.local_prediction import load_predictor
-    from orchard.spark_app.preprocess import preprocessor
+    def __init__(self, version: str, images: list[tuple[str, bytes]]):
+        import numpy as np
 
-    net, card = load_predictor(load_settings(), version)
-    prep = preprocessor(card["preprocessing"])
-    size = tuple(int(v) for v in card["input_size"])
-    channels = int(card.get("channels", 3))
-    inputs = [prep(decode_image(images[i % len(images)][1], (size[0], size[1]), channels)) for i in range(MODEL_BATCH)]
-    batch = np.stack(inputs)
-    for _ in range(3):  # trace and warm up, outside the timing
-        net.predict_on_batch(batch)
-    calls = 0
-    began = time.monotonic()
-    while time.monotonic() - began < seconds:
-        net.predict_on_batch(batch)
-        calls += 1
-    wall = time.monotonic() - began
+        from orchard.core.settings import load_settings
+        from orchard.spark_app.images import decode_image
+        from orchard.spark_app.local_prediction import load_predictor
+        from orchard.spark_app.preprocess import preprocessor
+
+        self.net, card = load_predictor(load_settings(), version)
+        prep = preprocessor(card["preprocessing"])
+        size = tuple(int(v) for v in card["input_size"])
+        channels = int(card.get("channels", 3))
+        pictures = [images[i % len(images)][1] for i in range(MODEL_BATCH)]
+        self.batch = np.stack([prep(decode_image(p, (size[0], size[1]), channels)) for p in pictures])
+        for _ in range(3):  # trace and warm up, outside the timing
+            self.net.predict_on_batch(self.batch)
+
+    def time(self, seconds: float) -> dict:
+        """predict_on_batch of the batch, repeated for `seconds`: calls and images/s."""
+        calls, began = 0, time.monotonic()
+        while time.monotonic() - began < seconds:
+            self.net.predict_on_batch(self.batch)
+            calls += 1
+        wall = time.monotonic() - began
+        return {"calls": calls, "seconds": round(wall, 2), "images_per_second": round(calls * MODEL_BATCH / wall, 1)}
+
+
+def merged_model_rounds(rounds: list[dict]) -> dict:
+    """The model_only step of its rounds: images/s of the sums."""
+    calls, seconds = sum(r["calls"] for r in rounds), sum(r["seconds"] for r in rounds)
+    ips = round(calls * MODEL_BATCH / seconds, 1)
     return {
         "step": "model_only",
         "batch": MODEL_BATCH,
         "calls": calls,
-        "seconds": round(wall, 2),
-        "images_per_second": round(calls * MODEL_BATCH / wall, 1),
+        "seconds": round(seconds, 2),
+        "images_per_second": ips,
+        "rounds": rounds,
     }
 
 
@@ -389,12 +444,10 @@ def main(argv: list[str] | None = None) -> int:
                 "port": port,
                 "ready_seconds": round(wait_ready(base, version, proc, o.ready_timeout, log_path), 1),
             }
-            levels = run_levels(o, base, images, work)
+            *levels, alone = run_levels(o, base, images, work, ModelTimer(version, images))
             health = healthz(base)
         finally:
             stop_server(proc)
-        log.info("service stopped; timing the model alone")
-        alone = model_only(version, images, o.model_seconds)
         log.info("uploading new images: the stack's service predicts them from MinIO's notifications")
         enrich = enrichment(o, seed, work, version)
     by = report_steps([train, features, {"step": "promote", "version": version}, ready, *levels, alone, enrich])
@@ -407,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("rps_32", "rps_32_predict_only"):
         rps = result.get(name)
         result[f"{name}_over_model_only"] = round(rps / model_ips, 3) if rps and model_ips else None
+        level = by.get(name.replace("rps", "clients"), {})
+        result[f"{name}_over_model_only_rounds"] = [
+            round(r["rps"] / m["images_per_second"], 3)
+            for r, m in zip(level.get("rounds", []), alone["rounds"], strict=False)
+            if r["rps"]
+        ]
     result["largest_batch"] = levels[-1]["largest_batch_so_far"] if levels else None
     result["model_calls"] = health.get("model_calls")
     result["images_predicted"] = health.get("images_predicted")

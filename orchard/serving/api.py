@@ -25,7 +25,8 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, QueryParams
+from starlette.types import ASGIApp, Receive, Scope, Send
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from orchard.core.settings import Settings
@@ -33,7 +34,7 @@ from orchard.serving.batcher import MicroBatcher
 from orchard.serving.catalog import MAX_WINDOW, Catalog, ImageNotFound, Page
 from orchard.serving.enrichment import Enricher
 from orchard.serving.events import Inbox, object_events
-from orchard.serving.limits import BodyLimit, BodyTooLarge
+from orchard.serving.limits import BodyLimit, BodyTooLarge, send_json
 from orchard.serving.neighbours import Neighbours
 from orchard.serving.prediction_log import PredictionLog
 from orchard.serving.predictor import (
@@ -42,8 +43,10 @@ from orchard.serving.predictor import (
     Scored,
     ServingModel,
     content_id,
-    small_picture_pixels,
+    small_picture,
 )
+from orchard.serving.uploads import BadRequest, Upload, read_uploads
+from orchard.spark_app.images import Raster
 from orchard.spark_app.registry import list_versions
 
 log = logging.getLogger(__name__)
@@ -85,16 +88,9 @@ class Service:
         self.neighbours = MicroBatcher(self.nearby.nearest_many, self.s.serve_max_batch, 0, name="neighbour search")
 
 
-@dataclass(frozen=True)
-class Upload:
-    """One posted image: its file name (or "body") and bytes."""
-
-    name: str
-    content: bytes
-
-
-def create_app(s: Settings, holder: ModelHolder | None = None, catalog: Catalog | None = None) -> FastAPI:
-    """The service's FastAPI app (the model loads in the background once it starts)."""
+def create_app(s: Settings, holder: ModelHolder | None = None, catalog: Catalog | None = None) -> ASGIApp:
+    """The service's ASGI app: POST /v1/predict (predict_route), every other route by FastAPI (the
+    model loads in the background once it starts)."""
     service = Service(
         s,
         holder or ModelHolder(s),
@@ -127,11 +123,31 @@ def create_app(s: Settings, holder: ModelHolder | None = None, catalog: Catalog 
 
     app = FastAPI(title="Orchard", summary="Predictions and search over the image lake", lifespan=lifespan)
     app.state.service = service
-    app.add_middleware(BodyLimit, max_bytes=int(s.serve_max_request_mb * 2**20))
+    max_bytes = int(s.serve_max_request_mb * 2**20)
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
     add_error_handlers(app)
     add_routes(app, service)
     add_page(app)
-    return app
+    document_predict(app)
+    return with_predict_route(app, BodyLimit(predict_route(service), max_bytes))
+
+
+def with_predict_route(app: ASGIApp, predict: ASGIApp) -> ASGIApp:
+    """`app` with POST /v1/predict answered by `predict`.
+
+    Why beside the framework rather than one of its routes: at 32 clients on 2 cores, the ~10 layers
+    each request crosses there (middleware, routing, dependency solving, form spooling) took a share
+    of the one Python thread the model's batches also need (bench/serve.py, README "Serving")."""
+
+    async def front(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PREDICT_PATH:
+            await app(scope, receive, send)
+        elif scope["method"] == "POST":
+            await predict(scope, receive, send)
+        else:
+            await send_json(send, 405, {"error": f"{PREDICT_PATH} takes POST only"}, [(b"allow", b"POST")])
+
+    return front
 
 
 def add_page(app: FastAPI) -> None:
@@ -188,35 +204,12 @@ def add_routes(app: FastAPI, service: Service) -> None:
         model = service.holder.current
         return {"serving": model.version if model else None, "versions": versions}
 
-    @app.post("/v1/predict")
-    async def predict(
-        request: Request,
-        top: int = Query(5, ge=1, le=100, description="labels per image"),
-        k: int = Query(5, ge=0, le=100, description="similar images of the lake per image (0: none)"),
-    ) -> JSONResponse:
-        """Top labels with confidence and the k most similar lake images of each posted image
-        (multipart files, or one raw image body)."""
-        require_key(request, service)
-        model = service.holder.current
-        if model is None:
-            raise HTTPException(503, service.holder.problem or "no model is loaded yet")
-        timing = Timing()
-        with timing.part("read"):
-            uploads = await uploads_of(request)
-        results = await predict_uploads(service, model, uploads, top, k, timing)
-        failed = [r for r in results if "error" in r]
-        status = 200 if len(failed) < len(results) else max(r["status"] for r in failed)
-        body: dict = {"model": model.version, "predictions": [strip_status(r) for r in results]}
-        if status != 200:
-            body["error"] = "; ".join(f"{r['file']}: {r['error']}" for r in failed)
-        return JSONResponse(body, status_code=status, headers={"Server-Timing": timing.header()})
-
     @app.post("/v1/events", include_in_schema=False)
     async def events(request: Request) -> JSONResponse:
         """MinIO's object-created notifications (webhook target, the API key as its token): the new
         images' events kept in the service's inbox and predicted in batches (orchard.serving.enrichment);
         503 if the inbox cannot keep them, and MinIO keeps them and sends them again."""
-        require_key(request, service, always=True)
+        require_key(request.headers, service, always=True)
         try:
             body = await request.json()
         except ValueError:
@@ -261,6 +254,115 @@ def add_routes(app: FastAPI, service: Service) -> None:
         """The k images nearest to one of the lake by embedding (`orchard features` must have run)."""
         rows = await asyncio.to_thread(service.catalog.similar_to_image, image_id, k)
         return {"id": image_id, "similar": [with_url(request, row) for row in rows]}
+
+
+def predict_route(service: Service) -> ASGIApp:
+    """POST /v1/predict as a plain ASGI app: top labels with confidence and the k most similar lake
+    images of each posted image (multipart files, or one raw image body); errors as JSON like every
+    route's (add_error_handlers). Documented in the OpenAPI schema by document_predict."""
+
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        headers: list[tuple[bytes, bytes]] = []
+        try:
+            status, body, headers = await answer_predict(service, scope, receive)
+        except BadRequest as exc:
+            status, body = exc.status, {"error": str(exc)}
+        except HTTPException as exc:  # require_key's 401, no model's 503
+            status, body = exc.status_code, {"error": str(exc.detail)}
+        except BodyTooLarge as exc:
+            status, body = 413, {"error": str(exc)}
+        except Exception as exc:
+            log.error("POST %s failed", PREDICT_PATH, exc_info=exc)
+            status, body = 500, {"error": "internal error (see the service log)"}
+        await send_json(send, status, body, headers)
+
+    return endpoint
+
+
+async def answer_predict(service: Service, scope: Scope, receive: Receive) -> tuple[int, dict, list]:
+    """(status, body, extra headers) of a POST /v1/predict."""
+    headers, query = Headers(scope=scope), QueryParams(scope["query_string"])
+    top, k = bounded_int(query, "top", 5, 1, 100), bounded_int(query, "k", 5, 0, 100)
+    require_key(headers, service)
+    model = service.holder.current
+    if model is None:
+        raise HTTPException(503, service.holder.problem or "no model is loaded yet")
+    timing = Timing()
+    with timing.part("read"):
+        uploads = await read_uploads(headers.get("content-type", ""), query.get("name", "body"), receive)
+    results = await predict_uploads(service, model, uploads, top, k, timing)
+    failed = [r for r in results if "error" in r]
+    status = 200 if len(failed) < len(results) else max(r["status"] for r in failed)
+    body: dict = {"model": model.version, "predictions": [strip_status(r) for r in results]}
+    if status != 200:
+        body["error"] = "; ".join(f"{r['file']}: {r['error']}" for r in failed)
+    return status, body, [(b"server-timing", timing.header().encode())]
+
+
+def bounded_int(query: QueryParams, name: str, default: int, low: int, high: int) -> int:
+    """The integer query parameter `name` (`default` when absent); BadRequest 422 unless it is an
+    integer from `low` to `high`."""
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"query.{name}: {raw!r} is not an integer", 422) from None
+    if not low <= value <= high:
+        raise BadRequest(f"query.{name}: {value} is not between {low} and {high}", 422)
+    return value
+
+
+def document_predict(app: FastAPI) -> None:
+    """Add POST /v1/predict (predict_route, outside FastAPI's routes) to the app's OpenAPI schema."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema["paths"][PREDICT_PATH] = {"post": PREDICT_OPENAPI}
+        return app.openapi_schema or schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend its schema
+
+
+def integer_parameter(name: str, default: int, low: int, high: int, description: str) -> dict:
+    """An OpenAPI query parameter: an integer from `low` to `high`."""
+    schema = {"type": "integer", "minimum": low, "maximum": high, "default": default}
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+PREDICT_PATH = "/v1/predict"
+FILES_SCHEMA = {"type": "array", "items": {"type": "string", "format": "binary"}}
+PREDICT_OPENAPI = {
+    "summary": "Predict",
+    "description": "Top labels with confidence and the k most similar lake images of each posted image "
+    "(multipart files, or one raw image body). 200 if any image was predicted; else the failures' status "
+    "with `error` naming each file and its reason.",
+    "parameters": [
+        integer_parameter("top", 5, 1, 100, "labels per image"),
+        integer_parameter("k", 5, 0, 100, "similar images of the lake per image (0: none)"),
+        {
+            "name": "name",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "default": "body"},
+            "description": "the file name of a raw image body",
+        },
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {"files": FILES_SCHEMA}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {
+        "200": {"description": "`model`, and per image `file`, `id`, `top5`, `similar`, `batched_with`"},
+        "4XX": {"description": '`{"error": "..."}` naming the problem'},
+    },
+}
 
 
 async def predict_uploads(
@@ -309,22 +411,24 @@ class Timing:
 async def prepared_uploads(model: ServingModel, uploads: list[Upload], max_pixels: int) -> list[dict]:
     """prepare_upload of each upload: on the event loop when together they are a small picture,
     else in a worker thread, so that a large photo never holds the loop."""
+    pictures = [small_picture(u.content) for u in uploads]  # each header read once, here
 
     def prepare() -> list[dict]:
-        return [prepare_upload(model, u, max_pixels) for u in uploads]
+        return [prepare_upload(model, u, max_pixels, p) for u, p in zip(uploads, pictures, strict=True)]
 
     # Why: a 100x100 JPEG decodes in 0.3 ms, but at 32 clients it waited 8-9 ms for a worker
     # thread (measured, bench/serve.py): paired, decoding such photos here served 1.12x the requests.
-    if sum(small_picture_pixels(u.content) for u in uploads) <= INLINE_DECODE_PIXELS:
+    if all(pictures) and sum(p.picture.width * p.picture.height for p in pictures if p) <= INLINE_DECODE_PIXELS:
         return prepare()
     return await asyncio.to_thread(prepare)
 
 
-def prepare_upload(model: ServingModel, upload: Upload, max_pixels: int) -> dict:
-    """{"file", "id", "input"} for a usable upload, {"file", "id", "error", "status"} otherwise."""
+def prepare_upload(model: ServingModel, upload: Upload, max_pixels: int, opened: Raster | None = None) -> dict:
+    """{"file", "id", "input"} for a usable upload, {"file", "id", "error", "status"} otherwise
+    (`opened`: its picture as small_picture opened it)."""
     result: dict = {"file": upload.name, "id": content_id(upload.content)}
     try:
-        result["input"] = model.input_of(upload.content, max_pixels)
+        result["input"] = model.input_of(upload.content, max_pixels, opened)
     except RejectedImage as exc:
         result.update(error=str(exc), status=exc.status)
     return result
@@ -348,25 +452,10 @@ def strip_status(result: dict) -> dict:
     return {key: value for key, value in result.items() if key != "status"}
 
 
-async def uploads_of(request: Request) -> list[Upload]:
-    """The images of a request: every file part of a multipart form, else the raw body (HTTP 400
-    if there is none)."""
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form()
-        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        uploads = [Upload(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
-    else:
-        body = await request.body()
-        uploads = [Upload(request.query_params.get("name", "body"), body)] if body else []
-    if not uploads:
-        raise HTTPException(400, "no image in the request: post multipart files, or an image as the raw body")
-    return uploads
-
-
-def require_key(request: Request, service: Service, always: bool = False) -> None:
-    """HTTP 401 unless the request carries the API key (when one is required, or offered; `always`
-    for writes)."""
-    offered = request.headers.get(API_KEY_HEADER) or bearer_token(request.headers.get("authorization", ""))
+def require_key(headers: Headers, service: Service, always: bool = False) -> None:
+    """HTTP 401 unless the request's headers carry the API key (when one is required, or offered;
+    `always` for writes)."""
+    offered = headers.get(API_KEY_HEADER) or bearer_token(headers.get("authorization", ""))
     if not offered and not (service.key_required or always):
         return
     expected = service.s.serve_api_key.get_secret_value() if service.s.serve_api_key else ""

@@ -4,6 +4,7 @@ and while it is read (chunked bodies declare no length)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -61,7 +62,12 @@ def declared_length(scope: Scope) -> int | None:
 
 async def refuse(send: Send, reason: str) -> None:
     """Answer 413 with a JSON error, without reading the body."""
-    body = json.dumps({"error": reason}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send_json(send, 413, {"error": reason})
+
+
+async def send_json(send: Send, status: int, content: dict, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """Send a whole JSON response (UTF-8, as the framework's JSONResponse) through ASGI `send`."""
+    body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})

@@ -12,7 +12,6 @@ import gc
 import hashlib
 import io
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +21,10 @@ import numpy as np
 from PIL import Image
 
 from orchard.core.errors import ConfigError, UnusableImage
+from orchard.core.formats import PILLOW, decoder_of
 from orchard.core.rasters import DEFAULT_CONVERSION, Conversion, conversion_from_card
 from orchard.core.settings import Settings
-from orchard.spark_app.images import ImageDecodeError, decode_image, open_raster
+from orchard.spark_app.images import ImageDecodeError, Raster, converted, open_raster
 from orchard.spark_app.local_prediction import load_predictor
 from orchard.spark_app.preprocess import as_probabilities, preprocessor, top_k
 from orchard.spark_app.registry import serving_version
@@ -66,12 +66,16 @@ class ServingModel:
     def classes(self) -> tuple[str, ...]:
         return tuple(self.card["classes"])
 
-    def input_of(self, content: bytes, max_pixels: int) -> np.ndarray:
-        """The model input of an encoded image; RejectedImage saying why it cannot be used."""
-        check_pixels(content, max_pixels)
+    def input_of(self, content: bytes, max_pixels: int, opened: Raster | None = None) -> np.ndarray:
+        """The model input of an encoded image (`opened`: its image as small_picture opened it, so that
+        its header is read once); RejectedImage saying why it cannot be used."""
+        raster = checked_raster(content, max_pixels, opened)
         size = tuple(int(v) for v in self.card["input_size"])
         try:
-            array = decode_image(content, (size[0], size[1]), int(self.card.get("channels", 3)), self.conversion)
+            # decode_image's own path (converted), from the raster already opened
+            array, _ = converted(
+                lambda: raster, (size[0], size[1]), int(self.card.get("channels", 3)), False, self.conversion
+            )
             return self.prep(array)
         except (ImageDecodeError, UnusableImage) as exc:
             raise RejectedImage(str(exc)) from None
@@ -88,11 +92,13 @@ class ServingModel:
         return top_k(scored.probabilities[None, :], self.classes, k)[0]
 
 
-def check_pixels(content: bytes, max_pixels: int) -> None:
-    """RejectedImage (413) if the image declares more than `max_pixels` pixels, read from its header
-    before anything is decoded (a small file can declare gigapixels: a decompression bomb)."""
+def checked_raster(content: bytes, max_pixels: int, opened: Raster | None = None) -> Raster:
+    """The image of the bytes (`opened` if given), opened, nothing decoded; RejectedImage (413) if it
+    declares more than `max_pixels` pixels, read from its header before anything is decoded (a small
+    file can declare gigapixels: a decompression bomb)."""
     try:
-        width, height = open_raster(content).picture.size
+        raster = opened or open_raster(content)
+        width, height = raster.picture.size
     except Image.DecompressionBombError as exc:
         raise RejectedImage(f"over the limit of {max_pixels} pixels (ORCHARD_SERVE_MAX_PIXELS): {exc}", 413) from None
     except Exception as exc:  # any decoder's refusal is the client's bad file
@@ -102,21 +108,22 @@ def check_pixels(content: bytes, max_pixels: int) -> None:
             f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels} (ORCHARD_SERVE_MAX_PIXELS)",
             413,
         )
+    return raster
 
 
 SMALL_PICTURE_BYTES = 256 * 1024
 
 
-def small_picture_pixels(content: bytes) -> int | float:
-    """The pixels a small encoded picture declares in its header (nothing decoded); infinity for
-    a body over SMALL_PICTURE_BYTES or one whose header Pillow cannot read (arrays, broken files)."""
-    if len(content) > SMALL_PICTURE_BYTES:
-        return math.inf
+def small_picture(content: bytes) -> Raster | None:
+    """A small encoded picture opened by Pillow (its header read, nothing decoded: its size is known);
+    None for a body over SMALL_PICTURE_BYTES, an array format (opening .npy or TIFF arrays reads
+    them), or bytes Pillow cannot open (broken files, decompression bombs)."""
+    if len(content) > SMALL_PICTURE_BYTES or decoder_of(content) != PILLOW:
+        return None
     try:
-        width, height = Image.open(io.BytesIO(content)).size
-    except Exception:  # any refusal: not known to be small, decoded in a worker
-        return math.inf
-    return width * height
+        return Raster(Image.open(io.BytesIO(content)))
+    except Exception:  # any refusal: not known to be small, opened again (and refused) in a worker
+        return None
 
 
 def content_id(content: bytes) -> str:

@@ -191,6 +191,8 @@ def test_errors_are_json_naming_the_problem(api, stack: Settings):
     assert invalid.status_code == 422 and "top" in invalid.json()["error"]
     wrong_key = api.post("/v1/predict", content=b"x", headers={"X-API-Key": "wrong"})
     assert wrong_key.status_code == 401 and "API key" in wrong_key.json()["error"]
+    wrong_method = api.get("/v1/predict")
+    assert wrong_method.status_code == 405 and "POST" in wrong_method.json()["error"]
     unknown = orchard("models", "promote", "cnn-00000000000000-00000000")
     assert unknown.returncode == 3 and "not found" in unknown.stderr
 

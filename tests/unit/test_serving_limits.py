@@ -7,16 +7,17 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import math
 import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from orchard.serving.api import INLINE_DECODE_PIXELS, Upload, bearer_token, is_loopback, prepared_uploads
+from orchard.serving.api import INLINE_DECODE_PIXELS, bearer_token, is_loopback, prepared_uploads
 from orchard.serving.limits import BodyLimit, BodyTooLarge, declared_length
-from orchard.serving.predictor import SMALL_PICTURE_BYTES, small_picture_pixels
+from orchard.serving.predictor import SMALL_PICTURE_BYTES, RejectedImage, ServingModel, small_picture
+from orchard.serving.uploads import Upload
+from orchard.spark_app.images import decode_image
 
 LIMIT = 100
 
@@ -181,12 +182,34 @@ def encoded(width: int, height: int, fmt: str = "JPEG", noise: bool = False) -> 
     return out.getvalue()
 
 
-def test_small_picture_pixels_reads_the_header_of_small_bodies_only():
-    assert small_picture_pixels(encoded(100, 80)) == 8000
-    assert small_picture_pixels(encoded(4000, 3000)) == 12_000_000  # a small file can declare many pixels
+def size_of(content: bytes) -> tuple[int, int] | None:
+    """The size of small_picture's opened picture, None if it opened none."""
+    opened = small_picture(content)
+    return opened.picture.size if opened else None
+
+
+def test_small_picture_reads_the_header_of_small_pillow_bodies_only():
+    assert size_of(encoded(100, 80)) == (100, 80)
+    assert size_of(encoded(4000, 3000)) == (4000, 3000)  # a small file can declare many pixels
     big = encoded(600, 600, "PNG", noise=True)
-    assert len(big) > SMALL_PICTURE_BYTES and small_picture_pixels(big) == math.inf
-    assert small_picture_pixels(b"not an image") == math.inf
+    assert len(big) > SMALL_PICTURE_BYTES and size_of(big) is None
+    assert size_of(b"not an image") is None
+    array = io.BytesIO()
+    np.save(array, np.zeros((10, 10, 3), np.uint8))
+    assert size_of(array.getvalue()) is None  # opening an array format reads it: never on the event loop
+
+
+def test_a_picture_opened_once_gives_the_input_of_its_bytes():
+    """input_of from small_picture's raster equals input_of from the bytes alone (decode_image's)."""
+    content = encoded(120, 90, noise=True)
+    model = ServingModel("v", {"input_size": [100, 100], "channels": 3}, None, lambda a: a.astype(np.float32) / 255)
+    from_bytes = model.input_of(content, 10**8)
+    assert from_bytes.shape == (100, 100, 3)
+    np.testing.assert_array_equal(model.input_of(content, 10**8, small_picture(content)), from_bytes)
+    np.testing.assert_array_equal(from_bytes, decode_image(content, (100, 100)).astype(np.float32) / 255)
+    with pytest.raises(RejectedImage, match="ORCHARD_SERVE_MAX_PIXELS") as refused:
+        model.input_of(content, 100 * 90, small_picture(content))
+    assert refused.value.status == 413
 
 
 class ThreadNoting:
@@ -195,7 +218,7 @@ class ThreadNoting:
     def __init__(self) -> None:
         self.threads: list[str] = []
 
-    def input_of(self, content: bytes, max_pixels: int) -> np.ndarray:
+    def input_of(self, content: bytes, max_pixels: int, opened=None) -> np.ndarray:
         self.threads.append(threading.current_thread().name)
         return np.zeros(1)
 
