@@ -42,6 +42,7 @@ from orchard.serving.predictor import (
     RejectedImage,
     Scored,
     ServingModel,
+    Vector,
     content_id,
     small_picture,
 )
@@ -379,7 +380,7 @@ async def predict_uploads(
         with timing.part("model"):
             scored = await service.batcher.submit(model, [p.pop("input") for p in good], ticket) if good else []
     with timing.part("similar"):
-        neighbours = await asyncio.gather(*(nearest_or_none(service, s.embedding, model.version, k) for s, _ in scored))
+        neighbours = await nearest_or_none(service, [s.embedding for s, _ in scored], model.version, k)
     for p, (s, batch), near in zip(good, scored, neighbours, strict=True):
         p["top5"] = [{"label": label, "confidence": round(prob, 6)} for label, prob in model.top(s, top)]
         p["batched_with"] = batch
@@ -434,17 +435,17 @@ def prepare_upload(model: ServingModel, upload: Upload, max_pixels: int, opened:
     return result
 
 
-async def nearest_or_none(service: Service, vector: list[float], version: str, k: int) -> list[dict] | None:
-    """The k nearest lake images by the serving model's embedding; None if the index cannot say
-    (the prediction is still worth answering)."""
-    if k == 0:
-        return []
+async def nearest_or_none(service: Service, vectors: list[Vector], version: str, k: int) -> list[list[dict] | None]:
+    """Per embedding by the serving model: the k nearest lake images (one search for a request's
+    photos); None for each if the index cannot say (the predictions are still worth answering)."""
+    if k == 0 or not vectors:
+        return [[] for _ in vectors]
     try:
-        [(rows, _)] = await service.neighbours.submit(version, [(vector, k)])
+        found = await service.neighbours.submit(version, [(vector, k) for vector in vectors])
     except Exception as exc:  # Elasticsearch down or the index missing: answer without neighbours
         log.warning("nearest images by %s unavailable: %s", version, exc)
-        return None
-    return [{**row, "url": f"/v1/images/{row['id']}/content"} for row in rows]
+        return [None for _ in vectors]
+    return [[{**row, "url": f"/v1/images/{row['id']}/content"} for row in rows] for rows, _ in found]
 
 
 def strip_status(result: dict) -> dict:

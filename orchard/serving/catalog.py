@@ -5,7 +5,7 @@ runs them in worker threads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,7 +85,7 @@ class Catalog:
         rows = similar(self.es, self.s.images_index, image_id, k + 1)
         return [row for row in rows if row["id"] != image_id][:k]
 
-    def nearest_many(self, model: str, queries: Sequence[tuple[list[float], int]]) -> list[list[dict]]:
+    def nearest_many(self, model: str, queries: Sequence[tuple[Iterable[float], int]]) -> list[list[dict]]:
         """For each (vector, k): the k images whose embedding by `model` is nearest (cosine), in one
         multi-search round trip; SearchFailed if Elasticsearch failed any of them."""
         if self._quantized is None:
@@ -127,11 +127,11 @@ class Catalog:
         docs = self.es.mget(index=self.s.images_index, ids=list(ids), source_includes=ROW_FIELDS)["docs"]
         return {doc["_id"]: result_row({**doc, "_score": None}) for doc in docs if doc.get("found")}
 
-    def _knn(self, vector: list[float], model: str, k: int) -> dict:
+    def _knn(self, vector: Iterable[float], model: str, k: int) -> dict:
         """The kNN clause: k nearest by `model`'s embedding (rescored on full vectors if quantized)."""
         knn: dict = {
             "field": Field.EMBEDDING,
-            "query_vector": vector,
+            "query_vector": [float(v) for v in vector],  # a numpy row too (the serving model's output)
             "k": k,
             "num_candidates": max(100, 10 * k),
             "filter": _embedded_by(model),

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,7 +41,7 @@ class EmbeddingSource(Protocol):
 
     def rows_by_id(self, ids: Sequence[str]) -> dict[str, dict]: ...
 
-    def nearest_many(self, model: str, queries: Sequence[tuple[list[float], int]]) -> list[list[dict]]: ...
+    def nearest_many(self, model: str, queries: Sequence[tuple[Iterable[float], int]]) -> list[list[dict]]: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,7 +139,7 @@ class Neighbours:
         self._lock = threading.Lock()
         self._rows = RowCache(recheck_seconds)
 
-    def nearest_many(self, model: str, queries: Sequence[tuple[list[float], int]]) -> list[list[dict]]:
+    def nearest_many(self, model: str, queries: Sequence[tuple[Iterable[float], int]]) -> list[list[dict]]:
         """For each (vector, k): the k nearest lake images' result rows (blocking: a worker thread)."""
         held = self._current(model)
         if held is None:

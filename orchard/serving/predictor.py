@@ -44,12 +44,15 @@ class RejectedImage(ValueError):
         self.status = status
 
 
+Vector = np.ndarray  # one embedding: a float row of the model's output (kept as numpy: no per-value objects)
+
+
 @dataclass(frozen=True)
 class Scored:
     """One image's model outputs: class probabilities (the card's order) and its embedding."""
 
     probabilities: np.ndarray
-    embedding: list[float]
+    embedding: Vector
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,7 +88,7 @@ class ServingModel:
         outputs, embeddings = self.net.predict_on_batch(np.stack(inputs))
         probabilities = as_probabilities(np.asarray(outputs))
         vectors = np.asarray(embeddings).reshape(len(inputs), -1)
-        return [Scored(p, [float(v) for v in vec]) for p, vec in zip(probabilities, vectors, strict=True)]
+        return [Scored(p, vec) for p, vec in zip(probabilities, vectors, strict=True)]
 
     def top(self, scored: Scored, k: int) -> list[tuple[str, float]]:
         """The k most probable (label, probability) pairs of one image, best first."""
