@@ -301,17 +301,24 @@ def level_step(o: argparse.Namespace, base: str, level: dict, k: int) -> dict:
 
 
 def merged_rounds(rounds: list[dict]) -> dict:
-    """One level of its rounds: requests/s of the sums, the worst p99, the median p50 (a summary
-    of each round kept under `rounds`)."""
+    """One level of its rounds: requests/s of the sums, the worst p99, the median p50 and the median
+    of each round's server part medians, the first failure of any (a summary of each round kept under
+    `rounds`)."""
     requests, seconds = sum(r["requests"] for r in rounds), sum(r["seconds"] for r in rounds)
+    parts = {name for r in rounds for name in r["server_p50_ms"]}
     return {
-        **rounds[0],
+        "clients": rounds[0]["clients"],
         "requests": requests,
         "failures": sum(r["failures"] for r in rounds),
+        "first_failure": next((r["first_failure"] for r in rounds if r["first_failure"]), None),
         "seconds": round(seconds, 2),
         "p50_ms": percentile([r["p50_ms"] for r in rounds if r["p50_ms"] is not None], 50),
         "p99_ms": max((r["p99_ms"] for r in rounds if r["p99_ms"] is not None), default=None),
         "rps": round(requests / seconds, 1) if seconds > 0 else None,
+        "server_p50_ms": {
+            name: percentile([r["server_p50_ms"][name] for r in rounds if name in r["server_p50_ms"]], 50)
+            for name in sorted(parts)
+        },
         "rounds": [{name: r[name] for name in ("requests", "seconds", "rps", "p50_ms", "p99_ms")} for r in rounds],
     }
 

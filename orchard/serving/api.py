@@ -53,6 +53,7 @@ from orchard.spark_app.registry import list_versions
 log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "X-API-Key"
+INTERNAL_ERROR = "internal error (see the service log)"  # all a client learns of an unexpected failure
 # Requests whose images total at most this many pixels are decoded on the event loop (~2 ms at most);
 # larger ones in a worker thread.
 INLINE_DECODE_PIXELS = 512 * 512
@@ -274,7 +275,7 @@ def predict_route(service: Service) -> ASGIApp:
             status, body = 413, {"error": str(exc)}
         except Exception as exc:
             log.error("POST %s failed", PREDICT_PATH, exc_info=exc)
-            status, body = 500, {"error": "internal error (see the service log)"}
+            status, body = 500, {"error": INTERNAL_ERROR}
         await send_json(send, status, body, headers)
 
     return endpoint
@@ -321,9 +322,9 @@ def document_predict(app: FastAPI) -> None:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            schema = generate()
-            schema["paths"][PREDICT_PATH] = {"post": PREDICT_OPENAPI}
-        return app.openapi_schema or schema
+            app.openapi_schema = generate()
+            app.openapi_schema["paths"][PREDICT_PATH] = {"post": PREDICT_OPENAPI}
+        return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend its schema
 
@@ -514,4 +515,4 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"error": "internal error (see the service log)"}, status_code=500)
+        return JSONResponse({"error": INTERNAL_ERROR}, status_code=500)
